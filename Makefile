@@ -1,0 +1,61 @@
+# One-command set-up: `make test` and `make bench` create .venv, install torch
+# and the dependencies, build the extension, then run. A second run only
+# rebuilds what changed. `make TORCH=cpu ...` uses the light CPU build of torch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= cu130
+TORCH_VERSION ?= 2.13.0
+ifeq ($(TORCH),cpu)
+TORCH_REQ := torch==$(TORCH_VERSION)+cpu
+else
+# three '=': exact match without a local label, i.e. the registry's default
+# Linux build (CUDA 13.0), so that the CUDA kernels get compiled
+TORCH_REQ := torch===$(TORCH_VERSION)
+endif
+DEPS := triton torch-geometric ninja pybind11 pytest pytest-benchmark numpy tqdm matplotlib
+export MAX_JOBS ?= 2
+BENCH_ARGS ?=
+
+DEPS_STAMP := $(VENV)/.deps-$(TORCH)
+BUILD_STAMP := $(VENV)/.built-$(TORCH)
+SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
+
+.PHONY: all deps build test bench gpu-check clean
+
+all: test
+
+deps: $(DEPS_STAMP)
+$(DEPS_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.deps-* $(VENV)/.built-* $(VENV)/.editable
+	$(PIP) install -q --disable-pip-version-check "$(TORCH_REQ)" $(DEPS)
+	touch $@
+
+build: $(BUILD_STAMP)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	if [ -f $(VENV)/.editable ]; then \
+	  $(PY) setup.py -q build_ext --inplace; \
+	else \
+	  rm -rf build && $(PIP) install -q --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; \
+	fi
+	$(PY) -c "import stoichconv; assert stoichconv.has_compiled_kernels(), 'stoichconv._C failed to build'"
+	touch $@
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q
+	$(PY) -m pytest benchmarks -q --benchmark-disable
+
+bench: $(BUILD_STAMP)
+	mkdir -p bench-results
+	$(PY) -m stoichconv.bench --threads 2 --json bench-results/bench.json --plot bench-results/bench.png $(BENCH_ARGS)
+
+# On a GPU machine with no network: build against the torch already installed
+# there and run the CUDA/Triton suite, compute-sanitizer and GPU benchmarks.
+gpu-check:
+	bash tools/gpu_check.sh
+
+clean:
+	rm -rf build stoichconv/_C*.so $(VENV)/.built-* bench-results

@@ -1,0 +1,65 @@
+// Per-row arithmetic of the signed stoichiometric propagation, shared by the
+// C++ CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).  Nothing here
+// depends on torch: the CPU tests exercise exactly the math the GPU runs.
+//
+// Notation (see stoichconv/ops/stoich_conv.py for the full semantics):
+//   y      [B, N, H, C]  transformed metabolite features
+//   w      [B, nnz, H]   per-incidence weight s_k * g_k * alpha_k,h
+//   keep   [B, M]        optional reaction keep-mask (masked incidences weigh 0)
+//   D_v  = 1 / sum_{k: v_k = v, kept} |s_k|   (0 where the sum is 0)
+//   B_e  = 1 / sum_{k: e_k = e, kept} |s_k|   (0 where the sum is 0)
+#pragma once
+
+#include <stdint.h>
+
+#include "stoichconv/macros.h"
+
+namespace stoichconv {
+
+// Reciprocal of a degree sum, 0 for an empty (or fully masked) row.
+template <typename scalar_t>
+SC_INLINE scalar_t degree_norm(scalar_t abs_sum) {
+  return abs_sum > scalar_t(0) ? scalar_t(1) / abs_sum : scalar_t(0);
+}
+
+// Whether incidence k of sample b is kept: its reaction e is kept (or there
+// is no mask).  `keep` is a [B, M] row-major byte mask or nullptr.
+SC_INLINE bool incidence_kept(const bool* keep, int64_t b, int64_t num_reactions,
+                              int64_t e) {
+  return keep == nullptr || keep[b * num_reactions + e];
+}
+
+// acc[0:C] += coef * src[0:C]   (the body of every segment reduction)
+template <typename scalar_t>
+SC_INLINE void axpy_row(scalar_t* __restrict__ acc, scalar_t coef,
+                        const scalar_t* __restrict__ src, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) acc[c] += coef * src[c];
+}
+
+// dst[0:C] *= scale
+template <typename scalar_t>
+SC_INLINE void scale_row(scalar_t* __restrict__ dst, scalar_t scale, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] *= scale;
+}
+
+// <a, b> over C channels, accumulated in order (deterministic).
+template <typename scalar_t>
+SC_INLINE scalar_t dot_row(const scalar_t* __restrict__ a,
+                           const scalar_t* __restrict__ b, int64_t C) {
+  scalar_t acc = scalar_t(0);
+  for (int64_t c = 0; c < C; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+// dL/dw_k for one incidence and head:
+//   D_v * <G_v, h_e> + B_e * <R_e, Y_v>
+template <typename scalar_t>
+SC_INLINE scalar_t incidence_weight_grad(scalar_t node_norm, const scalar_t* grad_out_v,
+                                         const scalar_t* hidden_e, scalar_t edge_norm,
+                                         const scalar_t* grad_hidden_e,
+                                         const scalar_t* y_v, int64_t C) {
+  return node_norm * dot_row(grad_out_v, hidden_e, C) +
+         edge_norm * dot_row(grad_hidden_e, y_v, C);
+}
+
+}  // namespace stoichconv

@@ -1,0 +1,64 @@
+// Argument checks shared by the CPU and CUDA launchers of the stoich conv
+// operators.  The Python wrappers validate first with friendlier messages;
+// these keep a direct torch.ops call from ever reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace stoichconv {
+
+inline void check_index_vector(const at::Tensor& t, const char* name, int64_t length,
+                               const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length, "stoich_conv: `", name,
+              "` must be 1-D of length ", length, ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "stoich_conv: `", name,
+              "` must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "stoich_conv: `", name, "` is on ",
+              t.device(), " but `y` is on ", like.device());
+}
+
+// Checks every structural argument and returns nnz.
+inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& reaction_keep,
+                                      const at::Tensor& metabolite_index,
+                                      const at::Tensor& reaction_index,
+                                      const at::Tensor& reaction_ptr,
+                                      const at::Tensor& reaction_perm,
+                                      const at::Tensor& metabolite_ptr,
+                                      const at::Tensor& metabolite_perm) {
+  TORCH_CHECK(y.dim() == 4, "stoich_conv: `y` must be [B, N, H, C], got shape ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
+              "stoich_conv: `y` must be float32 or float64, got ", y.scalar_type());
+  const int64_t B = y.size(0), N = y.size(1), H = y.size(2);
+  const int64_t nnz = metabolite_index.numel();
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == B && weight.size(1) == nnz &&
+                  weight.size(2) == H,
+              "stoich_conv: `weight` must be [B, nnz, H] = [", B, ", ", nnz, ", ", H,
+              "], got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == y.scalar_type(), "stoich_conv: `weight` dtype ",
+              weight.scalar_type(), " differs from `y` dtype ", y.scalar_type());
+  TORCH_CHECK(weight.device() == y.device(), "stoich_conv: `weight` is on ", weight.device(),
+              " but `y` is on ", y.device());
+  check_index_vector(metabolite_index, "metabolite_index", nnz, y);
+  check_index_vector(reaction_index, "reaction_index", nnz, y);
+  check_index_vector(reaction_perm, "reaction_perm", nnz, y);
+  check_index_vector(metabolite_perm, "metabolite_perm", nnz, y);
+  TORCH_CHECK(reaction_ptr.dim() == 1 && reaction_ptr.size(0) >= 1,
+              "stoich_conv: `reaction_ptr` must be 1-D of length M + 1");
+  check_index_vector(reaction_ptr, "reaction_ptr", reaction_ptr.size(0), y);
+  check_index_vector(metabolite_ptr, "metabolite_ptr", N + 1, y);
+  const int64_t M = reaction_ptr.size(0) - 1;
+  if (reaction_keep.has_value()) {
+    const auto& keep = *reaction_keep;
+    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == M,
+                "stoich_conv: `reaction_keep` must be [B, M] = [", B, ", ", M,
+                "], got shape ", keep.sizes());
+    TORCH_CHECK(keep.scalar_type() == at::kBool, "stoich_conv: `reaction_keep` must be bool, got ",
+                keep.scalar_type());
+    TORCH_CHECK(keep.device() == y.device(), "stoich_conv: `reaction_keep` is on ",
+                keep.device(), " but `y` is on ", y.device());
+  }
+  return nnz;
+}
+
+}  // namespace stoichconv

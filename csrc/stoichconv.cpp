@@ -1,0 +1,49 @@
+// The one place that declares every stoichconv operator schema, and the
+// Python module `stoichconv._C` whose import loads the kernels.
+//
+// Implementations register under their dispatch keys in csrc/cpu/*.cpp and
+// csrc/cuda/*.cpp; autograd formulas and fake (meta) kernels are registered
+// from Python (stoichconv/ops/*.py) with torch.library.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(stoichconv, m) {
+  // Signed stoichiometric propagation (stages 6-7 of spec/stoich_conv.md)
+  // on a batch sharing one incidence structure; see stoichconv/ops/stoich_conv.py.
+  // Returns (out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M]),
+  // Bn = B with a reaction keep-mask, else 1.
+  m.def(
+      "stoich_conv_forward(Tensor y, Tensor weight, Tensor? reaction_keep, "
+      "Tensor metabolite_index, Tensor reaction_index, Tensor abs_stoich, "
+      "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
+      "Tensor metabolite_perm) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Hand-written backward of stoich_conv_forward: (grad_y, grad_weight); a
+  // gradient not asked for comes back as an empty tensor.
+  m.def(
+      "stoich_conv_backward(Tensor grad_out, Tensor? grad_hidden, Tensor y, "
+      "Tensor weight, Tensor? reaction_keep, Tensor hidden, Tensor node_norm, "
+      "Tensor edge_norm, Tensor metabolite_index, Tensor reaction_index, "
+      "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
+      "Tensor metabolite_perm, bool need_grad_y, bool need_grad_weight) "
+      "-> (Tensor, Tensor)");
+}
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "stoichconv compiled kernels (operators live in torch.ops.stoichconv)",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef STOICHCONV_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}
+}
