@@ -1,0 +1,182 @@
+"""Drop-in :class:`StoichHypergraphConv` on the fused propagation operator.
+
+Same constructor, parameters (names and shapes) and forward signature as the
+reference layer :class:`stoichconv.reference.StoichHypergraphConv` (the seed's
+layer, see ``spec/stoich_conv.md``), so a ``state_dict`` loads either way and
+it slots into ``torch_geometric.nn.HeteroConv`` (pass ``stoich_dict``,
+``hyperedge_attr_dict``, ``num_edges_dict``). The math is the reference's:
+``w_k,h = s_k * g_{v_k} * alpha_k,h`` computed here with small gathers, then
+the two propagation stages and their hand-written backward in one operator
+(:func:`stoichconv.ops.stoich_propagate`).
+
+Beyond the reference it takes a *shared-topology batch*: ``x`` [B, N, F]
+(``hyperedge_attr`` [M, F] or [B, M, F]) with ``reaction_keep`` [B, M]; masked
+reactions drop out of the degree sums and of the attention softmax, exactly as
+if each sample's graph had been filtered and compacted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Parameter
+from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.nn.inits import glorot, zeros
+
+from stoichconv.backends import check_backend_name
+from stoichconv.ops.stoich_conv import PlanCache, stoich_propagate
+
+ATTENTION_MODES = ("node", "edge")
+
+
+def _group_softmax(logits: Tensor, group: Tensor, num_groups: int, kept: Optional[Tensor]) -> Tensor:
+    """Softmax of ``logits`` [B, nnz, H] over incidences sharing ``group``;
+    incidences with ``kept`` False get weight 0 and do not enter the sums."""
+    B, nnz, H = logits.shape
+    index = group.view(1, nnz, 1).expand(B, nnz, H)
+    if kept is not None:
+        logits = logits.masked_fill(~kept.unsqueeze(-1), float("-inf"))
+    group_max = torch.full((B, num_groups, H), float("-inf"), dtype=logits.dtype, device=logits.device)
+    group_max = group_max.scatter_reduce(1, index, logits.detach(), reduce="amax", include_self=True)
+    group_max = torch.nan_to_num(group_max, neginf=0.0)  # empty / fully masked groups
+    exp = torch.exp(logits - group_max.gather(1, index))
+    denom = torch.zeros((B, num_groups, H), dtype=logits.dtype, device=logits.device).index_add(1, group, exp)
+    return exp / denom.gather(1, index).clamp_min(torch.finfo(logits.dtype).tiny)
+
+
+class StoichHypergraphConv(torch.nn.Module):
+    """Signed stoichiometric hypergraph convolution on the fused kernels.
+
+    Args: as the reference layer, plus ``backend`` (``"auto"``, ``"cpu"``,
+    ``"cuda"``, ``"triton"``, ``"reference"``; see :mod:`stoichconv.backends`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        is_stoich_gated: bool = False,
+        use_attention: bool = False,
+        attention_mode: str = "node",
+        heads: int = 1,
+        concat: bool = True,
+        negative_slope: float = 0.2,
+        dropout: float = 0.0,
+        bias: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"`attention_mode` must be one of {ATTENTION_MODES}, got {attention_mode!r}")
+        if heads < 1:
+            raise ValueError(f"`heads` must be >= 1, got {heads}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.is_stoich_gated = is_stoich_gated
+        self.use_attention = use_attention
+        self.attention_mode = attention_mode
+        self.heads = heads if use_attention else 1
+        self.concat = concat
+        self.negative_slope = negative_slope
+        self.dropout = dropout
+        self.backend = check_backend_name(backend)
+        # Parameter order follows the reference (a MessagePassing registers att
+        # and bias before its submodules) so state_dicts list identically.
+        if use_attention:
+            self.att = Parameter(torch.empty(1, heads, 2 * out_channels))
+        else:
+            self.register_parameter("att", None)
+        if bias:
+            self.bias = Parameter(torch.empty(self.heads * out_channels if concat else out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.lin = Linear(in_channels, self.heads * out_channels, bias=False, weight_initializer="glorot")
+        if is_stoich_gated:
+            self.gate_lin = Linear(in_channels, 1, bias=True, weight_initializer="glorot")
+        self._plans = PlanCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.lin.reset_parameters()
+        if self.is_stoich_gated:
+            self.gate_lin.reset_parameters()
+        if self.att is not None:
+            glorot(self.att)
+        if self.bias is not None:
+            zeros(self.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        stoich: Tensor,
+        hyperedge_attr: Optional[Tensor] = None,
+        num_edges: Optional[int] = None,
+        reaction_keep: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``x`` [N, F] (or [B, N, F] with optional ``reaction_keep`` [B, M]);
+        ``edge_index`` [2, nnz] (metabolite, reaction); ``stoich`` [nnz];
+        ``hyperedge_attr`` [M, F] or [B, M, F] (attention only); ``num_edges`` = M.
+        Returns [N, H*C] (concat) or [N, C] (mean over heads), batched likewise."""
+        if not isinstance(x, Tensor) or x.dim() not in (2, 3) or not x.is_floating_point():
+            raise ValueError(f"`x` must be a floating tensor [N, F] or [B, N, F], got {getattr(x, 'shape', type(x))}")
+        single = x.dim() == 2
+        xb = x.unsqueeze(0) if single else x
+        B, N, _ = xb.shape
+        if reaction_keep is not None and single:
+            reaction_keep = reaction_keep.view(1, -1) if reaction_keep.dim() == 1 else reaction_keep
+        if num_edges is None:
+            num_edges = int(edge_index[1].max()) + 1 if edge_index.dim() == 2 and edge_index.numel() > 0 else 0
+        if stoich.device != x.device or edge_index.device != x.device:
+            raise ValueError(f"`edge_index`/`stoich` are on {edge_index.device}/{stoich.device} but `x` is on {x.device}")
+        plan = self._plans.get(edge_index, stoich, N, int(num_edges))
+        H, C = self.heads, self.out_channels
+        y = self.lin(xb).view(B, N, H, C)
+        weight = plan.stoich.to(y.dtype).view(1, -1, 1)
+        if self.is_stoich_gated:
+            gate = torch.sigmoid(self.gate_lin(xb)).squeeze(-1)  # [B, N], from the untransformed input
+            weight = weight * gate[:, plan.metabolite_index].unsqueeze(-1)
+        if self.use_attention:
+            weight = weight * self._attention(y, hyperedge_attr, plan, reaction_keep)
+        weight = weight.expand(B, plan.nnz, H)
+        out = stoich_propagate(y, weight, plan, reaction_keep, backend=self.backend)
+        out = out.reshape(B, N, H * C) if self.concat else out.mean(dim=2)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.squeeze(0) if single else out
+
+    def _attention(self, y: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:
+        """alpha [B, nnz, H]: leaky_relu(<att_h, [Y_v || Z_e]>) normalised over
+        the incidences of each reaction ("node") or metabolite ("edge")."""
+        if hyperedge_attr is None:
+            raise ValueError("`hyperedge_attr` is required when use_attention=True")
+        if hyperedge_attr.dim() not in (2, 3) or hyperedge_attr.size(-2) != plan.num_reactions:
+            raise ValueError(
+                f"`hyperedge_attr` must be [M, F] or [B, M, F] with M = num_edges = {plan.num_reactions}, "
+                f"got {tuple(hyperedge_attr.shape)}"
+            )
+        B, _, H, C = y.shape
+        z = self.lin(hyperedge_attr).view(*hyperedge_attr.shape[:-1], H, C)
+        att = self.att.view(H, 2 * C)
+        # <att_h, [Y || Z]> splits into a per-metabolite and a per-reaction score.
+        score_v = (y * att[:, :C]).sum(-1)  # [B, N, H]
+        score_e = (z * att[:, C:]).sum(-1)  # [M, H] or [B, M, H]
+        score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
+        logits = score_v[:, plan.metabolite_index] + score_e[:, plan.reaction_index]
+        logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)
+        kept = None if reaction_keep is None else reaction_keep[:, plan.reaction_index]
+        if self.attention_mode == "node":
+            alpha = _group_softmax(logits, plan.reaction_index, plan.num_reactions, kept)
+        else:
+            alpha = _group_softmax(logits, plan.metabolite_index, plan.num_metabolites, kept)
+        return F.dropout(alpha, p=self.dropout, training=self.training)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
+            f"gated={self.is_stoich_gated}, attention={self.attention_mode if self.use_attention else None}, "
+            f"backend={self.backend!r})"
+        )

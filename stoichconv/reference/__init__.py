@@ -1,0 +1,8 @@
+"""Pure PyTorch / PyG references: the baselines every fast path is tested and
+benchmarked against."""
+
+from stoichconv.reference.dense import dense_stoich_conv
+from stoichconv.reference.propagate import stoich_propagate_reference
+from stoichconv.reference.stoich_hypergraph_conv import StoichHypergraphConv
+
+__all__ = ["StoichHypergraphConv", "dense_stoich_conv", "stoich_propagate_reference"]
