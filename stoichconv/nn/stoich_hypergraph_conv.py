@@ -27,7 +27,7 @@ from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
 
 from stoichconv.backends import check_backend_name
-from stoichconv.ops.stoich_conv import PlanCache, stoich_propagate
+from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_propagate
 
 ATTENTION_MODES = ("node", "edge")
 
@@ -133,6 +133,7 @@ class StoichHypergraphConv(torch.nn.Module):
         if stoich.device != x.device or edge_index.device != x.device:
             raise ValueError(f"`edge_index`/`stoich` are on {edge_index.device}/{stoich.device} but `x` is on {x.device}")
         plan = self._plans.get(edge_index, stoich, N, int(num_edges))
+        check_reaction_keep(reaction_keep, B, plan.num_reactions, x.device)
         H, C = self.heads, self.out_channels
         y = self.lin(xb).view(B, N, H, C)
         weight = plan.stoich.to(y.dtype).view(1, -1, 1)

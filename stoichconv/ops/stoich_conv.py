@@ -141,7 +141,7 @@ def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_ed
             )
     reaction_ptr, reaction_perm = _csr(reaction_index, num_edges)
     metabolite_ptr, metabolite_perm = _csr(metabolite_index, num_nodes)
-    stoich = stoich.detach()
+    stoich = stoich.detach().clone()  # the plan owns its copy
     return StoichPlan(
         metabolite_index=metabolite_index,
         reaction_index=reaction_index,
@@ -170,7 +170,8 @@ class PlanCache:
     def get(self, edge_index: Tensor, stoich: Tensor, num_nodes: int, num_edges: int) -> StoichPlan:
         key = (edge_index._version, stoich._version, num_nodes, num_edges)
         alive = tuple(ref() for ref in self._refs)
-        if self._plan is not None and key == self._key and alive == (edge_index, stoich):
+        same_tensors = len(alive) == 2 and alive[0] is edge_index and alive[1] is stoich
+        if self._plan is not None and key == self._key and same_tensors:
             return self._plan
         plan = build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
         self._key, self._refs, self._plan = key, (weakref.ref(edge_index), weakref.ref(stoich)), plan
@@ -178,6 +179,20 @@ class PlanCache:
 
     def clear(self) -> None:
         self._key, self._refs, self._plan = None, (), None
+
+
+def check_reaction_keep(reaction_keep: Optional[Tensor], batch_size: int, num_reactions: int, device) -> None:
+    """``reaction_keep`` must be None or a bool [B, M] tensor on ``device``."""
+    if reaction_keep is None:
+        return
+    if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
+        raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', type(reaction_keep))}")
+    if tuple(reaction_keep.shape) != (batch_size, num_reactions):
+        raise ValueError(
+            f"`reaction_keep` must have shape [B, M] = [{batch_size}, {num_reactions}], got {tuple(reaction_keep.shape)}"
+        )
+    if reaction_keep.device != device:
+        raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {device}")
 
 
 def _check_propagate_args(y: Tensor, weight: Tensor, plan: StoichPlan, reaction_keep: Optional[Tensor]) -> None:
@@ -198,15 +213,7 @@ def _check_propagate_args(y: Tensor, weight: Tensor, plan: StoichPlan, reaction_
         raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
     if plan.device != y.device:
         raise ValueError(f"the plan is on {plan.device} but `y` is on {y.device}; use plan.to(device)")
-    if reaction_keep is not None:
-        if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
-            raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', type(reaction_keep))}")
-        if tuple(reaction_keep.shape) != (B, plan.num_reactions):
-            raise ValueError(
-                f"`reaction_keep` must have shape [B, M] = [{B}, {plan.num_reactions}], got {tuple(reaction_keep.shape)}"
-            )
-        if reaction_keep.device != y.device:
-            raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {y.device}")
+    check_reaction_keep(reaction_keep, B, plan.num_reactions, y.device)
 
 
 def stoich_propagate(

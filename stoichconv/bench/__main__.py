@@ -1,0 +1,5 @@
+import sys
+
+from stoichconv.bench.cli import main
+
+sys.exit(main())

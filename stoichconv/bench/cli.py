@@ -1,0 +1,88 @@
+"""``python -m stoichconv.bench`` / ``stoichconv-bench``: the main benchmark.
+
+Runs on the bundled yeast-GEM cell graph and prints, per op, config and batch
+size, the median time of every backend, its speed-up over the reference
+measured in the same run, and its max relative error against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+import torch
+
+from stoichconv.bench.core import format_table, run_cases, write_json, write_plot
+
+# op name -> module with a ``cases(args)`` function
+CASE_MODULES = {
+    "stoich_conv": "stoichconv.bench.stoich_conv_cases",
+    "filter_edges": "stoichconv.bench.pert_mask_cases",
+    "perturb_batch": "stoichconv.bench.pert_mask_cases",
+    "train_step": "stoichconv.bench.hetero_cell_cases",
+}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _str_list(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stoichconv-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=_str_list, default=list(CASE_MODULES), help="comma-separated ops (default: all)")
+    parser.add_argument("--batches", type=_int_list, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
+    parser.add_argument("--train-batches", type=_int_list, default=[2, 8], help="batch sizes of the training-step rows")
+    parser.add_argument("--channels", type=int, default=64, help="hidden width C (default 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", type=_str_list, default=None,
+                        help="backends to time (default: reference, torch.sparse and every one available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (make bench uses 2)")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per row (at least 3 repeats)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write one record per row to this file")
+    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG bar chart of the speed-ups")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    unknown = set(args.ops) - set(CASE_MODULES)
+    if unknown:
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from {list(CASE_MODULES)}")
+    if args.backends is None:
+        args.backends = ["reference", "torch.sparse"] + (["cuda", "triton"] if args.device.startswith("cuda") else ["cpu"])
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = []
+    for module_name in dict.fromkeys(CASE_MODULES[op] for op in args.ops):
+        module = importlib.import_module(module_name)
+        cases += [c for c in module.cases(args) if c.op in args.ops]
+    results = run_cases(cases, budget_s=args.budget, progress=not args.no_progress)
+    metadata = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "channels": args.channels,
+    }
+    print(f"\nstoichconv benchmark on {metadata['device']} ({metadata['threads']} threads), "
+          f"forward + backward unless stated, ratios vs the reference in this run")
+    print(format_table(results))
+    if args.json_path:
+        write_json(results, args.json_path, metadata)
+        print(f"wrote {args.json_path}")
+    if args.plot_path:
+        write_plot(results, args.plot_path)
+        print(f"wrote {args.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
