@@ -37,7 +37,7 @@ def _extensions():
     sources = [os.path.join("csrc", "stoichconv.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice
     extra_link_args = ["-fopenmp"]
     if decision.with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -49,7 +49,7 @@ def _extensions():
             define_macros=[("STOICHCONV_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=extra_link_args,
         )

@@ -141,7 +141,7 @@ class StoichHypergraphConv(torch.nn.Module):
             gate = torch.sigmoid(self.gate_lin(xb)).squeeze(-1)  # [B, N], from the untransformed input
             weight = weight * gate[:, plan.metabolite_index].unsqueeze(-1)
         if self.use_attention:
-            weight = weight * self._attention(y, hyperedge_attr, plan, reaction_keep)
+            weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
         weight = weight.expand(B, plan.nnz, H)
         out = stoich_propagate(y, weight, plan, reaction_keep, backend=self.backend)
         out = out.reshape(B, N, H * C) if self.concat else out.mean(dim=2)
@@ -149,7 +149,7 @@ class StoichHypergraphConv(torch.nn.Module):
             out = out + self.bias
         return out.squeeze(0) if single else out
 
-    def _attention(self, y: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:
+    def _attention(self, x: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:
         """alpha [B, nnz, H]: leaky_relu(<att_h, [Y_v || Z_e]>) normalised over
         the incidences of each reaction ("node") or metabolite ("edge")."""
         if hyperedge_attr is None:
@@ -159,12 +159,14 @@ class StoichHypergraphConv(torch.nn.Module):
                 f"`hyperedge_attr` must be [M, F] or [B, M, F] with M = num_edges = {plan.num_reactions}, "
                 f"got {tuple(hyperedge_attr.shape)}"
             )
-        B, _, H, C = y.shape
-        z = self.lin(hyperedge_attr).view(*hyperedge_attr.shape[:-1], H, C)
+        B, H, C = x.size(0), self.heads, self.out_channels
+        # <att_h, [lin(x)_h || lin(attr)_h]> = x . (W_hᵀ att_h[:C]) + attr . (W_hᵀ att_h[C:]):
+        # fold att into the projection instead of materialising lin(attr) and
+        # the [B, N, H, C] products.
+        weight = self.lin.weight.view(H, C, -1)
         att = self.att.view(H, 2 * C)
-        # <att_h, [Y || Z]> splits into a per-metabolite and a per-reaction score.
-        score_v = (y * att[:, :C]).sum(-1)  # [B, N, H]
-        score_e = (z * att[:, C:]).sum(-1)  # [M, H] or [B, M, H]
+        score_v = x @ torch.einsum("hcf,hc->fh", weight, att[:, :C])  # [B, N, H]
+        score_e = hyperedge_attr @ torch.einsum("hcf,hc->fh", weight, att[:, C:])  # [M, H] or [B, M, H]
         score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
         logits = score_v[:, plan.metabolite_index] + score_e[:, plan.reaction_index]
         logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)

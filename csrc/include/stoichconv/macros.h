@@ -8,3 +8,10 @@
 #endif
 
 #define SC_INLINE SC_HOST_DEVICE inline
+
+// Vectorisation hint for the channel loops of the CPU build (ignored by nvcc).
+#if !defined(__CUDACC__) && defined(_OPENMP)
+#define SC_SIMD _Pragma("omp simd")
+#else
+#define SC_SIMD
+#endif

@@ -33,13 +33,13 @@ SC_INLINE bool incidence_kept(const bool* keep, int64_t b, int64_t num_reactions
 template <typename scalar_t>
 SC_INLINE void axpy_row(scalar_t* __restrict__ acc, scalar_t coef,
                         const scalar_t* __restrict__ src, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) acc[c] += coef * src[c];
+  SC_SIMD for (int64_t c = 0; c < C; ++c) acc[c] += coef * src[c];
 }
 
 // dst[0:C] *= scale
 template <typename scalar_t>
 SC_INLINE void scale_row(scalar_t* __restrict__ dst, scalar_t scale, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) dst[c] *= scale;
+  SC_SIMD for (int64_t c = 0; c < C; ++c) dst[c] *= scale;
 }
 
 // <a, b> over C channels, accumulated in order (deterministic).
