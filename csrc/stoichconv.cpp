@@ -26,6 +26,18 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
       "Tensor metabolite_perm, bool need_grad_y, bool need_grad_weight) "
       "-> (Tensor, Tensor)");
+  // Gene-gene edges surviving per-sample gene deletions; see stoichconv/ops/pert_mask.py.
+  m.def(
+      "filter_edges(Tensor edge_index, int num_nodes, Tensor pert, Tensor pert_ptr, "
+      "bool relabel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // [B, num_reactions] bool: reaction removed iff one of its GPR genes is deleted.
+  m.def(
+      "reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr) "
+      "-> Tensor");
+  // Bipartite edges (GPR pairs, metabolic incidences) surviving per-sample node keep-masks.
+  m.def(
+      "filter_bipartite(Tensor edge_index, int num_src, int num_dst, int num_samples, "
+      "Tensor? src_keep, Tensor? dst_keep, bool relabel) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 extern "C" {

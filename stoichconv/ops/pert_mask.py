@@ -115,16 +115,19 @@ def _as_index(name: str, t, device: Optional[torch.device] = None) -> Tensor:
     return t.long().contiguous()
 
 
-def check_perturbations(pert, pert_ptr, num_nodes: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def check_perturbations(pert, pert_ptr, num_nodes: Optional[int] = None, values: bool = True) -> tuple[Tensor, Tensor]:
     """Validate a CSR perturbation batch; returns int64 contiguous copies.
 
-    ``num_nodes`` bounds the ids when given (otherwise they need only be >= 0)."""
+    ``num_nodes`` bounds the ids when given (otherwise they need only be >= 0);
+    ``values=False`` checks types, shapes and devices only (no host sync)."""
     pert = _as_index("pert", pert)
     pert_ptr = _as_index("pert_ptr", pert_ptr, pert.device)
     if pert.dim() != 1:
         raise ValueError(f"`pert` must be 1-D [P], got shape {tuple(pert.shape)}")
     if pert_ptr.dim() != 1 or pert_ptr.numel() < 1:
         raise ValueError(f"`pert_ptr` must be 1-D [B + 1] with B >= 0, got shape {tuple(pert_ptr.shape)}")
+    if not values:
+        return pert, pert_ptr
     if int(pert_ptr[0]) != 0:
         raise ValueError(f"`pert_ptr` must start at 0, got {int(pert_ptr[0])}")
     if pert_ptr.numel() > 1 and bool((pert_ptr[1:] < pert_ptr[:-1]).any()):
@@ -141,11 +144,11 @@ def check_perturbations(pert, pert_ptr, num_nodes: Optional[int] = None) -> tupl
 
 
 def _check_edge_index(name: str, edge_index, num_src: int, num_dst: int, device: torch.device,
-                      src_name: str = "num_nodes", dst_name: Optional[str] = None) -> Tensor:
+                      src_name: str = "num_nodes", dst_name: Optional[str] = None, values: bool = True) -> Tensor:
     edge_index = _as_index(name, edge_index, device)
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"`{name}` must have shape [2, E], got {tuple(edge_index.shape)}")
-    if edge_index.size(1) > 0:
+    if values and edge_index.size(1) > 0:
         if int(edge_index.min()) < 0:
             raise ValueError(f"`{name}` contains a negative id {int(edge_index.min())}")
         for row, bound, bound_name in ((0, num_src, src_name), (1, num_dst, dst_name or src_name)):
@@ -206,40 +209,46 @@ def _triton_filter_edges():
 
 
 def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Tensor, *,
-                 relabel: bool = True, backend: str = "auto") -> FilteredEdges:
+                 relabel: bool = True, backend: str = "auto", validate: bool = True) -> FilteredEdges:
     """Filter one gene-gene relation for a batch of gene deletions (see the
-    module docstring); returns a :class:`FilteredEdges`."""
+    module docstring); returns a :class:`FilteredEdges`.
+
+    ``validate=False`` skips the Python checks of index values (their host
+    syncs; types, shapes and devices are still checked, and the compiled
+    kernels check the values anyway) for callers that validated them already."""
     num_nodes = _check_count("num_nodes", num_nodes)
-    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes)
-    edge_index = _check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device)
+    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=validate)
+    edge_index = _check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=validate)
     relabel = bool(relabel)
     resolved = _resolve(backend, pert.device, "filter_edges")
-    if resolved == "triton" and backend == "auto":
+    op = None
+    if resolved == "triton":
         try:
             op = _triton_filter_edges()
         except BackendUnavailableError:
-            resolved = "reference"
-    elif resolved == "triton":
-        op = _triton_filter_edges()
+            if backend != "auto":
+                raise
+            resolved = "reference"  # "auto" falls back rather than fail
     if resolved == "reference":
         from stoichconv.reference.perturb import filter_edges_reference
 
         return filter_edges_reference(edge_index, num_nodes, pert, pert_ptr, relabel=relabel)
-    if resolved != "triton":
+    if op is None:
         op = torch.ops.stoichconv.filter_edges
     return FilteredEdges(*op(edge_index, num_nodes, pert, pert_ptr, relabel))
 
 
 def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr: Tensor,
-                  backend: str = "auto", *, num_genes: Optional[int] = None) -> Tensor:
+                  backend: str = "auto", *, num_genes: Optional[int] = None, validate: bool = True) -> Tensor:
     """[B, num_reactions] bool reaction keep-mask (see the module docstring).
-    ``num_genes``, when given, bounds the gene ids of ``pert`` and ``gpr_index[0]``."""
+    ``num_genes``, when given, bounds the gene ids of ``pert`` and ``gpr_index[0]``;
+    ``validate`` as in :func:`filter_edges`."""
     num_reactions = _check_count("num_reactions", num_reactions)
     if num_genes is not None:
         num_genes = _check_count("num_genes", num_genes)
-    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes)
+    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes, values=validate)
     gpr_index = _check_edge_index("gpr_index", gpr_index, num_genes, num_reactions, pert.device,
-                                  src_name="num_genes", dst_name="num_reactions")
+                                  src_name="num_genes", dst_name="num_reactions", values=validate)
     resolved = _resolve(backend, pert.device, "reaction_keep")
     if resolved == "reference":
         from stoichconv.reference.perturb import reaction_keep_reference
@@ -250,9 +259,10 @@ def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr:
 
 def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples: int,
                      src_keep: Optional[Tensor] = None, dst_keep: Optional[Tensor] = None, *,
-                     relabel: bool = True, backend: str = "auto") -> FilteredBipartite:
+                     relabel: bool = True, backend: str = "auto", validate: bool = True) -> FilteredBipartite:
     """Filter a bipartite relation by per-sample node keep-masks (see the
-    module docstring); returns a :class:`FilteredBipartite`."""
+    module docstring); returns a :class:`FilteredBipartite` (``validate`` as
+    in :func:`filter_edges`)."""
     num_src = _check_count("num_src", num_src)
     num_dst = _check_count("num_dst", num_dst)
     num_samples = _check_count("num_samples", num_samples)
@@ -260,7 +270,7 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
         raise TypeError(f"`edge_index` must be a torch.Tensor, got {type(edge_index).__name__}")
     device = edge_index.device
     edge_index = _check_edge_index("edge_index", edge_index, num_src, num_dst, device,
-                                   src_name="num_src", dst_name="num_dst")
+                                   src_name="num_src", dst_name="num_dst", values=validate)
     src_keep = _check_keep("src_keep", src_keep, num_samples, num_src, device)
     dst_keep = _check_keep("dst_keep", dst_keep, num_samples, num_dst, device)
     relabel = bool(relabel)

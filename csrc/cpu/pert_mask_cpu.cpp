@@ -1,0 +1,332 @@
+// C++ CPU kernels of the batched perturbation masking (semantics in
+// stoichconv/ops/pert_mask.py).
+//
+// Every edge filter is two passes over (sample, chunk-of-edges) tasks: the
+// first tests each edge, writes the full-layout keep-mask and counts the
+// survivors of its chunk; an exclusive scan over the task counts (in sample
+// order, then chunk order) gives each task its output offset and the per-
+// sample edge_ptr; the second pass writes the surviving edges.  Outputs are
+// therefore in sample order, wildtype order within a sample, identical for
+// any thread count; no atomics.  The per-element tests live in
+// stoichconv/pert_mask_math.h (shared with the CUDA kernels).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "stoichconv/pert_mask_math.h"
+
+namespace stoichconv {
+namespace {
+
+// Edges per task of the two-pass filters.
+constexpr int64_t kEdgeChunk = int64_t(1) << 14;
+
+void check_cpu_long(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": `", name, "` must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": `", name, "` must be int64, got ",
+              t.scalar_type());
+}
+
+void check_edge_index(const at::Tensor& edge_index, const char* op, const char* name,
+                      int64_t num_src, int64_t num_dst) {
+  check_cpu_long(edge_index, op, name);
+  TORCH_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2, op, ": `", name,
+              "` must have shape [2, E], got ", edge_index.sizes());
+  const auto ei = edge_index.contiguous();
+  const int64_t E = ei.size(1);
+  const int64_t* src = ei.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(src[e] >= 0 && src[e] < num_src, op, ": `", name, "[0]` has id ", src[e],
+                " outside [0, ", num_src, ")");
+    TORCH_CHECK(dst[e] >= 0 && dst[e] < num_dst, op, ": `", name, "[1]` has id ", dst[e],
+                " outside [0, ", num_dst, ")");
+  }
+}
+
+// Each sample's deletions, sorted and deduplicated: sample b's are
+// ids[start(b) : start(b) + count[b]] (start = pert_ptr[b]).
+struct DeletionSets {
+  at::Tensor sorted;  // [P] int64 (segments sorted, duplicates moved past count)
+  at::Tensor ptr;     // [B + 1] int64 (contiguous copy of pert_ptr)
+  std::vector<int64_t> count;
+  int64_t B = 0;
+  const int64_t* base = nullptr;   // sorted.data_ptr()
+  const int64_t* starts = nullptr;  // ptr.data_ptr()
+
+  const int64_t* ids(int64_t b) const { return base + starts[b]; }
+};
+
+// Validates pert / pert_ptr (ids in [0, max_id), or >= 0 when max_id < 0)
+// and builds the sorted sets.
+DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, int64_t max_id,
+                           const char* op) {
+  check_cpu_long(pert, op, "pert");
+  check_cpu_long(pert_ptr, op, "pert_ptr");
+  TORCH_CHECK(pert.dim() == 1, op, ": `pert` must be 1-D, got shape ", pert.sizes());
+  TORCH_CHECK(pert_ptr.dim() == 1 && pert_ptr.size(0) >= 1, op,
+              ": `pert_ptr` must be 1-D of length B + 1 >= 1, got shape ", pert_ptr.sizes());
+  DeletionSets sets;
+  sets.ptr = pert_ptr.contiguous();
+  sets.B = sets.ptr.size(0) - 1;
+  const int64_t P = pert.size(0);
+  const int64_t* ptr = sets.ptr.data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0, op, ": `pert_ptr` must start at 0, got ", ptr[0]);
+  for (int64_t b = 0; b < sets.B; ++b)
+    TORCH_CHECK(ptr[b] <= ptr[b + 1], op, ": `pert_ptr` must be non-decreasing");
+  TORCH_CHECK(ptr[sets.B] == P, op, ": `pert_ptr` must end at len(pert) = ", P, ", got ",
+              ptr[sets.B]);
+  sets.sorted = pert.contiguous().clone();
+  int64_t* ids = sets.sorted.data_ptr<int64_t>();
+  for (int64_t i = 0; i < P; ++i)
+    TORCH_CHECK(ids[i] >= 0 && (max_id < 0 || ids[i] < max_id), op, ": `pert` has gene id ",
+                ids[i], max_id < 0 ? " < 0" : " outside [0, num_nodes)");
+  sets.count.assign(sets.B, 0);
+  sets.base = ids;
+  sets.starts = ptr;
+  at::parallel_for(0, sets.B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* a = ids + ptr[b];
+      const int64_t n = ptr[b + 1] - ptr[b];
+      if (n <= kSmallSort) {
+        sets.count[b] = sort_unique_small(a, n);
+      } else {
+        std::sort(a, a + n);
+        sets.count[b] = std::unique(a, a + n) - a;
+      }
+    }
+  });
+  return sets;
+}
+
+// Two-pass filter over B samples x E edges.  `kept(b, e)` tests an edge;
+// `write(b, e, pos)` stores surviving edge e of sample b at output row pos.
+class TwoPassFilter {
+ public:
+  TwoPassFilter(int64_t B, int64_t E) : B_(B), E_(E) {
+    chunks_ = (E + kEdgeChunk - 1) / kEdgeChunk;
+    offset_.assign(B * chunks_ + 1, 0);
+  }
+
+  // Pass 1: fills keep [B * E] and returns the number of survivors; fills
+  // edge_ptr [B + 1].
+  template <typename Kept>
+  int64_t count(bool* keep, int64_t* edge_ptr, Kept kept) {
+    const int64_t tasks = B_ * chunks_;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / chunks_, lo = (t % chunks_) * kEdgeChunk;
+        const int64_t hi = std::min(E_, lo + kEdgeChunk);
+        bool* row = keep + b * E_;
+        int64_t n = 0;
+        for (int64_t e = lo; e < hi; ++e) {
+          const bool k = kept(b, e);
+          row[e] = k;
+          n += k;
+        }
+        offset_[t + 1] = n;
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t) offset_[t + 1] += offset_[t];
+    for (int64_t b = 0; b <= B_; ++b) edge_ptr[b] = chunks_ == 0 ? 0 : offset_[b * chunks_];
+    keep_ = keep;
+    return offset_[tasks];
+  }
+
+  // Pass 2: calls write(b, e, pos) for every surviving edge.
+  template <typename Write>
+  void write(Write write_edge) const {
+    at::parallel_for(0, B_ * chunks_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / chunks_, lo = (t % chunks_) * kEdgeChunk;
+        const int64_t hi = std::min(E_, lo + kEdgeChunk);
+        const bool* row = keep_ + b * E_;
+        int64_t pos = offset_[t];
+        for (int64_t e = lo; e < hi; ++e)
+          if (row[e]) write_edge(b, e, pos++);
+      }
+    });
+  }
+
+ private:
+  int64_t B_, E_, chunks_;
+  std::vector<int64_t> offset_;
+  const bool* keep_ = nullptr;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cpu(
+    const at::Tensor& edge_index_in, int64_t num_nodes, const at::Tensor& pert,
+    const at::Tensor& pert_ptr, bool relabel) {
+  const char* op = "filter_edges";
+  TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
+  check_edge_index(edge_index_in, op, "edge_index", num_nodes, num_nodes);
+  const DeletionSets sets = deletion_sets(pert, pert_ptr, num_nodes, op);
+  const int64_t B = sets.B, N = num_nodes;
+  const auto edge_index = edge_index_in.contiguous();
+  const int64_t E = edge_index.size(1);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  const auto long_opts = edge_index.options();
+
+  // Nodes: keep-mask and per-sample kept counts.
+  auto node_keep = at::ones({B * N}, long_opts.dtype(at::kBool));
+  auto node_ptr = at::empty({B + 1}, long_opts);
+  bool* nk = node_keep.data_ptr<bool>();
+  int64_t* np = node_ptr.data_ptr<int64_t>();
+  at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t* del = sets.ids(b);
+      for (int64_t i = 0; i < sets.count[b]; ++i) nk[b * N + del[i]] = false;
+    }
+  });
+  np[0] = 0;
+  for (int64_t b = 0; b < B; ++b) np[b + 1] = np[b] + N - sets.count[b];
+
+  // Edges.
+  auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
+  auto edge_ptr = at::empty({B + 1}, long_opts);
+  TwoPassFilter filter(B, E);
+  const int64_t total = filter.count(
+      edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
+        return edge_kept(sets.ids(b), sets.count[b], src[e], dst[e]);
+      });
+  auto out = at::empty({2, total}, long_opts);
+  int64_t* out_src = out.data_ptr<int64_t>();
+  int64_t* out_dst = out_src + total;
+  if (relabel) {
+    filter.write([&](int64_t b, int64_t e, int64_t pos) {
+      const int64_t* del = sets.ids(b);
+      const int64_t n = sets.count[b];
+      out_src[pos] = compacted_id(np[b], del, n, src[e]);
+      out_dst[pos] = compacted_id(np[b], del, n, dst[e]);
+    });
+  } else {
+    filter.write([&](int64_t b, int64_t e, int64_t pos) {
+      out_src[pos] = full_layout_id(b, N, src[e]);
+      out_dst[pos] = full_layout_id(b, N, dst[e]);
+    });
+  }
+  return {out, edge_ptr, edge_keep, node_keep, node_ptr};
+}
+
+at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactions,
+                             const at::Tensor& pert, const at::Tensor& pert_ptr) {
+  const char* op = "reaction_keep";
+  TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
+              num_reactions);
+  check_edge_index(gpr_index_in, op, "gpr_index", INT64_MAX, num_reactions);
+  const DeletionSets sets = deletion_sets(pert, pert_ptr, -1, op);
+  const auto gpr_index = gpr_index_in.contiguous();
+  const int64_t B = sets.B, E = gpr_index.size(1), R = num_reactions;
+  const int64_t* gene = gpr_index.data_ptr<int64_t>();
+  const int64_t* reaction = gene + E;
+  auto keep = at::ones({B, R}, gpr_index.options().dtype(at::kBool));
+  bool* k = keep.data_ptr<bool>();
+  // One sample per task: each task owns its row, so there are no races.
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = sets.count[b];
+      if (n == 0) continue;
+      const int64_t* del = sets.ids(b);
+      bool* row = k + b * R;
+      for (int64_t e = 0; e < E; ++e)
+        if (is_deleted(del, n, gene[e])) row[reaction[e]] = false;
+    }
+  });
+  return keep;
+}
+
+// Global ids of the nodes of one side of a bipartite relation: [B, N] table
+// (compacted layout: rank among kept + cumulative kept count; -1 if removed).
+at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N) {
+  auto ids = at::empty({B, N}, keep.options().dtype(at::kLong));
+  const bool* k = keep.data_ptr<bool>();
+  int64_t* out = ids.data_ptr<int64_t>();
+  std::vector<int64_t> offset(B + 1, 0);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t n = 0;
+      for (int64_t v = 0; v < N; ++v) n += k[b * N + v];
+      offset[b + 1] = n;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) offset[b + 1] += offset[b];
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t next = offset[b];
+      for (int64_t v = 0; v < N; ++v) out[b * N + v] = k[b * N + v] ? next++ : -1;
+    }
+  });
+  return ids;
+}
+
+void check_keep(const std::optional<at::Tensor>& keep, const char* name, int64_t B, int64_t N) {
+  if (!keep.has_value()) return;
+  TORCH_CHECK(keep->device().is_cpu(), "filter_bipartite: `", name,
+              "` must be a CPU tensor, got ", keep->device());
+  TORCH_CHECK(keep->scalar_type() == at::kBool, "filter_bipartite: `", name,
+              "` must be bool, got ", keep->scalar_type());
+  TORCH_CHECK(keep->dim() == 2 && keep->size(0) == B && keep->size(1) == N,
+              "filter_bipartite: `", name, "` must have shape [", B, ", ", N, "], got ",
+              keep->sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
+    const at::Tensor& edge_index_in, int64_t num_src, int64_t num_dst, int64_t num_samples,
+    const std::optional<at::Tensor>& src_keep_in, const std::optional<at::Tensor>& dst_keep_in,
+    bool relabel) {
+  const char* op = "filter_bipartite";
+  TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
+              ": `num_src`, `num_dst` and `num_samples` must be non-negative");
+  check_edge_index(edge_index_in, op, "edge_index", num_src, num_dst);
+  check_keep(src_keep_in, "src_keep", num_samples, num_src);
+  check_keep(dst_keep_in, "dst_keep", num_samples, num_dst);
+  const auto edge_index = edge_index_in.contiguous();
+  const int64_t B = num_samples, E = edge_index.size(1);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  at::Tensor src_keep, dst_keep, src_ids, dst_ids;
+  if (src_keep_in.has_value()) src_keep = src_keep_in->contiguous();
+  if (dst_keep_in.has_value()) dst_keep = dst_keep_in->contiguous();
+  const bool* sk = src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr;
+  const bool* dk = dst_keep.defined() ? dst_keep.data_ptr<bool>() : nullptr;
+  // A side without a mask keeps every node, so both layouts number it b*N + v.
+  if (relabel && sk != nullptr) src_ids = compacted_ids(src_keep, B, num_src);
+  if (relabel && dk != nullptr) dst_ids = compacted_ids(dst_keep, B, num_dst);
+  const int64_t* si = src_ids.defined() ? src_ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* di = dst_ids.defined() ? dst_ids.data_ptr<int64_t>() : nullptr;
+
+  const auto long_opts = edge_index.options();
+  auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
+  auto edge_ptr = at::empty({B + 1}, long_opts);
+  TwoPassFilter filter(B, E);
+  const int64_t total = filter.count(
+      edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
+        return (sk == nullptr || sk[b * num_src + src[e]]) &&
+               (dk == nullptr || dk[b * num_dst + dst[e]]);
+      });
+  auto out = at::empty({2, total}, long_opts);
+  auto edge_id = at::empty({total}, long_opts);
+  int64_t* out_src = out.data_ptr<int64_t>();
+  int64_t* out_dst = out_src + total;
+  int64_t* out_id = edge_id.data_ptr<int64_t>();
+  filter.write([&](int64_t b, int64_t e, int64_t pos) {
+    out_src[pos] = si ? si[b * num_src + src[e]] : full_layout_id(b, num_src, src[e]);
+    out_dst[pos] = di ? di[b * num_dst + dst[e]] : full_layout_id(b, num_dst, dst[e]);
+    out_id[pos] = e;
+  });
+  return {out, edge_ptr, edge_keep, edge_id};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
+  m.impl("filter_edges", &filter_edges_cpu);
+  m.impl("reaction_keep", &reaction_keep_cpu);
+  m.impl("filter_bipartite", &filter_bipartite_cpu);
+}
+
+}  // namespace stoichconv
