@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 REFERENCE = "reference"
+# rows timed on the project's kernels (other rows are baselines)
+KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from stoichconv.bench.core import REFERENCE, BenchCase
+from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
 
 CONFIGS = {
     "plain": dict(is_stoich_gated=False, use_attention=False, heads=1),
@@ -133,7 +133,7 @@ def cases(args) -> list[BenchCase]:
 
     device = torch.device(args.device)
     channels = args.channels
-    fast_backends = [b for b in args.backends if b not in (REFERENCE, "torch.sparse")]
+    fast_backends = [b for b in args.backends if b in KERNEL_BACKENDS]
     result = []
     for batch_size in args.batches:
         data = make_batch(batch_size, channels, device)

@@ -1,0 +1,77 @@
+"""Pert-mask benchmark cases on the bundled cell graph: ``filter_edges`` on the
+physical gene-gene relation and ``perturb_batch`` on the whole cell graph,
+1-3 deletions per sample. Rows:
+
+* ``reference``: the per-sample pipeline the seed used (PyG ``subgraph`` per
+  sample, then collation; :mod:`stoichconv.reference.perturb`);
+* ``padded-table``: the seed's later vectorised mask from a padded gene ->
+  incident-edge table (:mod:`stoichconv.reference.padded_mask`; the table is
+  built once per graph, outside the timing);
+* ``cpu`` / ``cuda`` / ``triton``: the fused ops (:mod:`stoichconv.perturb`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
+
+PHYSICAL = ("gene", "physical_interaction", "gene")
+RELATIONS = (PHYSICAL, ("gene", "regulatory_interaction", "gene"), ("gene", "gpr", "reaction"))
+METABOLISM = ("metabolite", "reaction", "metabolite")
+
+
+def batch_tensors(batch) -> tuple:
+    """The tensors compared between perturb_batch implementations."""
+    tensors = tuple(batch[r].edge_index for r in RELATIONS)
+    tensors += (batch[METABOLISM].hyperedge_index, batch[METABOLISM].stoichiometry)
+    return tensors + tuple(batch[t].n_id for t in ("gene", "reaction", "metabolite"))
+
+
+def cases(args) -> list:
+    from stoichconv.backends import BackendUnavailableError, resolve_backend
+    from stoichconv.data import load_cell_graph, random_perturbations
+    from stoichconv.perturb import filter_edges, perturb_batch
+    from stoichconv.reference.padded_mask import PaddedIncidenceTable, PaddedPerturber, filter_edges_padded
+    from stoichconv.reference.perturb import filter_edges_reference, perturb_batch_reference
+
+    device = torch.device(args.device)
+    graph = load_cell_graph(seed=0)
+    num_genes = int(graph["gene"].num_nodes)
+    physical = graph[PHYSICAL].edge_index
+    physical_table = PaddedIncidenceTable(physical, num_genes)
+    padded_perturber = PaddedPerturber(graph)
+    fast_backends = []
+    for backend in args.backends:
+        if backend not in KERNEL_BACKENDS:
+            continue
+        try:
+            resolve_backend(backend, device)
+            fast_backends.append(backend)
+        except BackendUnavailableError:
+            pass
+    graph_on_device = graph.to(device)
+    result = []
+    for B in args.batches:
+        pert, pert_ptr = random_perturbations(num_genes, B, sizes=(1, 2, 3), seed=B)
+        edges = lambda f: f.edge_index  # noqa: E731
+        result += [
+            BenchCase("filter_edges", REFERENCE, "physical", B,
+                      lambda p=pert, q=pert_ptr: edges(filter_edges_reference(physical, num_genes, p, q))),
+            BenchCase("filter_edges", "padded-table", "physical", B,
+                      lambda p=pert, q=pert_ptr: edges(filter_edges_padded(physical_table, physical, p, q))),
+            BenchCase("perturb_batch", REFERENCE, "cell graph", B,
+                      lambda p=pert, q=pert_ptr: batch_tensors(perturb_batch_reference(graph, p, q))),
+            BenchCase("perturb_batch", "padded-table", "cell graph", B,
+                      lambda p=pert, q=pert_ptr: batch_tensors(padded_perturber(p, q))),
+        ]
+        pert_d, pert_ptr_d, physical_d = pert.to(device), pert_ptr.to(device), physical.to(device)
+        for backend in fast_backends:
+            result.append(BenchCase("filter_edges", backend, "physical", B, partial(
+                lambda p, q, b: edges(filter_edges(physical_d, num_genes, p, q, backend=b)), pert_d, pert_ptr_d, backend)))
+            if backend != "triton":  # the Triton backend covers the edge filter only
+                result.append(BenchCase("perturb_batch", backend, "cell graph", B, partial(
+                    lambda p, q, b: batch_tensors(perturb_batch(graph_on_device, p, q, backend=b)), pert_d, pert_ptr_d, backend)))
+    return result
