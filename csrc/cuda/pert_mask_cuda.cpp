@@ -1,0 +1,266 @@
+// CUDA dispatch of the perturbation-masking operators: argument checks,
+// allocations (CUB scratch included) and the current stream; kernels in
+// pert_mask_kernels.cu behind stoichconv/pert_mask_cuda.h.
+//
+// Host synchronisation: filter_edges and filter_bipartite make exactly one,
+// to size their output (it also fetches the device-side validation bits);
+// reaction_keep makes none, so its index values are not validated on the
+// device (out-of-range ids are ignored; the Python wrapper validates them).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "stoichconv/pert_mask_cuda.h"
+
+namespace stoichconv {
+namespace {
+
+void check_ok(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+void check_cuda_long(const at::Tensor& t, const char* op, const char* name,
+                     const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), op, ": `", name, "` must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == device, op, ": `", name, "` is on ", t.device(), " but ", device,
+              " was expected");
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": `", name, "` must be int64, got ",
+              t.scalar_type());
+}
+
+void check_edge_index_shape(const at::Tensor& edge_index, const char* op, const char* name,
+                            const at::Device& device) {
+  check_cuda_long(edge_index, op, name, device);
+  TORCH_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2, op, ": `", name,
+              "` must have shape [2, E], got ", edge_index.sizes());
+}
+
+// Exclusive scan of n int64 into out with CUB scratch allocated by torch.
+void scan(const at::Tensor& in, at::Tensor& out, int64_t n, cudaStream_t stream, const char* op) {
+  size_t bytes = 0;
+  check_ok(cuda::scan_temp_bytes(n, &bytes), op);
+  auto temp = at::empty({int64_t(bytes) + 1}, in.options().dtype(at::kByte));
+  check_ok(cuda::exclusive_scan(in.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n,
+                                temp.data_ptr(), bytes, stream),
+           op);
+}
+
+// Deletion sets on the device (see pert_mask_cuda.h).
+struct Deletions {
+  at::Tensor sorted, start, count;
+  cuda::DeletionView view() const {
+    return {sorted.data_ptr<int64_t>(), start.data_ptr<int64_t>(), count.data_ptr<int64_t>()};
+  }
+};
+
+Deletions prepare(const at::Tensor& pert_in, const at::Tensor& pert_ptr_in, int64_t max_id,
+                  bool* node_keep, int64_t N, int64_t* kept_counts, at::Tensor& status,
+                  cudaStream_t stream, const char* op) {
+  TORCH_CHECK(pert_in.dim() == 1, op, ": `pert` must be 1-D, got shape ", pert_in.sizes());
+  TORCH_CHECK(pert_ptr_in.dim() == 1 && pert_ptr_in.size(0) >= 1, op,
+              ": `pert_ptr` must be 1-D of length B + 1 >= 1, got shape ", pert_ptr_in.sizes());
+  const auto pert = pert_in.contiguous();
+  const auto pert_ptr = pert_ptr_in.contiguous();
+  const int64_t P = pert.size(0), B = pert_ptr.size(0) - 1;
+  Deletions d{at::empty({std::max<int64_t>(P, 1)}, pert.options()), at::empty({B}, pert.options()),
+              at::empty({B}, pert.options())};
+  check_ok(cuda::launch_prepare_deletions(pert.data_ptr<int64_t>(), pert_ptr.data_ptr<int64_t>(),
+                                          P, B, max_id, d.sorted.data_ptr<int64_t>(),
+                                          d.start.data_ptr<int64_t>(), d.count.data_ptr<int64_t>(),
+                                          node_keep, N, kept_counts, status.data_ptr<int64_t>(),
+                                          stream),
+           op);
+  return d;
+}
+
+// The one host synchronisation: returns status[0] (output size) and raises on
+// the validation bits of status[1].
+int64_t read_status(const at::Tensor& status, cudaStream_t stream, const char* op,
+                    const char* src_name, const char* dst_name) {
+  int64_t host[2] = {0, 0};
+  check_ok(cudaMemcpyAsync(host, status.data_ptr<int64_t>(), sizeof(host), cudaMemcpyDeviceToHost,
+                           stream),
+           op);
+  check_ok(cudaStreamSynchronize(stream), op);
+  const int64_t bits = host[1];
+  TORCH_CHECK(!(bits & cuda::kBadPertPtr), op,
+              ": `pert_ptr` must start at 0, be non-decreasing and end at len(pert)");
+  TORCH_CHECK(!(bits & cuda::kBadPertId), op, ": `pert` has a gene id outside [0, num_nodes)");
+  TORCH_CHECK(!(bits & cuda::kBadSrc), op, ": `edge_index[0]` has an id outside [0, ", src_name,
+              ")");
+  TORCH_CHECK(!(bits & cuda::kBadDst), op, ": `edge_index[1]` has an id outside [0, ", dst_name,
+              ")");
+  return host[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cuda(
+    const at::Tensor& edge_index_in, int64_t num_nodes, const at::Tensor& pert,
+    const at::Tensor& pert_ptr, bool relabel) {
+  const char* op = "filter_edges";
+  TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
+  TORCH_CHECK(pert.is_cuda(), op, ": `pert` must be a CUDA tensor, got ", pert.device());
+  const at::Device device = pert.device();
+  check_cuda_long(pert, op, "pert", device);
+  check_cuda_long(pert_ptr, op, "pert_ptr", device);
+  check_edge_index_shape(edge_index_in, op, "edge_index", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const auto edge_index = edge_index_in.contiguous();
+  const int64_t B = pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  const auto opts = edge_index.options();
+  auto status = at::zeros({2}, opts);
+
+  auto node_keep = at::ones({B * N}, opts.dtype(at::kBool));
+  auto kept_counts = at::empty({B + 1}, opts);
+  const Deletions del = prepare(pert, pert_ptr, N, node_keep.data_ptr<bool>(), N,
+                                kept_counts.data_ptr<int64_t>(), status, stream, op);
+  auto node_ptr = at::empty({B + 1}, opts);
+  scan(kept_counts, node_ptr, B + 1, stream, op);
+
+  const int64_t tiles = B * cuda::tiles_per_sample(E);
+  auto edge_keep = at::empty({B * E}, opts.dtype(at::kBool));
+  auto tile_counts = at::zeros({tiles + 1}, opts);
+  auto tile_offsets = at::empty({tiles + 1}, opts);
+  auto edge_ptr = at::empty({B + 1}, opts);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  check_ok(cuda::launch_filter_edges_count(src, dst, E, B, N, del.view(),
+                                           edge_keep.data_ptr<bool>(),
+                                           tile_counts.data_ptr<int64_t>(),
+                                           status.data_ptr<int64_t>(), stream),
+           op);
+  scan(tile_counts, tile_offsets, tiles + 1, stream, op);
+  check_ok(cuda::launch_edge_ptr(tile_offsets.data_ptr<int64_t>(), B, E,
+                                 edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
+           op);
+  const int64_t total = read_status(status, stream, op, "num_nodes", "num_nodes");
+  auto out = at::empty({2, total}, opts);
+  int64_t* out_src = out.data_ptr<int64_t>();
+  check_ok(cuda::launch_filter_edges_write(src, dst, E, B, N, del.view(),
+                                           edge_keep.data_ptr<bool>(),
+                                           tile_offsets.data_ptr<int64_t>(), relabel,
+                                           node_ptr.data_ptr<int64_t>(), out_src, out_src + total,
+                                           stream),
+           op);
+  return {out, edge_ptr, edge_keep, node_keep, node_ptr};
+}
+
+at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reactions,
+                              const at::Tensor& pert, const at::Tensor& pert_ptr) {
+  const char* op = "reaction_keep";
+  TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
+              num_reactions);
+  TORCH_CHECK(pert.is_cuda(), op, ": `pert` must be a CUDA tensor, got ", pert.device());
+  const at::Device device = pert.device();
+  check_cuda_long(pert, op, "pert", device);
+  check_cuda_long(pert_ptr, op, "pert_ptr", device);
+  check_edge_index_shape(gpr_index_in, op, "gpr_index", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const auto gpr_index = gpr_index_in.contiguous();
+  const int64_t B = pert_ptr.size(0) - 1, E = gpr_index.size(1), R = num_reactions;
+  const auto opts = gpr_index.options();
+  auto status = at::zeros({2}, opts);  // validation bits, not read: no synchronisation here
+  const Deletions del = prepare(pert, pert_ptr, -1, nullptr, 0, nullptr, status, stream, op);
+  auto keep = at::ones({B, R}, opts.dtype(at::kBool));
+  const int64_t* gene = gpr_index.data_ptr<int64_t>();
+  check_ok(cuda::launch_reaction_keep(gene, gene + E, E, B, R, del.view(), keep.data_ptr<bool>(),
+                                      stream),
+           op);
+  return keep;
+}
+
+at::Tensor compacted_ids(const at::Tensor& keep, cudaStream_t stream, const char* op) {
+  const int64_t n = keep.numel();
+  auto flags = at::empty({n}, keep.options().dtype(at::kLong));
+  auto ids = at::empty({keep.size(0), keep.size(1)}, keep.options().dtype(at::kLong));
+  check_ok(cuda::launch_keep_to_long(keep.data_ptr<bool>(), n, flags.data_ptr<int64_t>(), stream),
+           op);
+  scan(flags, ids, n, stream, op);
+  check_ok(cuda::launch_finish_compacted_ids(keep.data_ptr<bool>(), n, ids.data_ptr<int64_t>(),
+                                             stream),
+           op);
+  return ids;
+}
+
+void check_keep(const std::optional<at::Tensor>& keep, const char* name, int64_t B, int64_t N,
+                const at::Device& device) {
+  if (!keep.has_value()) return;
+  TORCH_CHECK(keep->device() == device, "filter_bipartite: `", name, "` is on ", keep->device(),
+              " but `edge_index` is on ", device);
+  TORCH_CHECK(keep->scalar_type() == at::kBool, "filter_bipartite: `", name,
+              "` must be bool, got ", keep->scalar_type());
+  TORCH_CHECK(keep->dim() == 2 && keep->size(0) == B && keep->size(1) == N,
+              "filter_bipartite: `", name, "` must have shape [", B, ", ", N, "], got ",
+              keep->sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda(
+    const at::Tensor& edge_index_in, int64_t num_src, int64_t num_dst, int64_t num_samples,
+    const std::optional<at::Tensor>& src_keep_in, const std::optional<at::Tensor>& dst_keep_in,
+    bool relabel) {
+  const char* op = "filter_bipartite";
+  TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
+              ": `num_src`, `num_dst` and `num_samples` must be non-negative");
+  TORCH_CHECK(edge_index_in.is_cuda(), op, ": `edge_index` must be a CUDA tensor, got ",
+              edge_index_in.device());
+  const at::Device device = edge_index_in.device();
+  check_edge_index_shape(edge_index_in, op, "edge_index", device);
+  const int64_t B = num_samples;
+  check_keep(src_keep_in, "src_keep", B, num_src, device);
+  check_keep(dst_keep_in, "dst_keep", B, num_dst, device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const auto edge_index = edge_index_in.contiguous();
+  const int64_t E = edge_index.size(1);
+  const auto opts = edge_index.options();
+  at::Tensor src_keep, dst_keep, src_ids, dst_ids;
+  if (src_keep_in.has_value()) src_keep = src_keep_in->contiguous();
+  if (dst_keep_in.has_value()) dst_keep = dst_keep_in->contiguous();
+  // A side without a mask keeps every node, so both layouts number it b*N + v.
+  if (relabel && src_keep.defined()) src_ids = compacted_ids(src_keep, stream, op);
+  if (relabel && dst_keep.defined()) dst_ids = compacted_ids(dst_keep, stream, op);
+
+  auto status = at::zeros({2}, opts);
+  const int64_t tiles = B * cuda::tiles_per_sample(E);
+  auto edge_keep = at::empty({B * E}, opts.dtype(at::kBool));
+  auto tile_counts = at::zeros({tiles + 1}, opts);
+  auto tile_offsets = at::empty({tiles + 1}, opts);
+  auto edge_ptr = at::empty({B + 1}, opts);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  check_ok(cuda::launch_filter_bipartite_count(
+               src, dst, E, B, num_src, num_dst,
+               src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr,
+               dst_keep.defined() ? dst_keep.data_ptr<bool>() : nullptr,
+               edge_keep.data_ptr<bool>(), tile_counts.data_ptr<int64_t>(),
+               status.data_ptr<int64_t>(), stream),
+           op);
+  scan(tile_counts, tile_offsets, tiles + 1, stream, op);
+  check_ok(cuda::launch_edge_ptr(tile_offsets.data_ptr<int64_t>(), B, E,
+                                 edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
+           op);
+  const int64_t total = read_status(status, stream, op, "num_src", "num_dst");
+  auto out = at::empty({2, total}, opts);
+  auto edge_id = at::empty({total}, opts);
+  int64_t* out_src = out.data_ptr<int64_t>();
+  check_ok(cuda::launch_filter_bipartite_write(
+               src, dst, E, B, num_src, num_dst,
+               src_ids.defined() ? src_ids.data_ptr<int64_t>() : nullptr,
+               dst_ids.defined() ? dst_ids.data_ptr<int64_t>() : nullptr,
+               edge_keep.data_ptr<bool>(), tile_offsets.data_ptr<int64_t>(), out_src,
+               out_src + total, edge_id.data_ptr<int64_t>(), stream),
+           op);
+  return {out, edge_ptr, edge_keep, edge_id};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stoichconv, CUDA, m) {
+  m.impl("filter_edges", &filter_edges_cuda);
+  m.impl("reaction_keep", &reaction_keep_cuda);
+  m.impl("filter_bipartite", &filter_bipartite_cuda);
+}
+
+}  // namespace stoichconv

@@ -1,0 +1,53 @@
+// Launch functions of the CUDA stoich conv kernels (csrc/cuda/stoich_conv_kernels.cu).
+//
+// Plain C++ with raw pointers, sizes and a stream: the kernels' translation
+// unit includes no torch header (fast to compile), and the torch-facing
+// launcher (csrc/cuda/stoich_conv_cuda.cpp) allocates, checks and calls these.
+// All pointers are device pointers to contiguous row-major tensors; the
+// semantics are those of stoichconv/ops/stoich_conv.py.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace stoichconv {
+namespace cuda {
+
+// The plan's structure (CSR orderings by reaction and by metabolite).
+struct DeviceStructure {
+  const int64_t* metabolite_index;  // [nnz]
+  const int64_t* reaction_index;    // [nnz]
+  const int64_t* reaction_ptr;      // [M + 1]
+  const int64_t* reaction_perm;     // [nnz]
+  const int64_t* metabolite_ptr;    // [N + 1]
+  const int64_t* metabolite_perm;   // [nnz]
+  int64_t nnz, N, M;
+};
+
+// Batch geometry: y is [B, N, H, C]; keep is [B, M] bool or nullptr
+// (then the norms are [1, N] / [1, M], else [B, N] / [B, M]).
+struct Geometry {
+  int64_t B, H, C;
+};
+
+// out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M].
+template <typename scalar_t>
+cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry& g,
+                                       const scalar_t* y, const scalar_t* weight,
+                                       const bool* keep, const scalar_t* abs_stoich,
+                                       scalar_t* out, scalar_t* hidden, scalar_t* node_norm,
+                                       scalar_t* edge_norm, cudaStream_t stream);
+
+// reaction_grad [B,M,H,C] is scratch (R); grad_hidden may be nullptr;
+// grad_y / grad_weight may be nullptr when not wanted.
+template <typename scalar_t>
+cudaError_t launch_stoich_conv_backward(const DeviceStructure& s, const Geometry& g,
+                                        const scalar_t* grad_out, const scalar_t* grad_hidden,
+                                        const scalar_t* y, const scalar_t* weight,
+                                        const bool* keep, const scalar_t* hidden,
+                                        const scalar_t* node_norm, const scalar_t* edge_norm,
+                                        scalar_t* reaction_grad, scalar_t* grad_y,
+                                        scalar_t* grad_weight, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace stoichconv
