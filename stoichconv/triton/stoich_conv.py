@@ -1,0 +1,422 @@
+"""Triton kernels of the signed stoichiometric propagation.
+
+The semantics (degree norms, the two stages, the hand-written backward) are
+stated once, in :mod:`stoichconv.ops.stoich_conv`; this module computes exactly
+that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv_cpu.cpp``:
+
+* ``_segment_reduce_kernel``: the one segment reduction behind both forward
+  stages and both backward reductions,
+  ``dst[b, r, h, :] = init[b, r, h, :] + row_norm(b, r) * sum_{j in CSR row r}
+  coef(b, k_j, h) * src[b, other(k_j), h, :]`` with
+  ``coef = w[b, k, h] * kept(b, k) * (coef_norm[b', idx(k)] or 1)``.
+  In the forward the row's degree norm (``edge_norm`` in stage 1 over the
+  reaction CSR, ``node_norm`` in stage 2 over the metabolite CSR: ``1 / sum``
+  of ``|s_k|`` over the row's kept incidences, 0 for an empty or fully masked
+  row) is summed in the same loop over the row and written out, so the
+  forward is exactly two launches.
+  One program per (sample x CSR row, channel block); the tile runs over the
+  row's flattened H x C channels, ``BLOCK_HC = next_power_of_2(H * C)``
+  (capped at 128; wider rows use more programs along grid axis 1). The row's
+  incidences are read through the CSR pointers in tiles of ``BLOCK_K`` and a
+  loop runs over the tiles, so a long row (a currency metabolite such as H2O
+  or ATP with hundreds of incidences) is one program that loops, never a
+  launch-size problem. Each output row is written by exactly one program with
+  a fixed summation order: no atomics, bit-identical results run to run.
+* ``_weight_grad_kernel``: ``dL/dw[b, k, h] = D_v <G_v, hidden_e> + B_e <R_e, y_v>``
+  (0 for masked incidences), one program per (incidence tile, sample, head),
+  looping over channel tiles.
+
+Accumulation happens in the input dtype: float32 inputs accumulate in float32,
+float64 inputs in float64 (so the float64 tests compare to ~1e-12). On a GPU the
+same kernels run unchanged: rows map to CTAs, the channel tile to the lanes of
+the CTA, and the incidence tile gathers ``BLOCK_K`` rows of ``y`` at once.
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) they run on
+CPU tensors through numpy, which is how the CPU-only test suite runs them.
+
+Ops (``torch.library.custom_op``; fake kernels and the autograd formula are the
+shared ones of :mod:`stoichconv.ops.stoich_conv`):
+
+* ``stoichconv::triton_stoich_conv_forward`` -- same schema as the compiled
+  ``stoich_conv_forward``: ``(out, hidden, node_norm, edge_norm)``.
+* ``stoichconv::triton_stoich_conv_backward`` -- same schema as the compiled
+  ``stoich_conv_backward``: ``(grad_y, grad_weight)``, an empty tensor for a
+  gradient not asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from stoichconv.ops.stoich_conv import backward_fake, forward_fake, register_stoich_conv_autograd
+
+__all__ = ["triton_stoich_conv_forward", "triton_stoich_conv_backward"]
+
+_BLOCK_K = 16  # incidences gathered per loop iteration
+_MAX_BLOCK_C = 128  # channel tile cap (H*C in the segment reductions, C in the weight grad)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_reduce_kernel(
+    src_ptr, dst_ptr, init_ptr,
+    ptr_ptr, perm_ptr, other_index_ptr,
+    w_ptr, keep_ptr, reaction_index_ptr,
+    coef_norm_ptr, coef_norm_index_ptr, abs_ptr, row_norm_ptr,
+    rows, src_rows, nnz, M, coef_norm_len, H, C,
+    HAS_INIT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_COEF_NORM: tl.constexpr,
+    ROW_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr,
+):
+    # dst[b, r, h, c] = init[b, r, h, c] + row_norm[b', r] *
+    #     sum_{j in CSR row r} w[b, k, h] kept(b, k) coef_norm[b', idx(k)] src[b, other(k), h, c]
+    # with k = perm[j], b' = b with a keep-mask (per-sample norms) else 0.
+    # The tile runs over the flattened (h, c) row of H * C channels.
+    # ROW_NORM: the row's degree norm 1 / sum_{j in row, kept} |s_k| (0 for an
+    # empty sum) is computed in the same loop over the row and also written to
+    # row_norm[b', r] (by the first channel block of sample b', once).
+    pid = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    b = pid // rows
+    r = pid % rows
+    if HAS_KEEP:
+        nb = b
+    else:
+        nb = b * 0
+    HC = H * C
+    hc = tb * BLOCK_HC + tl.arange(0, BLOCK_HC)
+    hcmask = hc < HC
+    h = hc // C
+    start = tl.load(ptr_ptr + r)
+    end = tl.load(ptr_ptr + r + 1)
+    offs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_HC], dtype=src_ptr.dtype.element_ty)
+    deg = tl.zeros([BLOCK_K], dtype=src_ptr.dtype.element_ty)
+    for j0 in range(start, end, BLOCK_K):
+        j = j0 + offs
+        m = j < end
+        k = tl.load(perm_ptr + j, mask=m, other=0)
+        other = tl.load(other_index_ptr + k, mask=m, other=0)
+        m2 = m[:, None] & hcmask[None, :]
+        coef = tl.load(w_ptr + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
+        if HAS_KEEP:
+            e = tl.load(reaction_index_ptr + k, mask=m, other=0)
+            kept = tl.load(keep_ptr + b * M + e, mask=m, other=0)
+            coef = tl.where(kept[:, None] != 0, coef, 0.0)
+        if ROW_NORM:
+            a = tl.load(abs_ptr + k, mask=m, other=0.0)
+            if HAS_KEEP:
+                a = tl.where(kept != 0, a, 0.0)
+            deg += a
+        if HAS_COEF_NORM:
+            ci = tl.load(coef_norm_index_ptr + k, mask=m, other=0)
+            coef = coef * tl.load(coef_norm_ptr + nb * coef_norm_len + ci, mask=m, other=0.0)[:, None]
+        vals = tl.load(src_ptr + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0)
+        acc += tl.sum(coef * vals, axis=0)
+    if ROW_NORM:
+        total = tl.sum(deg, axis=0)
+        norm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        acc = acc * norm
+        tl.store(row_norm_ptr + nb * rows + r, norm, mask=(tb == 0) & (nb == b))
+    out_off = (b * rows + r) * HC + hc
+    if HAS_INIT:
+        acc += tl.load(init_ptr + out_off, mask=hcmask, other=0.0)
+    tl.store(dst_ptr + out_off, acc, mask=hcmask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    grad_out_ptr, hidden_ptr, reaction_grad_ptr, y_ptr,
+    metabolite_index_ptr, reaction_index_ptr, keep_ptr, node_norm_ptr, edge_norm_ptr, gw_ptr,
+    nnz, N, M, H, C,
+    HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # gw[b, k, h] = kept(b, k) * (D[b', v] <G[b, v, h], hidden[b, e, h]> + B[b', e] <R[b, e, h], y[b, v, h]>)
+    kb = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    if HAS_KEEP:
+        nb = b
+    else:
+        nb = b * 0
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = k < nnz
+    v = tl.load(metabolite_index_ptr + k, mask=m, other=0)
+    e = tl.load(reaction_index_ptr + k, mask=m, other=0)
+    v_row = ((b * N + v) * H + h) * C
+    e_row = ((b * M + e) * H + h) * C
+    dot_gh = tl.zeros([BLOCK_K], dtype=y_ptr.dtype.element_ty)
+    dot_ry = tl.zeros([BLOCK_K], dtype=y_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m2 = m[:, None] & (c < C)[None, :]
+        g = tl.load(grad_out_ptr + v_row[:, None] + c[None, :], mask=m2, other=0.0)
+        hd = tl.load(hidden_ptr + e_row[:, None] + c[None, :], mask=m2, other=0.0)
+        rg = tl.load(reaction_grad_ptr + e_row[:, None] + c[None, :], mask=m2, other=0.0)
+        yy = tl.load(y_ptr + v_row[:, None] + c[None, :], mask=m2, other=0.0)
+        dot_gh += tl.sum(g * hd, axis=1)
+        dot_ry += tl.sum(rg * yy, axis=1)
+    dn = tl.load(node_norm_ptr + nb * N + v, mask=m, other=0.0)
+    en = tl.load(edge_norm_ptr + nb * M + e, mask=m, other=0.0)
+    gw = dn * dot_gh + en * dot_ry
+    if HAS_KEEP:
+        kept = tl.load(keep_ptr + b * M + e, mask=m, other=0)
+        gw = tl.where(kept != 0, gw, 0.0)
+    tl.store(gw_ptr + (b * nnz + k) * H + h, gw, mask=m)
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+
+
+def _check_args(y, weight, reaction_keep, mi, ri, rptr, rperm, mptr, mperm) -> tuple[int, int]:
+    """Validate the structural arguments (the compiled op's checks, as Python
+    exceptions naming the argument); returns (nnz, M)."""
+    if not isinstance(y, Tensor) or y.dim() != 4:
+        raise ValueError(f"`y` must be a tensor of shape [B, N, H, C], got {getattr(y, 'shape', type(y))}")
+    if y.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`y` must be float32 or float64, got {y.dtype}")
+    B, N, H, _ = y.shape
+    nnz = mi.numel() if isinstance(mi, Tensor) else -1
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (B, nnz, H):
+        raise ValueError(
+            f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.dtype != y.dtype:
+        raise TypeError(f"`weight` has dtype {weight.dtype} but `y` has {y.dtype}")
+    if weight.device != y.device:
+        raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
+    if not isinstance(rptr, Tensor) or rptr.dim() != 1 or rptr.numel() < 1:
+        raise ValueError("`reaction_ptr` must be a 1-D tensor of length M + 1")
+    M = rptr.numel() - 1
+    for name, t, length in (
+        ("metabolite_index", mi, nnz), ("reaction_index", ri, nnz), ("reaction_perm", rperm, nnz),
+        ("metabolite_perm", mperm, nnz), ("reaction_ptr", rptr, M + 1), ("metabolite_ptr", mptr, N + 1),
+    ):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length:
+            raise ValueError(f"`{name}` must be 1-D of length {length}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != torch.int64:
+            raise TypeError(f"`{name}` must be int64, got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"`{name}` is on {t.device} but `y` is on {y.device}")
+    if reaction_keep is not None:
+        if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
+            raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', None)}")
+        if tuple(reaction_keep.shape) != (B, M):
+            raise ValueError(f"`reaction_keep` must be [B, M] = [{B}, {M}], got {tuple(reaction_keep.shape)}")
+        if reaction_keep.device != y.device:
+            raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {y.device}")
+    if y.device.type != "cuda":
+        # The interpreter has no bounds protection: check the plan's values
+        # (cheap on CPU). On a GPU the plan from build_stoich_plan is trusted,
+        # which keeps the launch free of host syncs.
+        _check_structure_values(mi, ri, rptr, rperm, mptr, mperm, N, M, nnz)
+    return nnz, M
+
+
+def _check_structure_values(mi, ri, rptr, rperm, mptr, mperm, N, M, nnz) -> None:
+    for name, ptr in (("reaction_ptr", rptr), ("metabolite_ptr", mptr)):
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+            raise ValueError(f"`{name}` must start at 0 and end at nnz = {nnz}")
+        if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError(f"`{name}` must be non-decreasing")
+    if nnz == 0:
+        return
+    for name, t, bound in (
+        ("metabolite_index", mi, N), ("reaction_index", ri, M), ("reaction_perm", rperm, nnz),
+        ("metabolite_perm", mperm, nnz),
+    ):
+        if int(t.min()) < 0 or int(t.max()) >= bound:
+            raise ValueError(f"`{name}` has values out of range [0, {bound})")
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _block_c(C: int) -> int:
+    return min(triton.next_power_of_2(max(C, 1)), _MAX_BLOCK_C)
+
+
+def _keep_bytes(reaction_keep: Optional[Tensor]) -> Optional[Tensor]:
+    return None if reaction_keep is None else reaction_keep.contiguous().view(torch.uint8)
+
+
+def _degree_norm_torch(ptr, perm, abs_stoich, ri, keep, Bn, rows) -> Tensor:
+    """Degree norms [Bn, rows] in torch, only for the degenerate launches
+    (B = 0 or H * C = 0) where no kernel program runs."""
+    row_of = torch.repeat_interleave(torch.arange(rows, device=ptr.device), ptr.diff())
+    a = abs_stoich[perm].expand(Bn, -1)
+    if keep is not None:
+        a = a * keep.bool()[:, ri[perm]]
+    total = torch.zeros(Bn, rows, dtype=abs_stoich.dtype, device=ptr.device).index_add_(1, row_of, a)
+    return torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+def _segment_reduce(src, dst, ptr, perm, other_index, w, keep, ri, M,
+                    init=None, coef_norm=None, coef_norm_index=None, abs_stoich=None, row_norm=None) -> None:
+    """One launch of ``_segment_reduce_kernel``; with ``abs_stoich`` the row
+    degree norms are computed in the same pass and written to ``row_norm``."""
+    B, rows, H, C = dst.shape
+    src_rows = src.shape[1]
+    nnz = w.shape[1]
+    if B * rows == 0 or H == 0 or C == 0:
+        return
+    dummy = dst
+    block_hc = _block_c(H * C)
+    grid = (B * rows, triton.cdiv(H * C, block_hc))
+    _segment_reduce_kernel[grid](
+        src, dst, init if init is not None else dummy,
+        ptr, perm, other_index,
+        w, keep if keep is not None else ptr, ri,
+        coef_norm if coef_norm is not None else dummy,
+        coef_norm_index if coef_norm_index is not None else ptr,
+        abs_stoich if abs_stoich is not None else dummy,
+        row_norm if row_norm is not None else dummy,
+        rows, src_rows, nnz, M, coef_norm.shape[1] if coef_norm is not None else 0, H, C,
+        HAS_INIT=init is not None, HAS_KEEP=keep is not None, HAS_COEF_NORM=coef_norm is not None,
+        ROW_NORM=abs_stoich is not None, BLOCK_K=_BLOCK_K, BLOCK_HC=block_hc,
+    )
+
+
+def _backward_launches(G, grad_hidden, y, weight, keep, hidden, node_norm, edge_norm, mi, ri, rptr, rperm,
+                       mptr, mperm, grad_y, grad_weight) -> None:
+    B, N, H, C = y.shape
+    M, nnz = rptr.numel() - 1, mi.numel()
+    # R[b, e] = grad_hidden[b, e] + kept(b, e) sum_{k in e} w_k D_{v_k} G[b, v_k]
+    R = y.new_empty(B, M, H, C)
+    _segment_reduce(G, R, rptr, rperm, mi, weight, keep, ri, M, init=grad_hidden,
+                    coef_norm=node_norm, coef_norm_index=mi)
+    if grad_y is not None:
+        # dL/dy[b, u] = sum_{k: v_k = u, kept} w_k B_{e_k} R[b, e_k]
+        _segment_reduce(R, grad_y, mptr, mperm, ri, weight, keep, ri, M,
+                        coef_norm=edge_norm, coef_norm_index=ri)
+    if grad_weight is not None and B * nnz * H > 0:
+        if C == 0:
+            grad_weight.zero_()
+        else:
+            grid = (triton.cdiv(nnz, _BLOCK_K), B, H)
+            _weight_grad_kernel[grid](
+                G, hidden, R, y, mi, ri, keep if keep is not None else rptr, node_norm, edge_norm,
+                grad_weight, nnz, N, M, H, C,
+                HAS_KEEP=keep is not None, BLOCK_K=_BLOCK_K, BLOCK_C=_block_c(C),
+            )
+
+
+@torch.library.custom_op("stoichconv::triton_stoich_conv_forward", mutates_args=())
+def triton_stoich_conv_forward(
+    y: Tensor,
+    weight: Tensor,
+    reaction_keep: Optional[Tensor],
+    metabolite_index: Tensor,
+    reaction_index: Tensor,
+    abs_stoich: Tensor,
+    reaction_ptr: Tensor,
+    reaction_perm: Tensor,
+    metabolite_ptr: Tensor,
+    metabolite_perm: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton forward of the stoich propagation: ``(out, hidden, node_norm, edge_norm)``."""
+    nnz, M = _check_args(y, weight, reaction_keep, metabolite_index, reaction_index, reaction_ptr,
+                         reaction_perm, metabolite_ptr, metabolite_perm)
+    if not isinstance(abs_stoich, Tensor) or tuple(abs_stoich.shape) != (nnz,) or abs_stoich.dtype != y.dtype:
+        raise ValueError(f"`abs_stoich` must be 1-D of length nnz = {nnz} with the dtype of `y` ({y.dtype})")
+    if abs_stoich.device != y.device:
+        raise ValueError(f"`abs_stoich` is on {abs_stoich.device} but `y` is on {y.device}")
+    y = y.contiguous()
+    weight = weight.contiguous()
+    abs_stoich = abs_stoich.contiguous()
+    mi, ri = metabolite_index.contiguous(), reaction_index.contiguous()
+    rptr, rperm = reaction_ptr.contiguous(), reaction_perm.contiguous()
+    mptr, mperm = metabolite_ptr.contiguous(), metabolite_perm.contiguous()
+    keep = _keep_bytes(reaction_keep)
+    B, N, H, C = y.shape
+    Bn = B if keep is not None else 1
+
+    out = torch.empty_like(y)
+    hidden = y.new_empty(B, M, H, C)
+    node_norm = y.new_empty(Bn, N)
+    edge_norm = y.new_empty(Bn, M)
+    if B == 0 or H * C == 0:  # no program would write the norms
+        edge_norm.copy_(_degree_norm_torch(rptr, rperm, abs_stoich, ri, keep, Bn, M))
+        node_norm.copy_(_degree_norm_torch(mptr, mperm, abs_stoich, ri, keep, Bn, N))
+    # Stage 1, metabolite -> reaction: hidden[b, e] = B_e sum_k w_k y[b, v_k]  (+ edge_norm)
+    with _device_guard(y.device):
+        _segment_reduce(y, hidden, rptr, rperm, mi, weight, keep, ri, M, abs_stoich=abs_stoich, row_norm=edge_norm)
+        # Stage 2, reaction -> metabolite: out[b, v] = D_v sum_k w_k hidden[b, e_k]  (+ node_norm)
+        _segment_reduce(hidden, out, mptr, mperm, ri, weight, keep, ri, M, abs_stoich=abs_stoich,
+                        row_norm=node_norm)
+    return out, hidden, node_norm, edge_norm
+
+
+@torch.library.custom_op("stoichconv::triton_stoich_conv_backward", mutates_args=())
+def triton_stoich_conv_backward(
+    grad_out: Tensor,
+    grad_hidden: Optional[Tensor],
+    y: Tensor,
+    weight: Tensor,
+    reaction_keep: Optional[Tensor],
+    hidden: Tensor,
+    node_norm: Tensor,
+    edge_norm: Tensor,
+    metabolite_index: Tensor,
+    reaction_index: Tensor,
+    reaction_ptr: Tensor,
+    reaction_perm: Tensor,
+    metabolite_ptr: Tensor,
+    metabolite_perm: Tensor,
+    need_grad_y: bool,
+    need_grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """Triton backward of the stoich propagation: ``(grad_y, grad_weight)``."""
+    nnz, M = _check_args(y, weight, reaction_keep, metabolite_index, reaction_index, reaction_ptr,
+                         reaction_perm, metabolite_ptr, metabolite_perm)
+    B, N, H, C = y.shape
+    Bn = B if reaction_keep is not None else 1
+    for name, t, shape in (
+        ("grad_out", grad_out, (B, N, H, C)), ("hidden", hidden, (B, M, H, C)),
+        ("node_norm", node_norm, (Bn, N)), ("edge_norm", edge_norm, (Bn, M)),
+        ("grad_hidden", grad_hidden, (B, M, H, C)),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"`{name}` must have shape {list(shape)}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != y.dtype:
+            raise TypeError(f"`{name}` has dtype {t.dtype} but `y` has {y.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"`{name}` is on {t.device} but `y` is on {y.device}")
+    grad_y = y.new_empty(y.shape) if need_grad_y else y.new_empty(0)  # contiguous, whatever y's strides
+    grad_weight = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
+    if not (need_grad_y or need_grad_weight):
+        return grad_y, grad_weight
+    y, weight, G = y.contiguous(), weight.contiguous(), grad_out.contiguous()
+    hidden, node_norm, edge_norm = hidden.contiguous(), node_norm.contiguous(), edge_norm.contiguous()
+    grad_hidden = grad_hidden.contiguous() if grad_hidden is not None else None
+    mi, ri = metabolite_index.contiguous(), reaction_index.contiguous()
+    rptr, rperm = reaction_ptr.contiguous(), reaction_perm.contiguous()
+    mptr, mperm = metabolite_ptr.contiguous(), metabolite_perm.contiguous()
+    keep = _keep_bytes(reaction_keep)
+
+    with _device_guard(y.device):
+        _backward_launches(G, grad_hidden, y, weight, keep, hidden, node_norm, edge_norm, mi, ri, rptr, rperm,
+                           mptr, mperm, grad_y if need_grad_y else None, grad_weight if need_grad_weight else None)
+    return grad_y, grad_weight
+
+
+torch.library.register_fake("stoichconv::triton_stoich_conv_forward")(forward_fake)
+torch.library.register_fake("stoichconv::triton_stoich_conv_backward")(backward_fake)
+register_stoich_conv_autograd(
+    "stoichconv::triton_stoich_conv_forward",
+    lambda *args: torch.ops.stoichconv.triton_stoich_conv_backward(*args),
+)
