@@ -61,4 +61,51 @@ inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& wei
   return nnz;
 }
 
+// The forward's `abs_stoich` [nnz], same dtype and device as `y`.
+inline void check_abs_stoich(const at::Tensor& abs_stoich, int64_t nnz, const at::Tensor& y) {
+  TORCH_CHECK(abs_stoich.dim() == 1 && abs_stoich.size(0) == nnz &&
+                  abs_stoich.scalar_type() == y.scalar_type(),
+              "stoich_conv: `abs_stoich` must be 1-D of length nnz with the dtype of `y`");
+  TORCH_CHECK(abs_stoich.device() == y.device(), "stoich_conv: `abs_stoich` is on ",
+              abs_stoich.device(), " but `y` is on ", y.device());
+}
+
+// The backward's saved and incoming tensors (after check_stoich_conv_args):
+// grad_out like y, hidden / grad_hidden [B, M, H, C], norms [Bn, N] and
+// [Bn, M] with Bn = B under a reaction keep-mask, else 1; all on y's device
+// and of y's dtype.
+inline void check_stoich_conv_backward_args(const at::Tensor& grad_out,
+                                            const std::optional<at::Tensor>& grad_hidden,
+                                            const at::Tensor& y, const at::Tensor& hidden,
+                                            const at::Tensor& node_norm,
+                                            const at::Tensor& edge_norm, bool masked,
+                                            int64_t num_reactions) {
+  TORCH_CHECK(grad_out.sizes() == y.sizes(),
+              "stoich_conv_backward: `grad_out` must have the shape of `y`");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
+                                {hidden, "hidden"},
+                                {node_norm, "node_norm"},
+                                {edge_norm, "edge_norm"}}) {
+    TORCH_CHECK(t.device() == y.device(), "stoich_conv_backward: `", name, "` is on ",
+                t.device(), " but `y` is on ", y.device());
+    TORCH_CHECK(t.scalar_type() == y.scalar_type(), "stoich_conv_backward: `", name,
+                "` dtype ", t.scalar_type(), " differs from `y` dtype ", y.scalar_type());
+  }
+  const int64_t B = y.size(0), N = y.size(1), H = y.size(2), C = y.size(3);
+  const int64_t M = num_reactions, Bn = masked ? B : 1;
+  TORCH_CHECK(hidden.dim() == 4 && hidden.size(0) == B && hidden.size(1) == M &&
+                  hidden.size(2) == H && hidden.size(3) == C,
+              "stoich_conv_backward: `hidden` must be [B, M, H, C]");
+  if (grad_hidden.has_value()) {
+    TORCH_CHECK(grad_hidden->device() == y.device() &&
+                    grad_hidden->scalar_type() == y.scalar_type(),
+                "stoich_conv_backward: `grad_hidden` must have the device and dtype of `y`");
+    TORCH_CHECK(grad_hidden->sizes() == hidden.sizes(),
+                "stoich_conv_backward: `grad_hidden` must have the shape of `hidden`");
+  }
+  TORCH_CHECK(node_norm.dim() == 2 && node_norm.size(0) == Bn && node_norm.size(1) == N &&
+                  edge_norm.dim() == 2 && edge_norm.size(0) == Bn && edge_norm.size(1) == M,
+              "stoich_conv_backward: `node_norm`/`edge_norm` must be [Bn, N] and [Bn, M]");
+}
+
 }  // namespace stoichconv

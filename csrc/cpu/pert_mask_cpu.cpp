@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../pert_mask_checks.h"
 #include "stoichconv/pert_mask_math.h"
 
 namespace stoichconv {
@@ -263,17 +264,6 @@ at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N) {
   return ids;
 }
 
-void check_keep(const std::optional<at::Tensor>& keep, const char* name, int64_t B, int64_t N) {
-  if (!keep.has_value()) return;
-  TORCH_CHECK(keep->device().is_cpu(), "filter_bipartite: `", name,
-              "` must be a CPU tensor, got ", keep->device());
-  TORCH_CHECK(keep->scalar_type() == at::kBool, "filter_bipartite: `", name,
-              "` must be bool, got ", keep->scalar_type());
-  TORCH_CHECK(keep->dim() == 2 && keep->size(0) == B && keep->size(1) == N,
-              "filter_bipartite: `", name, "` must have shape [", B, ", ", N, "], got ",
-              keep->sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
     const at::Tensor& edge_index_in, int64_t num_src, int64_t num_dst, int64_t num_samples,
     const std::optional<at::Tensor>& src_keep_in, const std::optional<at::Tensor>& dst_keep_in,
@@ -282,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
               ": `num_src`, `num_dst` and `num_samples` must be non-negative");
   check_edge_index(edge_index_in, op, "edge_index", num_src, num_dst);
-  check_keep(src_keep_in, "src_keep", num_samples, num_src);
-  check_keep(dst_keep_in, "dst_keep", num_samples, num_dst);
+  check_keep(src_keep_in, "src_keep", num_samples, num_src, edge_index_in.device());
+  check_keep(dst_keep_in, "dst_keep", num_samples, num_dst, edge_index_in.device());
   const auto edge_index = edge_index_in.contiguous();
   const int64_t B = num_samples, E = edge_index.size(1);
   const int64_t* src = edge_index.data_ptr<int64_t>();

@@ -135,9 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
   const int64_t nnz =
       check_stoich_conv_args(y_in, weight_in, reaction_keep, metabolite_index, reaction_index,
                              reaction_ptr, reaction_perm, metabolite_ptr, metabolite_perm);
-  TORCH_CHECK(abs_stoich.dim() == 1 && abs_stoich.size(0) == nnz &&
-                  abs_stoich.scalar_type() == y_in.scalar_type(),
-              "stoich_conv: `abs_stoich` must be 1-D of length nnz with the dtype of `y`");
+  check_abs_stoich(abs_stoich, nnz, y_in);
   const auto y = y_in.contiguous();
   const auto weight = weight_in.contiguous();
   const int64_t B = y.size(0), N = y.size(1), H = y.size(2), C = y.size(3);
@@ -194,8 +192,9 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
   const int64_t nnz =
       check_stoich_conv_args(y_in, weight_in, reaction_keep, metabolite_index, reaction_index,
                              reaction_ptr, reaction_perm, metabolite_ptr, metabolite_perm);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes(),
-              "stoich_conv_backward: `grad_out` must have the shape of `y`");
+  check_stoich_conv_backward_args(grad_out_in, grad_hidden_in, y_in, hidden_in, node_norm_in,
+                                  edge_norm_in, reaction_keep.has_value(),
+                                  reaction_ptr.size(0) - 1);
   const auto y = y_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto grad_out = grad_out_in.contiguous();
@@ -207,21 +206,11 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
                                      reaction_ptr.contiguous(), reaction_perm.contiguous(),
                                      metabolite_ptr.contiguous(), metabolite_perm.contiguous(), N);
   const int64_t M = s.M;
-  TORCH_CHECK(hidden.dim() == 4 && hidden.size(0) == B && hidden.size(1) == M,
-              "stoich_conv_backward: `hidden` must be [B, M, H, C]");
   at::Tensor grad_hidden;
-  if (grad_hidden_in.has_value()) {
-    grad_hidden = grad_hidden_in->contiguous();
-    TORCH_CHECK(grad_hidden.sizes() == hidden.sizes(),
-                "stoich_conv_backward: `grad_hidden` must have the shape of `hidden`");
-  }
+  if (grad_hidden_in.has_value()) grad_hidden = grad_hidden_in->contiguous();
   at::Tensor keep;
   if (reaction_keep.has_value()) keep = reaction_keep->contiguous();
   const bool* keep_ptr = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  const int64_t Bn = keep.defined() ? B : 1;
-  TORCH_CHECK(node_norm.dim() == 2 && node_norm.size(0) == Bn && node_norm.size(1) == N &&
-                  edge_norm.dim() == 2 && edge_norm.size(0) == Bn && edge_norm.size(1) == M,
-              "stoich_conv_backward: `node_norm`/`edge_norm` must be [Bn, N] and [Bn, M]");
 
   at::Tensor grad_y = need_grad_y ? at::empty_like(y) : at::empty({0}, y.options());
   at::Tensor grad_weight =

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../pert_mask_checks.h"
 #include "stoichconv/pert_mask_cuda.h"
 
 namespace stoichconv {
@@ -182,18 +183,6 @@ at::Tensor compacted_ids(const at::Tensor& keep, cudaStream_t stream, const char
                                              stream),
            op);
   return ids;
-}
-
-void check_keep(const std::optional<at::Tensor>& keep, const char* name, int64_t B, int64_t N,
-                const at::Device& device) {
-  if (!keep.has_value()) return;
-  TORCH_CHECK(keep->device() == device, "filter_bipartite: `", name, "` is on ", keep->device(),
-              " but `edge_index` is on ", device);
-  TORCH_CHECK(keep->scalar_type() == at::kBool, "filter_bipartite: `", name,
-              "` must be bool, got ", keep->scalar_type());
-  TORCH_CHECK(keep->dim() == 2 && keep->size(0) == B && keep->size(1) == N,
-              "filter_bipartite: `", name, "` must have shape [", B, ", ", N, "], got ",
-              keep->sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda(

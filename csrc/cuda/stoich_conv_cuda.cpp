@@ -48,11 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
                                              reaction_index_in, reaction_ptr_in,
                                              reaction_perm_in, metabolite_ptr_in,
                                              metabolite_perm_in);
-  TORCH_CHECK(abs_stoich_in.dim() == 1 && abs_stoich_in.size(0) == nnz &&
-                  abs_stoich_in.scalar_type() == y_in.scalar_type(),
-              "stoich_conv: `abs_stoich` must be 1-D of length nnz with the dtype of `y`");
-  TORCH_CHECK(abs_stoich_in.device() == y_in.device(), "stoich_conv: `abs_stoich` is on ",
-              abs_stoich_in.device(), " but `y` is on ", y_in.device());
+  check_abs_stoich(abs_stoich_in, nnz, y_in);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const auto y = y_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -100,17 +96,9 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
   check_cuda_tensor(y_in, "y");
   check_stoich_conv_args(y_in, weight_in, reaction_keep, metabolite_index_in, reaction_index_in,
                          reaction_ptr_in, reaction_perm_in, metabolite_ptr_in, metabolite_perm_in);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes(),
-              "stoich_conv_backward: `grad_out` must have the shape of `y`");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out_in, "grad_out"},
-                                {hidden_in, "hidden"},
-                                {node_norm_in, "node_norm"},
-                                {edge_norm_in, "edge_norm"}}) {
-    TORCH_CHECK(t.device() == y_in.device(), "stoich_conv_backward: `", name, "` is on ",
-                t.device(), " but `y` is on ", y_in.device());
-    TORCH_CHECK(t.scalar_type() == y_in.scalar_type(), "stoich_conv_backward: `", name,
-                "` dtype ", t.scalar_type(), " differs from `y` dtype ", y_in.scalar_type());
-  }
+  check_stoich_conv_backward_args(grad_out_in, grad_hidden_in, y_in, hidden_in, node_norm_in,
+                                  edge_norm_in, reaction_keep.has_value(),
+                                  reaction_ptr_in.size(0) - 1);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const auto y = y_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -128,25 +116,11 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
   const auto s = make_device_structure(metabolite_index, reaction_index, reaction_ptr,
                                        reaction_perm, metabolite_ptr, metabolite_perm, N);
   const int64_t M = s.M;
-  TORCH_CHECK(hidden.dim() == 4 && hidden.size(0) == B && hidden.size(1) == M &&
-                  hidden.size(2) == H && hidden.size(3) == C,
-              "stoich_conv_backward: `hidden` must be [B, M, H, C]");
   at::Tensor grad_hidden;
-  if (grad_hidden_in.has_value()) {
-    TORCH_CHECK(grad_hidden_in->device() == y.device() &&
-                    grad_hidden_in->scalar_type() == y.scalar_type(),
-                "stoich_conv_backward: `grad_hidden` must have the device and dtype of `y`");
-    grad_hidden = grad_hidden_in->contiguous();
-    TORCH_CHECK(grad_hidden.sizes() == hidden.sizes(),
-                "stoich_conv_backward: `grad_hidden` must have the shape of `hidden`");
-  }
+  if (grad_hidden_in.has_value()) grad_hidden = grad_hidden_in->contiguous();
   at::Tensor keep;
   if (reaction_keep.has_value()) keep = reaction_keep->contiguous();
   const bool* keep_ptr = keep.defined() ? keep.data_ptr<bool>() : nullptr;
-  const int64_t Bn = keep.defined() ? B : 1;
-  TORCH_CHECK(node_norm.dim() == 2 && node_norm.size(0) == Bn && node_norm.size(1) == N &&
-                  edge_norm.dim() == 2 && edge_norm.size(0) == Bn && edge_norm.size(1) == M,
-              "stoich_conv_backward: `node_norm`/`edge_norm` must be [Bn, N] and [Bn, M]");
 
   at::Tensor grad_y = need_grad_y ? at::empty_like(y) : at::empty({0}, y.options());
   at::Tensor grad_weight =
