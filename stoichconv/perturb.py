@@ -58,11 +58,13 @@ GPR = ("gene", "gpr", "reaction")
 METABOLISM = ("metabolite", "reaction", "metabolite")
 
 
-def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: Tensor | None = None) -> None:
+def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: Tensor | None = None,
+               all_kept: bool = False) -> None:
     """Fill num_nodes / n_id / batch / ptr / node_keep of one node type from
-    its full-layout keep-mask [B * N]."""
+    its full-layout keep-mask [B * N] (``all_kept``: the mask is all True, so
+    both layouts number the nodes alike and no mask scan is needed)."""
     device = keep.device
-    if compacted:
+    if compacted and not all_kept:
         kept = keep.view(B, N).nonzero()
         store.batch = kept[:, 0].contiguous()
         store.n_id = kept[:, 1].contiguous()
@@ -140,7 +142,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
     _set_nodes(out["gene"], gene_keep, B, num_genes, compacted, node_ptr)
     _set_nodes(out["reaction"], rkeep.view(-1), B, num_reactions, compacted)
     _set_nodes(out["metabolite"], torch.ones(B * num_metabolites, dtype=torch.bool, device=device), B,
-               num_metabolites, compacted)
+               num_metabolites, compacted, all_kept=True)
 
     gpr = filter_bipartite(gpr_index, num_genes, num_reactions, B, gene_keep.view(B, num_genes), rkeep,
                            relabel=compacted, backend=other_backend, validate=False)

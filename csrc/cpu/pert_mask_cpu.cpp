@@ -1,14 +1,16 @@
 // C++ CPU kernels of the batched perturbation masking (semantics in
 // stoichconv/ops/pert_mask.py).
 //
-// Every edge filter is two passes over (sample, chunk-of-edges) tasks: the
-// first tests each edge, writes the full-layout keep-mask and counts the
-// survivors of its chunk; an exclusive scan over the task counts (in sample
-// order, then chunk order) gives each task its output offset and the per-
-// sample edge_ptr; the second pass writes the surviving edges.  Outputs are
-// therefore in sample order, wildtype order within a sample, identical for
-// any thread count; no atomics.  The per-element tests live in
-// stoichconv/pert_mask_math.h (shared with the CUDA kernels).
+// Every edge filter is a count pass, a scan and a write pass.  Deletions are
+// few (a handful of genes per sample), so most edges survive in every sample:
+// the count pass first lists the "touched" edges (an endpoint removed in at
+// least one sample, one scan over E) and tests only those per sample,
+// recording each sample's removed edges; the scan turns the counts into
+// edge_ptr; the write pass copies each sample's runs of surviving edges
+// between its removed ones in tight branch-free loops.  Outputs are in sample
+// order, wildtype order within a sample, identical for any thread count; no
+// atomics.  The per-element tests live in stoichconv/pert_mask_math.h
+// (shared with the CUDA kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -103,59 +105,79 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
   return sets;
 }
 
-// Two-pass filter over B samples x E edges.  `kept(b, e)` tests an edge;
-// `write(b, e, pos)` stores surviving edge e of sample b at output row pos.
-class TwoPassFilter {
+// Count / scan / write filter over B samples x E edges for sparse removals.
+class EdgeFilter {
  public:
-  TwoPassFilter(int64_t B, int64_t E) : B_(B), E_(E) {
+  EdgeFilter(int64_t B, int64_t E) : B_(B), E_(E), removed_(B) {
     chunks_ = (E + kEdgeChunk - 1) / kEdgeChunk;
-    offset_.assign(B * chunks_ + 1, 0);
   }
 
-  // Pass 1: fills keep [B * E] and returns the number of survivors; fills
-  // edge_ptr [B + 1].
-  template <typename Kept>
-  int64_t count(bool* keep, int64_t* edge_ptr, Kept kept) {
-    const int64_t tasks = B_ * chunks_;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / chunks_, lo = (t % chunks_) * kEdgeChunk;
-        const int64_t hi = std::min(E_, lo + kEdgeChunk);
-        bool* row = keep + b * E_;
-        int64_t n = 0;
-        for (int64_t e = lo; e < hi; ++e) {
-          const bool k = kept(b, e);
-          row[e] = k;
-          n += k;
-        }
-        offset_[t + 1] = n;
+  // Lists, in ascending order, the edges for which touched(e) holds: the
+  // only ones kept(b, e) is asked about.
+  template <typename Touched>
+  void find_touched(Touched touched) {
+    std::vector<std::vector<int64_t>> parts(chunks_);
+    at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t lo = c * kEdgeChunk, hi = std::min(E_, lo + kEdgeChunk);
+        for (int64_t e = lo; e < hi; ++e)
+          if (touched(e)) parts[c].push_back(e);
       }
     });
-    for (int64_t t = 0; t < tasks; ++t) offset_[t + 1] += offset_[t];
-    for (int64_t b = 0; b <= B_; ++b) edge_ptr[b] = chunks_ == 0 ? 0 : offset_[b * chunks_];
-    keep_ = keep;
-    return offset_[tasks];
+    for (const auto& part : parts) touched_.insert(touched_.end(), part.begin(), part.end());
   }
 
-  // Pass 2: calls write(b, e, pos) for every surviving edge.
-  template <typename Write>
-  void write(Write write_edge) const {
+  // Count pass: fills keep [B * E] (True = kept), records the removed edges
+  // of every sample, fills edge_ptr [B + 1] and returns the survivor count.
+  template <typename Kept>
+  int64_t count(bool* keep, int64_t* edge_ptr, Kept kept) {
+    at::parallel_for(0, B_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        bool* row = keep + b * E_;
+        std::fill(row, row + E_, true);
+        for (const int64_t e : touched_) {
+          if (!kept(b, e)) {
+            row[e] = false;
+            removed_[b].push_back(e);
+          }
+        }
+      }
+    });
+    edge_ptr[0] = 0;
+    for (int64_t b = 0; b < B_; ++b)
+      edge_ptr[b + 1] = edge_ptr[b] + E_ - static_cast<int64_t>(removed_[b].size());
+    edge_ptr_ = edge_ptr;
+    return edge_ptr[B_];
+  }
+
+  // Write pass: calls write_run(b, lo, hi, pos) for every maximal run
+  // [lo, hi) of surviving edges of sample b (within one chunk), pos being the
+  // output row of edge lo.
+  template <typename WriteRun>
+  void write(WriteRun write_run) const {
     at::parallel_for(0, B_ * chunks_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / chunks_, lo = (t % chunks_) * kEdgeChunk;
         const int64_t hi = std::min(E_, lo + kEdgeChunk);
-        const bool* row = keep_ + b * E_;
-        int64_t pos = offset_[t];
-        for (int64_t e = lo; e < hi; ++e)
-          if (row[e]) write_edge(b, e, pos++);
+        const auto& removed = removed_[b];
+        auto it = std::lower_bound(removed.begin(), removed.end(), lo);
+        int64_t pos = edge_ptr_[b] + lo - static_cast<int64_t>(it - removed.begin());
+        int64_t run = lo;
+        for (; it != removed.end() && *it < hi; ++it) {
+          if (*it > run) write_run(b, run, *it, pos);
+          pos += *it - run;
+          run = *it + 1;
+        }
+        if (hi > run) write_run(b, run, hi, pos);
       }
     });
   }
 
  private:
   int64_t B_, E_, chunks_;
-  std::vector<int64_t> offset_;
-  const bool* keep_ = nullptr;
+  std::vector<int64_t> touched_;
+  std::vector<std::vector<int64_t>> removed_;
+  const int64_t* edge_ptr_ = nullptr;
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cpu(
@@ -186,28 +208,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   np[0] = 0;
   for (int64_t b = 0; b < B; ++b) np[b + 1] = np[b] + N - sets.count[b];
 
-  // Edges.
+  // Edges: an edge is touched when an endpoint is deleted in some sample;
+  // each per-sample test is two lookups in that sample's node keep-mask.
+  std::vector<char> deleted_anywhere(static_cast<size_t>(N), 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < sets.count[b]; ++i) deleted_anywhere[sets.ids(b)[i]] = 1;
   auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
   auto edge_ptr = at::empty({B + 1}, long_opts);
-  TwoPassFilter filter(B, E);
+  EdgeFilter filter(B, E);
+  filter.find_touched([&](int64_t e) { return (deleted_anywhere[src[e]] | deleted_anywhere[dst[e]]) != 0; });
   const int64_t total = filter.count(
       edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
-        return edge_kept(sets.ids(b), sets.count[b], src[e], dst[e]);
+        return edge_kept_by_mask(nk + b * N, src[e], dst[e]);
       });
   auto out = at::empty({2, total}, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   if (relabel) {
-    filter.write([&](int64_t b, int64_t e, int64_t pos) {
-      const int64_t* del = sets.ids(b);
-      const int64_t n = sets.count[b];
-      out_src[pos] = compacted_id(np[b], del, n, src[e]);
-      out_dst[pos] = compacted_id(np[b], del, n, dst[e]);
+    // Compacted ids of every node of every sample, [B, N] (the removed ones
+    // are never read): one table lookup per endpoint in the write pass.
+    std::vector<int64_t> ids(static_cast<size_t>(B * N));
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t* del = sets.ids(b);
+        const int64_t n = sets.count[b];
+        int64_t* row = ids.data() + b * N;
+        for (int64_t v = 0; v < N; ++v) row[v] = compacted_id(np[b], del, n, v);
+      }
+    });
+    filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+      const int64_t* row = ids.data() + b * N;
+      for (int64_t e = lo; e < hi; ++e, ++pos) {
+        out_src[pos] = row[src[e]];
+        out_dst[pos] = row[dst[e]];
+      }
     });
   } else {
-    filter.write([&](int64_t b, int64_t e, int64_t pos) {
-      out_src[pos] = full_layout_id(b, N, src[e]);
-      out_dst[pos] = full_layout_id(b, N, dst[e]);
+    filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+      for (int64_t e = lo; e < hi; ++e, ++pos) {
+        out_src[pos] = full_layout_id(b, N, src[e]);
+        out_dst[pos] = full_layout_id(b, N, dst[e]);
+      }
     });
   }
   return {out, edge_ptr, edge_keep, node_keep, node_ptr};
@@ -289,10 +330,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   const int64_t* si = src_ids.defined() ? src_ids.data_ptr<int64_t>() : nullptr;
   const int64_t* di = dst_ids.defined() ? dst_ids.data_ptr<int64_t>() : nullptr;
 
+  // An edge is touched when one of its nodes is removed in some sample.
+  const auto removed_anywhere = [B](const bool* keep, int64_t N) {
+    std::vector<char> any(static_cast<size_t>(keep ? N : 0), 0);
+    for (int64_t b = 0; keep != nullptr && b < B; ++b)
+      for (int64_t v = 0; v < N; ++v) any[v] |= !keep[b * N + v];
+    return any;
+  };
+  const std::vector<char> src_removed = removed_anywhere(sk, num_src);
+  const std::vector<char> dst_removed = removed_anywhere(dk, num_dst);
+
   const auto long_opts = edge_index.options();
   auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
   auto edge_ptr = at::empty({B + 1}, long_opts);
-  TwoPassFilter filter(B, E);
+  EdgeFilter filter(B, E);
+  filter.find_touched([&](int64_t e) {
+    return (sk != nullptr && src_removed[src[e]]) || (dk != nullptr && dst_removed[dst[e]]);
+  });
   const int64_t total = filter.count(
       edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
         return (sk == nullptr || sk[b * num_src + src[e]]) &&
@@ -303,10 +357,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   int64_t* out_id = edge_id.data_ptr<int64_t>();
-  filter.write([&](int64_t b, int64_t e, int64_t pos) {
-    out_src[pos] = si ? si[b * num_src + src[e]] : full_layout_id(b, num_src, src[e]);
-    out_dst[pos] = di ? di[b * num_dst + dst[e]] : full_layout_id(b, num_dst, dst[e]);
-    out_id[pos] = e;
+  filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+    const int64_t* src_row = si ? si + b * num_src : nullptr;
+    const int64_t* dst_row = di ? di + b * num_dst : nullptr;
+    for (int64_t e = lo; e < hi; ++e, ++pos) {
+      out_src[pos] = src_row ? src_row[src[e]] : full_layout_id(b, num_src, src[e]);
+      out_dst[pos] = dst_row ? dst_row[dst[e]] : full_layout_id(b, num_dst, dst[e]);
+      out_id[pos] = e;
+    }
   });
   return {out, edge_ptr, edge_keep, edge_id};
 }

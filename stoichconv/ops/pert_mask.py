@@ -39,8 +39,11 @@ B = 0 and E = 0 are valid.
   (row 0 metabolite, row 1 reaction) this offsets the reaction row by
   reaction counts, the fix of PyG's default collation.
 
-The compiled CPU kernels make one counting pass (per sample and chunk of
-edges), a scan, and one writing pass: deterministic, no atomics. Output sizes
+The compiled CPU kernels make one counting pass, a scan and one writing
+pass. Deletions are few, so the counting pass tests per sample only the
+edges with an endpoint removed in some sample, and the writing pass copies the
+runs of surviving edges between a sample's removed ones: deterministic, no
+atomics. Output sizes
 are data dependent; the fake kernels declare them with
 ``torch.library.get_ctx().new_dynamic_size()`` so that ``torch.compile`` can
 trace around the ops.

@@ -44,6 +44,12 @@ SC_INLINE bool edge_kept(const int64_t* del, int64_t n, int64_t u, int64_t v) {
   return !is_deleted(del, n, u) && !is_deleted(del, n, v);
 }
 
+// The same test against a sample's node keep-mask (True = kept), as the CPU
+// kernels do once the mask is built: two lookups in a table of N bytes.
+SC_INLINE bool edge_kept_by_mask(const bool* node_keep, int64_t u, int64_t v) {
+  return node_keep[u] & node_keep[v];
+}
+
 // Id of node v of sample b in the full (shared-topology) layout.
 SC_INLINE int64_t full_layout_id(int64_t b, int64_t num_nodes, int64_t v) {
   return b * num_nodes + v;
