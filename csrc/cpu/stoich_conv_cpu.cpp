@@ -11,6 +11,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
 #include "../stoich_conv_checks.h"
 #include "stoichconv/stoich_conv_math.h"
 
@@ -68,62 +73,80 @@ Structure make_structure(const at::Tensor& metabolite_index, const at::Tensor& r
   return s;
 }
 
-// node_norm [Bn, N], edge_norm [Bn, M] from |s| of the kept incidences.
+// Raw views of the tensors of one forward / backward call (contiguous).
 template <typename scalar_t>
-void degree_norms(const Structure& s, const scalar_t* abs_stoich, const bool* keep, int64_t Bn,
-                  scalar_t* node_norm, scalar_t* edge_norm) {
-  at::parallel_for(0, Bn * s.M, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.M, e = row % s.M;
-      scalar_t sum = 0;
-      if (incidence_kept(keep, b, s.M, e))
-        for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j)
-          sum += abs_stoich[s.reaction_perm[j]];
-      edge_norm[row] = degree_norm(sum);
-    }
-  });
-  at::parallel_for(0, Bn * s.N, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.N, v = row % s.N;
-      scalar_t sum = 0;
-      for (int64_t j = s.metabolite_ptr[v]; j < s.metabolite_ptr[v + 1]; ++j) {
-        const int64_t k = s.metabolite_perm[j];
-        if (incidence_kept(keep, b, s.M, s.reaction_index[k])) sum += abs_stoich[k];
-      }
-      node_norm[row] = degree_norm(sum);
-    }
-  });
+struct ForwardArgs {
+  int64_t B, N, H, C, nnz;
+  const scalar_t* y;
+  const scalar_t* weight;
+  const bool* keep;  // [B, M] or nullptr
+  const scalar_t* abs_stoich;
+  scalar_t* out;
+  scalar_t* hidden;
+  scalar_t* node_norm;
+  scalar_t* edge_norm;
+};
+
+template <typename scalar_t>
+struct BackwardArgs {
+  int64_t B, N, H, C, nnz;
+  const scalar_t* grad_out;
+  const scalar_t* grad_hidden;  // or nullptr
+  const scalar_t* y;
+  const scalar_t* weight;
+  const bool* keep;
+  const scalar_t* hidden;
+  const scalar_t* node_norm;
+  const scalar_t* edge_norm;
+  scalar_t* grad_y;       // or nullptr
+  scalar_t* grad_weight;  // or nullptr
+};
+
+// The kernels, compiled once per instruction set: portable code, and AVX2 +
+// FMA code chosen at run time when the CPU has it (STOICHCONV_CPU_ISA=default
+// forces the portable one).  Both are deterministic; they may differ from
+// each other in the last bits (FMA rounds once).
+namespace isa_default {
+#include "stoich_conv_cpu_kernels.h"
+}  // namespace isa_default
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define STOICHCONV_CPU_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "stoich_conv_cpu_kernels.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+// Whether to run the AVX2 + FMA kernels: the CPU supports them and
+// STOICHCONV_CPU_ISA is not "default".
+bool use_avx2() {
+#ifdef STOICHCONV_CPU_AVX2
+  const char* forced = std::getenv("STOICHCONV_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
 }
 
-// dst[b, e] = (init ? init[b, e] : 0) + row_scale(b, e) *
-//             sum_{k in CSR row e} coef(b, k, h) * src[b, other(k), h]
-// for every (b, e, h) row of C channels; `other` maps an incidence to the row
-// of `src` it gathers.  Both forward stages and both backward reductions are
-// instances of this one segment reduction.
-template <typename scalar_t, typename Other, typename Coef, typename Scale>
-void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_t C,
-                    const int64_t* ptr, const int64_t* perm, const scalar_t* src,
-                    const scalar_t* init, scalar_t* dst, Other other, Coef coef,
-                    Scale row_scale) {
-  const int64_t row_size = H * C;
-  at::parallel_for(0, B * rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / rows, r = row % rows;
-      scalar_t* out = dst + row * row_size;
-      for (int64_t i = 0; i < row_size; ++i) out[i] = scalar_t(0);
-      const scalar_t scale = row_scale(b, r);
-      if (scale != scalar_t(0)) {
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
-          const int64_t k = perm[j];
-          const scalar_t* src_row = src + (b * src_rows + other(k)) * row_size;
-          for (int64_t h = 0; h < H; ++h)
-            axpy_row(out + h * C, coef(b, k, h), src_row + h * C, C);
-        }
-        scale_row(out, scale, row_size);
-      }
-      if (init != nullptr) axpy_row(out, scalar_t(1), init + row * row_size, row_size);
-    }
-  });
+template <typename scalar_t>
+void run_forward(const Structure& s, const ForwardArgs<scalar_t>& a) {
+#ifdef STOICHCONV_CPU_AVX2
+  if (use_avx2()) return isa_avx2::forward_kernel(s, a);
+#endif
+  isa_default::forward_kernel(s, a);
+}
+
+template <typename scalar_t>
+void run_backward(const Structure& s, const BackwardArgs<scalar_t>& a) {
+#ifdef STOICHCONV_CPU_AVX2
+  if (use_avx2()) return isa_avx2::backward_kernel(s, a);
+#endif
+  isa_default::backward_kernel(s, a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_cpu(
@@ -155,27 +178,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
 
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_forward_cpu", [&] {
     const auto abs_s = abs_stoich.contiguous();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* dn = node_norm.data_ptr<scalar_t>();
-    const scalar_t* en = edge_norm.data_ptr<scalar_t>();
-    degree_norms(s, abs_s.data_ptr<scalar_t>(), keep_ptr, Bn, node_norm.data_ptr<scalar_t>(),
-                 edge_norm.data_ptr<scalar_t>());
-    // Stage 1, metabolite -> reaction: h[b,e] = B_e * sum_k w_k y[b, v_k]
-    segment_reduce<scalar_t>(
-        B, M, N, H, C, s.reaction_ptr, s.reaction_perm, y.data_ptr<scalar_t>(), nullptr,
-        hidden.data_ptr<scalar_t>(), [&](int64_t k) { return s.metabolite_index[k]; },
-        [&](int64_t b, int64_t k, int64_t h) { return w[(b * nnz + k) * H + h]; },
-        [&](int64_t b, int64_t e) { return en[(keep_ptr ? b : 0) * M + e]; });
-    // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
-    segment_reduce<scalar_t>(
-        B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, hidden.data_ptr<scalar_t>(),
-        nullptr, out.data_ptr<scalar_t>(), [&](int64_t k) { return s.reaction_index[k]; },
-        [&](int64_t b, int64_t k, int64_t h) {
-          return incidence_kept(keep_ptr, b, M, s.reaction_index[k])
-                     ? w[(b * nnz + k) * H + h]
-                     : scalar_t(0);
-        },
-        [&](int64_t b, int64_t v) { return dn[(keep_ptr ? b : 0) * N + v]; });
+    run_forward<scalar_t>(
+        s, ForwardArgs<scalar_t>{B, N, H, C, nnz, y.data_ptr<scalar_t>(),
+                                 weight.data_ptr<scalar_t>(), keep_ptr,
+                                 abs_s.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                 hidden.data_ptr<scalar_t>(), node_norm.data_ptr<scalar_t>(),
+                                 edge_norm.data_ptr<scalar_t>()});
   });
   return {out, hidden, node_norm, edge_norm};
 }
@@ -205,7 +213,6 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
   const Structure s = make_structure(metabolite_index.contiguous(), reaction_index.contiguous(),
                                      reaction_ptr.contiguous(), reaction_perm.contiguous(),
                                      metabolite_ptr.contiguous(), metabolite_perm.contiguous(), N);
-  const int64_t M = s.M;
   at::Tensor grad_hidden;
   if (grad_hidden_in.has_value()) grad_hidden = grad_hidden_in->contiguous();
   at::Tensor keep;
@@ -217,61 +224,16 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
       need_grad_weight ? at::empty_like(weight) : at::empty({0}, weight.options());
   if (!need_grad_y && !need_grad_weight) return {grad_y, grad_weight};
 
-  // R[b,e] = dL/dh[b,e] = grad_hidden[b,e] + sum_{k in e} w_k D_{v_k} G[b, v_k]
-  auto reaction_grad = at::empty({B, M, H, C}, y.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_backward_cpu", [&] {
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* dn = node_norm.data_ptr<scalar_t>();
-    const scalar_t* en = edge_norm.data_ptr<scalar_t>();
-    const scalar_t* G = grad_out.data_ptr<scalar_t>();
-    const scalar_t* R = reaction_grad.data_ptr<scalar_t>();
-    const scalar_t* Y = y.data_ptr<scalar_t>();
-    const scalar_t* Hd = hidden.data_ptr<scalar_t>();
-    auto norm_b = [&](int64_t b) { return keep_ptr ? b : int64_t(0); };
-    segment_reduce<scalar_t>(
-        B, M, N, H, C, s.reaction_ptr, s.reaction_perm, G,
-        grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
-        reaction_grad.data_ptr<scalar_t>(), [&](int64_t k) { return s.metabolite_index[k]; },
-        [&](int64_t b, int64_t k, int64_t h) {
-          return w[(b * nnz + k) * H + h] * dn[norm_b(b) * N + s.metabolite_index[k]];
-        },
-        [&](int64_t b, int64_t e) {
-          return incidence_kept(keep_ptr, b, M, e) ? scalar_t(1) : scalar_t(0);
-        });
-    if (need_grad_y) {
-      // dL/dY[b,u] = sum_{k: v_k = u} w_k B_{e_k} R[b, e_k]
-      segment_reduce<scalar_t>(
-          B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, R, nullptr,
-          grad_y.data_ptr<scalar_t>(), [&](int64_t k) { return s.reaction_index[k]; },
-          [&](int64_t b, int64_t k, int64_t h) {
-            const int64_t e = s.reaction_index[k];
-            return incidence_kept(keep_ptr, b, M, e)
-                       ? w[(b * nnz + k) * H + h] * en[norm_b(b) * M + e]
-                       : scalar_t(0);
-          },
-          [](int64_t, int64_t) { return scalar_t(1); });
-    }
-    if (need_grad_weight) {
-      // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v>, 0 for masked incidences.
-      scalar_t* gw = grad_weight.data_ptr<scalar_t>();
-      const int64_t row_size = H * C;
-      at::parallel_for(0, B * nnz, kGrain * 8, [&](int64_t begin, int64_t end) {
-        for (int64_t idx = begin; idx < end; ++idx) {
-          const int64_t b = idx / nnz, k = idx % nnz;
-          const int64_t v = s.metabolite_index[k], e = s.reaction_index[k];
-          const bool kept = incidence_kept(keep_ptr, b, M, e);
-          const scalar_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
-          for (int64_t h = 0; h < H; ++h) {
-            gw[idx * H + h] =
-                kept ? incidence_weight_grad(d, G + (b * N + v) * row_size + h * C,
-                                             Hd + (b * M + e) * row_size + h * C, be,
-                                             R + (b * M + e) * row_size + h * C,
-                                             Y + (b * N + v) * row_size + h * C, C)
-                     : scalar_t(0);
-          }
-        }
-      });
-    }
+    run_backward<scalar_t>(
+        s, BackwardArgs<scalar_t>{
+               B, N, H, C, nnz, grad_out.data_ptr<scalar_t>(),
+               grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
+               y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep_ptr,
+               hidden.data_ptr<scalar_t>(), node_norm.data_ptr<scalar_t>(),
+               edge_norm.data_ptr<scalar_t>(),
+               need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr,
+               need_grad_weight ? grad_weight.data_ptr<scalar_t>() : nullptr});
   });
   return {grad_y, grad_weight};
 }

@@ -42,24 +42,35 @@ SC_INLINE void scale_row(scalar_t* __restrict__ dst, scalar_t scale, int64_t C) 
   SC_SIMD for (int64_t c = 0; c < C; ++c) dst[c] *= scale;
 }
 
-// <a, b> over C channels, accumulated in order (deterministic).
-template <typename scalar_t>
+// <a, b> over C channels in a fixed order (deterministic): kLanes running
+// partial sums (lane i takes channels i, i + kLanes, ...) added in lane order,
+// then the tail.  kLanes = 1 is the plain sequential sum (the CUDA kernels,
+// which split the channels over threads); the CPU kernels use a register's
+// worth of lanes so that the loop vectorises.
+template <int kLanes = 1, typename scalar_t>
 SC_INLINE scalar_t dot_row(const scalar_t* __restrict__ a,
                            const scalar_t* __restrict__ b, int64_t C) {
+  scalar_t part[kLanes];
+  for (int i = 0; i < kLanes; ++i) part[i] = scalar_t(0);
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    SC_SIMD for (int i = 0; i < kLanes; ++i) part[i] += a[c + i] * b[c + i];
+  }
   scalar_t acc = scalar_t(0);
-  for (int64_t c = 0; c < C; ++c) acc += a[c] * b[c];
+  for (int i = 0; i < kLanes; ++i) acc += part[i];
+  for (; c < C; ++c) acc += a[c] * b[c];
   return acc;
 }
 
 // dL/dw_k for one incidence and head:
 //   D_v * <G_v, h_e> + B_e * <R_e, Y_v>
-template <typename scalar_t>
+template <int kLanes = 1, typename scalar_t>
 SC_INLINE scalar_t incidence_weight_grad(scalar_t node_norm, const scalar_t* grad_out_v,
                                          const scalar_t* hidden_e, scalar_t edge_norm,
                                          const scalar_t* grad_hidden_e,
                                          const scalar_t* y_v, int64_t C) {
-  return node_norm * dot_row(grad_out_v, hidden_e, C) +
-         edge_norm * dot_row(grad_hidden_e, y_v, C);
+  return node_norm * dot_row<kLanes>(grad_out_v, hidden_e, C) +
+         edge_norm * dot_row<kLanes>(grad_hidden_e, y_v, C);
 }
 
 }  // namespace stoichconv

@@ -1,0 +1,215 @@
+// The loops of the C++ CPU stoich conv kernels.  Included by
+// stoich_conv_cpu.cpp once per instruction set, each time inside its own
+// namespace (hence no include guard); it relies on the types defined there
+// (Structure, ForwardArgs, BackwardArgs, kGrain) and on the shared per-row
+// math of stoichconv/stoich_conv_math.h.
+//
+// Every output row is one segment of a CSR ordering of the plan, written by
+// one thread in a fixed order: deterministic, no atomics.
+
+// Lanes of the blocked dot products of the weight gradient (one 32-byte
+// register).
+template <typename scalar_t>
+constexpr int kDotLanes = 32 / sizeof(scalar_t);
+
+// node_norm [Bn, N], edge_norm [Bn, M] from |s| of the kept incidences.
+template <typename scalar_t>
+void degree_norms(const Structure& s, const scalar_t* abs_stoich, const bool* keep, int64_t Bn,
+                  scalar_t* node_norm, scalar_t* edge_norm) {
+  at::parallel_for(0, Bn * s.M, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.M, e = row % s.M;
+      scalar_t sum = 0;
+      if (incidence_kept(keep, b, s.M, e))
+        for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j)
+          sum += abs_stoich[s.reaction_perm[j]];
+      edge_norm[row] = degree_norm(sum);
+    }
+  });
+  at::parallel_for(0, Bn * s.N, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.N, v = row % s.N;
+      scalar_t sum = 0;
+      for (int64_t j = s.metabolite_ptr[v]; j < s.metabolite_ptr[v + 1]; ++j) {
+        const int64_t k = s.metabolite_perm[j];
+        if (incidence_kept(keep, b, s.M, s.reaction_index[k])) sum += abs_stoich[k];
+      }
+      node_norm[row] = degree_norm(sum);
+    }
+  });
+}
+
+// Rows [r0, r1) of sample b of one segment reduction:
+//   dst_b[r] = (init_b ? init_b[r] : 0) + row_scale(b, r) *
+//              sum_{k in CSR row r} coef(b, k, h) * src_b[other(k), h]
+// for each head h (rows of H * C values; src_b / init_b / dst_b point at
+// sample b's rows).  `other` maps an incidence to the row of src it gathers.
+// Both forward stages and both backward reductions are instances of this one
+// segment reduction.  The output row stays in L1 while the row's incidences
+// are accumulated into it; the order of the sums is fixed by the plan.
+template <typename scalar_t, typename Other, typename Coef, typename Scale>
+inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
+                        const int64_t* ptr, const int64_t* perm, const scalar_t* src_b,
+                        const scalar_t* init_b, scalar_t* dst_b, Other other, Coef coef,
+                        Scale row_scale) {
+  const int64_t row_size = H * C;
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* out = dst_b + r * row_size;
+    for (int64_t i = 0; i < row_size; ++i) out[i] = scalar_t(0);
+    const scalar_t scale = row_scale(b, r);
+    if (scale != scalar_t(0)) {
+      for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+        const int64_t k = perm[j];
+        const scalar_t* src_row = src_b + other(k) * row_size;
+        for (int64_t h = 0; h < H; ++h)
+          axpy_row(out + h * C, coef(b, k, h), src_row + h * C, C);
+      }
+      scale_row(out, scale, row_size);
+    }
+    if (init_b != nullptr) axpy_row(out, scalar_t(1), init_b + r * row_size, row_size);
+  }
+}
+
+// The same reduction over every (sample, row), parallel over rows (used when
+// there are fewer samples than threads).
+template <typename scalar_t, typename Other, typename Coef, typename Scale>
+void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_t C,
+                    const int64_t* ptr, const int64_t* perm, const scalar_t* src,
+                    const scalar_t* init, scalar_t* dst, Other other, Coef coef,
+                    Scale row_scale) {
+  const int64_t row_size = H * C;
+  at::parallel_for(0, B * rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / rows, r0 = row % rows;
+      const int64_t r1 = std::min(rows, r0 + (end - row));
+      reduce_rows(b, r0, r1, H, C, ptr, perm, src + b * src_rows * row_size,
+                  init ? init + b * rows * row_size : nullptr, dst + b * rows * row_size, other,
+                  coef, row_scale);
+      row += r1 - r0;
+    }
+  });
+}
+
+// Whether to give each thread whole samples (both stages of a sample back to
+// back, the intermediate rows still in cache) rather than rows.
+inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
+
+template <typename scalar_t>
+void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
+  const int64_t row_size = H * C;
+  const bool* keep = a.keep;
+  const int64_t Bn = keep ? a.B : 1;
+  const scalar_t* w = a.weight;
+  const scalar_t* dn = a.node_norm;
+  const scalar_t* en = a.edge_norm;
+  degree_norms(s, a.abs_stoich, keep, Bn, a.node_norm, a.edge_norm);
+  // Stage 1, metabolite -> reaction: h[b,e] = B_e * sum_k w_k y[b, v_k]
+  const auto stage1_other = [&](int64_t k) { return s.metabolite_index[k]; };
+  const auto stage1_coef = [&](int64_t b, int64_t k, int64_t h) { return w[(b * nnz + k) * H + h]; };
+  const auto stage1_scale = [&](int64_t b, int64_t e) { return en[(keep ? b : 0) * M + e]; };
+  // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
+  const auto stage2_other = [&](int64_t k) { return s.reaction_index[k]; };
+  const auto stage2_coef = [&](int64_t b, int64_t k, int64_t h) {
+    return incidence_kept(keep, b, M, s.reaction_index[k]) ? w[(b * nnz + k) * H + h] : scalar_t(0);
+  };
+  const auto stage2_scale = [&](int64_t b, int64_t v) { return dn[(keep ? b : 0) * N + v]; };
+  if (by_sample(a.B)) {
+    at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* hidden_b = a.hidden + b * M * row_size;
+        reduce_rows(b, 0, M, H, C, s.reaction_ptr, s.reaction_perm, a.y + b * N * row_size,
+                    static_cast<const scalar_t*>(nullptr), hidden_b, stage1_other, stage1_coef,
+                    stage1_scale);
+        reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
+                    static_cast<const scalar_t*>(hidden_b), static_cast<const scalar_t*>(nullptr),
+                    a.out + b * N * row_size, stage2_other, stage2_coef, stage2_scale);
+      }
+    });
+    return;
+  }
+  segment_reduce<scalar_t>(a.B, M, N, H, C, s.reaction_ptr, s.reaction_perm, a.y, nullptr,
+                           a.hidden, stage1_other, stage1_coef, stage1_scale);
+  segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, a.hidden,
+                           nullptr, a.out, stage2_other, stage2_coef, stage2_scale);
+}
+
+template <typename scalar_t>
+void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
+  const int64_t row_size = H * C;
+  const bool* keep = a.keep;
+  const scalar_t* w = a.weight;
+  const scalar_t* dn = a.node_norm;
+  const scalar_t* en = a.edge_norm;
+  const auto norm_b = [&](int64_t b) { return keep ? b : int64_t(0); };
+  // R[b,e] = dL/dh[b,e] = grad_hidden[b,e] + sum_{k in e} w_k D_{v_k} G[b, v_k]
+  const auto r_other = [&](int64_t k) { return s.metabolite_index[k]; };
+  const auto r_coef = [&](int64_t b, int64_t k, int64_t h) {
+    return w[(b * nnz + k) * H + h] * dn[norm_b(b) * N + s.metabolite_index[k]];
+  };
+  const auto r_scale = [&](int64_t b, int64_t e) {
+    return incidence_kept(keep, b, M, e) ? scalar_t(1) : scalar_t(0);
+  };
+  // dL/dY[b,u] = sum_{k: v_k = u} w_k B_{e_k} R[b, e_k]
+  const auto gy_other = [&](int64_t k) { return s.reaction_index[k]; };
+  const auto gy_coef = [&](int64_t b, int64_t k, int64_t h) {
+    const int64_t e = s.reaction_index[k];
+    return incidence_kept(keep, b, M, e) ? w[(b * nnz + k) * H + h] * en[norm_b(b) * M + e]
+                                         : scalar_t(0);
+  };
+  const auto gy_scale = [](int64_t, int64_t) { return scalar_t(1); };
+  // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for incidences [k0, k1) of
+  // sample b, 0 for masked incidences (R_b: sample b's rows of R).
+  const auto weight_grads = [&](int64_t b, int64_t k0, int64_t k1, const scalar_t* R_b) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t v = s.metabolite_index[k], e = s.reaction_index[k];
+      const bool kept = incidence_kept(keep, b, M, e);
+      const scalar_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
+      const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
+      const scalar_t* Y_v = a.y + (b * N + v) * row_size;
+      const scalar_t* h_e = a.hidden + (b * M + e) * row_size;
+      const scalar_t* R_e = R_b + e * row_size;
+      for (int64_t h = 0; h < H; ++h)
+        a.grad_weight[(b * nnz + k) * H + h] =
+            kept ? incidence_weight_grad<kDotLanes<scalar_t>>(d, G_v + h * C, h_e + h * C, be,
+                                                               R_e + h * C, Y_v + h * C, C)
+                 : scalar_t(0);
+    }
+  };
+  if (by_sample(a.B)) {
+    // Each thread keeps one sample's R in a scratch buffer: R never goes
+    // through memory as a [B, M, H, C] tensor.
+    at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(static_cast<size_t>(M * row_size));
+      scalar_t* R_b = scratch.data();
+      for (int64_t b = begin; b < end; ++b) {
+        reduce_rows(b, 0, M, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out + b * N * row_size,
+                    a.grad_hidden ? a.grad_hidden + b * M * row_size : nullptr, R_b, r_other,
+                    r_coef, r_scale);
+        if (a.grad_y != nullptr)
+          reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
+                      static_cast<const scalar_t*>(R_b), static_cast<const scalar_t*>(nullptr),
+                      a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
+        if (a.grad_weight != nullptr) weight_grads(b, 0, nnz, R_b);
+      }
+    });
+    return;
+  }
+  std::vector<scalar_t> R(static_cast<size_t>(a.B * M * row_size));
+  segment_reduce<scalar_t>(a.B, M, N, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out,
+                           a.grad_hidden, R.data(), r_other, r_coef, r_scale);
+  if (a.grad_y != nullptr)
+    segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, R.data(),
+                             nullptr, a.grad_y, gy_other, gy_coef, gy_scale);
+  if (a.grad_weight != nullptr) {
+    at::parallel_for(0, a.B * nnz, kGrain * 8, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end;) {
+        const int64_t b = idx / nnz, k0 = idx % nnz;
+        const int64_t k1 = std::min(nnz, k0 + (end - idx));
+        weight_grads(b, k0, k1, R.data() + b * M * row_size);
+        idx += k1 - k0;
+      }
+    });
+  }
+}
