@@ -35,6 +35,12 @@ TORCH_LIBRARY(stoichconv, m) {
       "reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr) "
       "-> Tensor");
   // Bipartite edges (GPR pairs, metabolic incidences) surviving per-sample node keep-masks.
+  // Fused GATv2 attention + aggregation forward over row-sorted edges:
+  // (out [num_rows, H, C], alpha [E, H]).  CPU only; semantics in
+  // stoichconv/ops/gatv2.py.
+  m.def(
+      "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor src, Tensor dst, Tensor crow, "
+      "float negative_slope) -> (Tensor, Tensor)");
   m.def(
       "filter_bipartite(Tensor edge_index, int num_src, int num_dst, int num_samples, "
       "Tensor? src_keep, Tensor? dst_keep, bool relabel) -> (Tensor, Tensor, Tensor, Tensor)");

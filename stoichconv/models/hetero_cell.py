@@ -15,8 +15,8 @@ builds everything else on the device:
   from the attentional pooling, so the results equal the reference's compacted batch. Layer-1
   inputs are the same for every sample (embeddings, the per-node preprocessor), so they are
   computed once on the wildtype rows and indexed, never copied B times.
-* **Gene-gene and GPR relations**: :func:`gatv2_attention`, an edge-chunked GATv2 attention and
-  aggregation with a hand-written backward: the per-edge tensors ([E, H, C/H]) exist only one
+* **Gene-gene and GPR relations**: :func:`gatv2_attention`, GATv2 attention and aggregation with a
+  fused C++ forward on CPU (:mod:`stoichconv.ops.gatv2`) and an edge-chunked hand-written backward: the per-edge tensors ([E, H, C/H]) exist only one
   chunk at a time (recomputed in the backward), the aggregation is a CSR sparse-dense product per
   head; only ``x_l``, ``x_r`` and the attention coefficients [E, H] are kept for the backward.
 * **Metabolism**: the shared-topology fast :class:`stoichconv.nn.StoichHypergraphConv` on
@@ -41,6 +41,7 @@ from torch import Tensor
 from torch_geometric.data import HeteroData
 
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
+from stoichconv.ops.gatv2 import gatv2_forward, gatv2_op_available
 from stoichconv.reference.hetero_cell import (
     GPR,
     METABOLISM,
@@ -141,7 +142,15 @@ def _att_matrix(att: Tensor) -> Tensor:
 
 class _GATv2Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float):
+    def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float,
+                use_kernel: bool = False):
+        ctx.edges, ctx.negative_slope = edges, negative_slope
+        if use_kernel:  # the fused C++ forward (stoichconv.ops.gatv2)
+            with torch.no_grad():
+                out, alpha = gatv2_forward(x_l, x_r, att.detach().contiguous(), edges.src, edges.dst, edges.crow,
+                                           negative_slope)
+            ctx.save_for_backward(x_l, x_r, att, alpha)
+            return out
         E = edges.num_edges
         _, H, Ch = x_l.shape
         W = H * Ch
@@ -162,7 +171,6 @@ class _GATv2Attention(torch.autograd.Function):
                 matrix = _csr_matrix(edges, alpha[:, h].contiguous(), x_l.size(0))
                 out[:, h] = matrix @ x_l[:, h].contiguous()
         ctx.save_for_backward(x_l, x_r, att, alpha)
-        ctx.edges, ctx.negative_slope = edges, negative_slope
         return out
 
     @staticmethod
@@ -204,10 +212,11 @@ class _GATv2Attention(torch.autograd.Function):
             _index_add(grad_x_l[s_lo:s_hi], src - s_lo, grad_pre)
             _index_add(grad_x_r[d_lo:d_hi], dst - d_lo, grad_pre)
         grad_att = grad_att_full.view(H, H, Ch).diagonal(dim1=0, dim2=1).t()
-        return grad_x_l.view_as(x_l), grad_x_r.view_as(x_r), grad_att, None, None
+        return grad_x_l.view_as(x_l), grad_x_r.view_as(x_r), grad_att, None, None, None
 
 
-def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float = 0.2) -> Tensor:
+def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float = 0.2,
+                    use_kernel: bool = True) -> Tensor:
     """GATv2 attention and aggregation (the part of ``torch_geometric.nn.GATv2Conv`` between
     its two linear maps and its bias).
 
@@ -215,12 +224,18 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negat
     ``att`` [H, C']. For every output row i with incoming edges e = (src_e, dst_e, row_e = i):
     ``a_e = <att, leaky_relu(x_l[src_e] + x_r[dst_e])>`` per head, ``alpha`` = softmax of ``a``
     over the edges of row i, ``out[i] = sum_e alpha_e x_l[src_e]`` ([num_rows, H, C']; rows with
-    no edge are 0). Differentiable w.r.t. ``x_l``, ``x_r``, ``att`` (hand-written backward)."""
+    no edge are 0). Differentiable w.r.t. ``x_l``, ``x_r``, ``att`` (hand-written backward).
+
+    On CPU with the compiled extension the forward runs the fused C++ kernel
+    (:mod:`stoichconv.ops.gatv2`); elsewhere, or with ``use_kernel=False``, the edge-chunked
+    pure-PyTorch forward (the kernel's reference in the tests). The backward is the
+    edge-chunked PyTorch one either way."""
     if x_l.dim() != 3 or x_r.dim() != 3 or x_l.shape[1:] != x_r.shape[1:]:
         raise ValueError(f"`x_l` and `x_r` must be [N, H, C'] with equal H, C'; got {tuple(x_l.shape)}, {tuple(x_r.shape)}")
     if tuple(att.shape) != tuple(x_l.shape[1:]):
         raise ValueError(f"`att` must have shape [H, C'] = {tuple(x_l.shape[1:])}, got {tuple(att.shape)}")
-    return _GATv2Attention.apply(x_l.contiguous(), x_r.contiguous(), att, edges, negative_slope)
+    use_kernel = bool(use_kernel) and gatv2_op_available(x_l.device)
+    return _GATv2Attention.apply(x_l.contiguous(), x_r.contiguous(), att, edges, negative_slope, use_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

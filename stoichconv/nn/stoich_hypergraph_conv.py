@@ -36,15 +36,15 @@ def _group_softmax(logits: Tensor, group: Tensor, num_groups: int, kept: Optiona
     """Softmax of ``logits`` [B, nnz, H] over incidences sharing ``group``;
     incidences with ``kept`` False get weight 0 and do not enter the sums."""
     B, nnz, H = logits.shape
-    index = group.view(1, nnz, 1).expand(B, nnz, H)
     if kept is not None:
         logits = logits.masked_fill(~kept.unsqueeze(-1), float("-inf"))
+    index = group.view(1, nnz, 1).expand(B, nnz, H)
     group_max = torch.full((B, num_groups, H), float("-inf"), dtype=logits.dtype, device=logits.device)
     group_max = group_max.scatter_reduce(1, index, logits.detach(), reduce="amax", include_self=True)
     group_max = torch.nan_to_num(group_max, neginf=0.0)  # empty / fully masked groups
-    exp = torch.exp(logits - group_max.gather(1, index))
+    exp = torch.exp(logits - group_max.index_select(1, group))
     denom = torch.zeros((B, num_groups, H), dtype=logits.dtype, device=logits.device).index_add(1, group, exp)
-    return exp / denom.gather(1, index).clamp_min(torch.finfo(logits.dtype).tiny)
+    return exp / denom.index_select(1, group).clamp_min(torch.finfo(logits.dtype).tiny)
 
 
 class StoichHypergraphConv(torch.nn.Module):
@@ -139,7 +139,7 @@ class StoichHypergraphConv(torch.nn.Module):
         weight = plan.stoich.to(y.dtype).view(1, -1, 1)
         if self.is_stoich_gated:
             gate = torch.sigmoid(self.gate_lin(xb)).squeeze(-1)  # [B, N], from the untransformed input
-            weight = weight * gate[:, plan.metabolite_index].unsqueeze(-1)
+            weight = weight * gate.index_select(1, plan.metabolite_index).unsqueeze(-1)
         if self.use_attention:
             weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
         weight = weight.expand(B, plan.nnz, H)
@@ -168,9 +168,9 @@ class StoichHypergraphConv(torch.nn.Module):
         score_v = x @ torch.einsum("hcf,hc->fh", weight, att[:, :C])  # [B, N, H]
         score_e = hyperedge_attr @ torch.einsum("hcf,hc->fh", weight, att[:, C:])  # [M, H] or [B, M, H]
         score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
-        logits = score_v[:, plan.metabolite_index] + score_e[:, plan.reaction_index]
+        logits = score_v.index_select(1, plan.metabolite_index) + score_e.index_select(1, plan.reaction_index)
         logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)
-        kept = None if reaction_keep is None else reaction_keep[:, plan.reaction_index]
+        kept = None if reaction_keep is None else reaction_keep.index_select(1, plan.reaction_index)
         if self.attention_mode == "node":
             alpha = _group_softmax(logits, plan.reaction_index, plan.num_reactions, kept)
         else:

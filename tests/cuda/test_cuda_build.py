@@ -115,9 +115,15 @@ def declared_ops() -> list[str]:
     return re.findall(r'm\.def\(\s*"(\w+)\(', source)
 
 
+# Ops with a CPU kernel only (documented in their module and the README): on a
+# GPU their callers run a pure-PyTorch path.
+CPU_ONLY_OPS = {"gatv2_forward"}
+
+
 def test_declared_ops_are_parsed():
     ops = declared_ops()
     assert "stoich_conv_forward" in ops and "stoich_conv_backward" in ops
+    assert CPU_ONLY_OPS <= set(ops)
 
 
 @needs_cuda_build
@@ -131,7 +137,7 @@ def test_extension_built_with_cuda():
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("op", declared_ops())
+@pytest.mark.parametrize("op", [op for op in declared_ops() if op not in CPU_ONLY_OPS])
 def test_every_declared_op_has_a_cuda_kernel(op):
     import stoichconv  # noqa: F401  (loads the kernels)
 

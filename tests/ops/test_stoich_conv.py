@@ -55,8 +55,10 @@ def test_forward_matches_dense_formula(masked, H):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_forward_and_backward_match_reference(dtype, tol, masked):
-    edge_index, stoich, y, weight = make_inputs(dtype=dtype, requires_grad=True)
+@pytest.mark.parametrize("isa", ["auto", "default"])  # AVX2+FMA kernels where the CPU has them; portable ones
+def test_forward_and_backward_match_reference(dtype, tol, masked, isa, monkeypatch):
+    monkeypatch.setenv("STOICHCONV_CPU_ISA", isa)
+    edge_index, stoich, y, weight = make_inputs(C=37, dtype=dtype, requires_grad=True)
     keep = random_keep(3, M, seed=4) if masked else None
     plan = build_stoich_plan(edge_index, stoich, N, M)
     out = stoich_propagate(y, weight, plan, keep, backend="cpu")
@@ -158,10 +160,11 @@ def test_torch_compile_smoke():
         torch.testing.assert_close(g, w)
 
 
-def test_cpu_kernel_is_deterministic_across_runs_and_threads():
-    edge_index, stoich, y, weight = make_inputs(B=4, H=2, C=33, dtype=torch.float32, requires_grad=True)
+@pytest.mark.parametrize("B", [1, 4])  # B = 1: rows split over threads; B = 4: whole samples per thread
+def test_cpu_kernel_is_deterministic_across_runs_and_threads(B):
+    edge_index, stoich, y, weight = make_inputs(B=B, H=2, C=33, dtype=torch.float32, requires_grad=True)
     plan = build_stoich_plan(edge_index, stoich, N, M)
-    keep = random_keep(4, M)
+    keep = random_keep(B, M)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -1,0 +1,126 @@
+// C++ CPU kernel of the fused GATv2 attention + aggregation forward
+// (semantics in stoichconv/ops/gatv2.py).
+//
+// Edges come sorted by output row (CSR `crow`): one pass over the rows computes
+// the logits, the row's softmax and the aggregation; nothing per edge is kept
+// but alpha [E, H] (the edge-chunked PyTorch backward recomputes the rest).
+// Every row is written by one thread with sums in a fixed order: bit-identical
+// for any thread count, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "stoichconv/gatv2_math.h"
+#include "stoichconv/stoich_conv_math.h"  // axpy_row
+
+namespace stoichconv {
+namespace {
+
+constexpr int64_t kRowGrain = 64;  // rows per task
+
+// Lanes of the channel reductions (one 32-byte register).
+template <typename scalar_t>
+constexpr int kLanes = 32 / sizeof(scalar_t);
+
+void check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& att,
+                const at::Tensor& src, const at::Tensor& dst, const at::Tensor& crow) {
+  const char* op = "gatv2";
+  TORCH_CHECK(x_l.device().is_cpu() && x_r.device().is_cpu() && att.device().is_cpu(), op,
+              ": tensors must be on the CPU");
+  TORCH_CHECK(x_l.dim() == 3 && x_r.dim() == 3 && x_l.size(1) == x_r.size(1) &&
+                  x_l.size(2) == x_r.size(2),
+              op, ": `x_l` [N_src, H, C] and `x_r` [N_dst, H, C] must agree in H, C; got ",
+              x_l.sizes(), " and ", x_r.sizes());
+  TORCH_CHECK(att.dim() == 2 && att.size(0) == x_l.size(1) && att.size(1) == x_l.size(2), op,
+              ": `att` must be [H, C] = [", x_l.size(1), ", ", x_l.size(2), "], got ", att.sizes());
+  TORCH_CHECK(x_l.scalar_type() == x_r.scalar_type() && x_l.scalar_type() == att.scalar_type(),
+              op, ": `x_l`, `x_r` and `att` must share one dtype");
+  TORCH_CHECK(x_l.scalar_type() == at::kFloat || x_l.scalar_type() == at::kDouble, op,
+              ": float32 or float64 features expected, got ", x_l.scalar_type());
+  for (const auto* t : {&src, &dst, &crow}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->device().is_cpu(), op,
+                ": `src`, `dst` and `crow` must be 1-D int64 CPU tensors");
+  }
+  TORCH_CHECK(src.size(0) == dst.size(0), op, ": `src` and `dst` must have the same length");
+  TORCH_CHECK(crow.size(0) >= 1, op, ": `crow` must have length num_rows + 1 >= 1");
+  const int64_t E = src.size(0), Ns = x_l.size(0), Nd = x_r.size(0), R = crow.size(0) - 1;
+  const int64_t* s = src.data_ptr<int64_t>();
+  const int64_t* d = dst.data_ptr<int64_t>();
+  const int64_t* p = crow.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == 0 && p[R] == E, op, ": `crow` must start at 0 and end at E = ", E);
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(p[r] <= p[r + 1], op, ": `crow` must be non-decreasing");
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(s[e] >= 0 && s[e] < Ns, op, ": `src` has id ", s[e], " outside [0, ", Ns, ")");
+    TORCH_CHECK(d[e] >= 0 && d[e] < Nd, op, ": `dst` has id ", d[e], " outside [0, ", Nd, ")");
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
+                    const int64_t* src, const int64_t* dst, const int64_t* crow, int64_t R,
+                    int64_t H, int64_t C, scalar_t slope, scalar_t* out, scalar_t* alpha) {
+  const int64_t W = H * C;
+  at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> row_max(H), denom(H);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e0 = crow[i], e1 = crow[i + 1];
+      for (int64_t h = 0; h < H; ++h) row_max[h] = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t a = gatv2_logit<kLanes<scalar_t>>(att + h * C, xl + src[e] * W + h * C,
+                                         xr + dst[e] * W + h * C, slope, C);
+          alpha[e * H + h] = a;
+          row_max[h] = std::max(row_max[h], a);
+        }
+      for (int64_t h = 0; h < H; ++h) denom[h] = scalar_t(0);
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t x = std::exp(alpha[e * H + h] - row_max[h]);
+          alpha[e * H + h] = x;
+          denom[h] += x;
+        }
+      scalar_t* o = out + i * W;
+      for (int64_t c = 0; c < W; ++c) o[c] = scalar_t(0);
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t a = alpha[e * H + h] / (denom[h] + scalar_t(1e-16));
+          alpha[e * H + h] = a;
+          axpy_row(o + h * C, a, xl + src[e] * W + h * C, C);
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
+                                                     const at::Tensor& x_r_in,
+                                                     const at::Tensor& att_in, const at::Tensor& src,
+                                                     const at::Tensor& dst, const at::Tensor& crow,
+                                                     double negative_slope) {
+  check_args(x_l_in, x_r_in, att_in, src, dst, crow);
+  const auto x_l = x_l_in.contiguous(), x_r = x_r_in.contiguous(), att = att_in.contiguous();
+  const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l.size(1), C = x_l.size(2);
+  auto out = at::empty({R, H, C}, x_l.options());
+  auto alpha = at::empty({E, H}, x_l.options());
+  AT_DISPATCH_FLOATING_TYPES(x_l.scalar_type(), "gatv2_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
+                             att.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+                             dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, H, C,
+                             static_cast<scalar_t>(negative_slope), out.data_ptr<scalar_t>(),
+                             alpha.data_ptr<scalar_t>());
+  });
+  return {out, alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
+  m.impl("gatv2_forward", &gatv2_forward_cpu);
+}
+
+}  // namespace stoichconv
