@@ -15,10 +15,11 @@ builds everything else on the device:
   from the attentional pooling, so the results equal the reference's compacted batch. Layer-1
   inputs are the same for every sample (embeddings, the per-node preprocessor), so they are
   computed once on the wildtype rows and indexed, never copied B times.
-* **Gene-gene and GPR relations**: :func:`gatv2_attention`, GATv2 attention and aggregation with a
-  fused C++ forward on CPU (:mod:`stoichconv.ops.gatv2`) and an edge-chunked hand-written backward: the per-edge tensors ([E, H, C/H]) exist only one
-  chunk at a time (recomputed in the backward), the aggregation is a CSR sparse-dense product per
-  head; only ``x_l``, ``x_r`` and the attention coefficients [E, H] are kept for the backward.
+* **Gene-gene and GPR relations**: :func:`gatv2_attention`, GATv2 attention and aggregation with
+  a fused C++ forward on CPU (:mod:`stoichconv.ops.gatv2`) and an edge-chunked hand-written
+  backward: the per-edge tensors ([E, H, C/H]) exist only one chunk at a time (recomputed in
+  the backward), the aggregation is a CSR sparse-dense product per head; only ``x_l``, ``x_r``
+  and the attention coefficients [E, H] are kept for the backward.
 * **Metabolism**: the shared-topology fast :class:`stoichconv.nn.StoichHypergraphConv` on
   ``x`` [B, N_m, C] with ``reaction_keep`` [B, N_r] (never a B-times copy of the incidence
   structure), ``hyperedge_attr`` = the layer-0 reaction embeddings (the seed's parity quirk).
@@ -145,10 +146,8 @@ class _GATv2Attention(torch.autograd.Function):
     def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float,
                 use_kernel: bool = False):
         ctx.edges, ctx.negative_slope = edges, negative_slope
-        if use_kernel:  # the fused C++ forward (stoichconv.ops.gatv2)
-            with torch.no_grad():
-                out, alpha = gatv2_forward(x_l, x_r, att.detach().contiguous(), edges.src, edges.dst, edges.crow,
-                                           negative_slope)
+        if use_kernel:  # the fused C++ forward (stoichconv.ops.gatv2); forward() runs without grad
+            out, alpha = gatv2_forward(x_l, x_r, att.contiguous(), edges.src, edges.dst, edges.crow, negative_slope)
             ctx.save_for_backward(x_l, x_r, att, alpha)
             return out
         E = edges.num_edges
