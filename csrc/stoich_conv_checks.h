@@ -71,7 +71,8 @@ inline void check_abs_stoich(const at::Tensor& abs_stoich, int64_t nnz, const at
 }
 
 // The backward's saved and incoming tensors (after check_stoich_conv_args):
-// grad_out like y, hidden / grad_hidden [B, M, H, C], norms [Bn, N] and
+// grad_out like y, hidden / grad_hidden [B, M, H, C] (or hidden empty [0]
+// and no grad_hidden: recompute it), norms [Bn, N] and
 // [Bn, M] with Bn = B under a reaction keep-mask, else 1; all on y's device
 // and of y's dtype.
 inline void check_stoich_conv_backward_args(const at::Tensor& grad_out,
@@ -93,9 +94,13 @@ inline void check_stoich_conv_backward_args(const at::Tensor& grad_out,
   }
   const int64_t B = y.size(0), N = y.size(1), H = y.size(2), C = y.size(3);
   const int64_t M = num_reactions, Bn = masked ? B : 1;
-  TORCH_CHECK(hidden.dim() == 4 && hidden.size(0) == B && hidden.size(1) == M &&
-                  hidden.size(2) == H && hidden.size(3) == C,
-              "stoich_conv_backward: `hidden` must be [B, M, H, C]");
+  const bool saved = hidden.numel() > 0 || hidden.dim() != 1;
+  TORCH_CHECK(!saved || (hidden.dim() == 4 && hidden.size(0) == B && hidden.size(1) == M &&
+                         hidden.size(2) == H && hidden.size(3) == C),
+              "stoich_conv_backward: `hidden` must be [B, M, H, C], or empty [0] when the "
+              "forward did not save it");
+  TORCH_CHECK(saved || !grad_hidden.has_value(),
+              "stoich_conv_backward: `grad_hidden` given but `hidden` was not saved");
   if (grad_hidden.has_value()) {
     TORCH_CHECK(grad_hidden->device() == y.device() &&
                     grad_hidden->scalar_type() == y.scalar_type(),

@@ -11,14 +11,16 @@ TORCH_LIBRARY(stoichconv, m) {
   // Signed stoichiometric propagation (stages 6-7 of spec/stoich_conv.md)
   // on a batch sharing one incidence structure; see stoichconv/ops/stoich_conv.py.
   // Returns (out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M]),
-  // Bn = B with a reaction keep-mask, else 1.
+  // Bn = B with a reaction keep-mask, else 1; with save_hidden=false `hidden`
+  // is not kept and comes back as an empty tensor [0].
   m.def(
       "stoich_conv_forward(Tensor y, Tensor weight, Tensor? reaction_keep, "
       "Tensor metabolite_index, Tensor reaction_index, Tensor abs_stoich, "
       "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
-      "Tensor metabolite_perm) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor metabolite_perm, bool save_hidden=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // Hand-written backward of stoich_conv_forward: (grad_y, grad_weight); a
-  // gradient not asked for comes back as an empty tensor.
+  // gradient not asked for comes back as an empty tensor.  An empty `hidden`
+  // (forward run with save_hidden=false) is recomputed from y and weight.
   m.def(
       "stoich_conv_backward(Tensor grad_out, Tensor? grad_hidden, Tensor y, "
       "Tensor weight, Tensor? reaction_keep, Tensor hidden, Tensor node_norm, "
@@ -34,13 +36,21 @@ TORCH_LIBRARY(stoichconv, m) {
   m.def(
       "reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr) "
       "-> Tensor");
-  // Bipartite edges (GPR pairs, metabolic incidences) surviving per-sample node keep-masks.
   // Fused GATv2 attention + aggregation forward over row-sorted edges:
   // (out [num_rows, H, C], alpha [E, H]).  CPU only; semantics in
   // stoichconv/ops/gatv2.py.
   m.def(
       "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor src, Tensor dst, Tensor crow, "
       "float negative_slope) -> (Tensor, Tensor)");
+  // Softmax of logits [B, nnz, H] over the incidences of each group (a CSR
+  // ordering: group_ptr [G+1], group_perm [nnz]); incidences with kept [B, nnz]
+  // False weigh 0.  CPU only; semantics in stoichconv/ops/group_softmax.py.
+  m.def("group_softmax(Tensor logits, Tensor? kept, Tensor group_ptr, Tensor group_perm) -> Tensor");
+  // Its backward: grad_logits = alpha * (grad - sum_group alpha * grad).
+  m.def(
+      "group_softmax_backward(Tensor grad, Tensor alpha, Tensor group_ptr, Tensor group_perm) "
+      "-> Tensor");
+  // Bipartite edges (GPR pairs, metabolic incidences) surviving per-sample node keep-masks.
   m.def(
       "filter_bipartite(Tensor edge_index, int num_src, int num_dst, int num_samples, "
       "Tensor? src_keep, Tensor? dst_keep, bool relabel) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -82,7 +82,7 @@ struct ForwardArgs {
   const bool* keep;  // [B, M] or nullptr
   const scalar_t* abs_stoich;
   scalar_t* out;
-  scalar_t* hidden;
+  scalar_t* hidden;  // or nullptr: not saved
   scalar_t* node_norm;
   scalar_t* edge_norm;
 };
@@ -95,7 +95,7 @@ struct BackwardArgs {
   const scalar_t* y;
   const scalar_t* weight;
   const bool* keep;
-  const scalar_t* hidden;
+  const scalar_t* hidden;  // or nullptr: recompute
   const scalar_t* node_norm;
   const scalar_t* edge_norm;
   scalar_t* grad_y;       // or nullptr
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
     const std::optional<at::Tensor>& reaction_keep, const at::Tensor& metabolite_index,
     const at::Tensor& reaction_index, const at::Tensor& abs_stoich,
     const at::Tensor& reaction_ptr, const at::Tensor& reaction_perm,
-    const at::Tensor& metabolite_ptr, const at::Tensor& metabolite_perm) {
+    const at::Tensor& metabolite_ptr, const at::Tensor& metabolite_perm, bool save_hidden) {
   const int64_t nnz =
       check_stoich_conv_args(y_in, weight_in, reaction_keep, metabolite_index, reaction_index,
                              reaction_ptr, reaction_perm, metabolite_ptr, metabolite_perm);
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
   const int64_t Bn = keep.defined() ? B : 1;
 
   auto out = at::empty({B, N, H, C}, y.options());
-  auto hidden = at::empty({B, M, H, C}, y.options());
+  auto hidden = save_hidden ? at::empty({B, M, H, C}, y.options()) : at::empty({0}, y.options());
   auto node_norm = at::empty({Bn, N}, y.options());
   auto edge_norm = at::empty({Bn, M}, y.options());
 
@@ -182,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
         s, ForwardArgs<scalar_t>{B, N, H, C, nnz, y.data_ptr<scalar_t>(),
                                  weight.data_ptr<scalar_t>(), keep_ptr,
                                  abs_s.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                 hidden.data_ptr<scalar_t>(), node_norm.data_ptr<scalar_t>(),
+                                 save_hidden ? hidden.data_ptr<scalar_t>() : nullptr,
+                                 node_norm.data_ptr<scalar_t>(),
                                  edge_norm.data_ptr<scalar_t>()});
   });
   return {out, hidden, node_norm, edge_norm};
@@ -230,7 +231,8 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
                B, N, H, C, nnz, grad_out.data_ptr<scalar_t>(),
                grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
                y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep_ptr,
-               hidden.data_ptr<scalar_t>(), node_norm.data_ptr<scalar_t>(),
+               hidden.numel() > 0 ? hidden.data_ptr<scalar_t>() : nullptr,
+               node_norm.data_ptr<scalar_t>(),
                edge_norm.data_ptr<scalar_t>(),
                need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr,
                need_grad_weight ? grad_weight.data_ptr<scalar_t>() : nullptr});

@@ -94,20 +94,48 @@ void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_
 // back, the intermediate rows still in cache) rather than rows.
 inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
 
+// Stage 1, metabolite -> reaction, for rows [e0, e1) of sample b:
+//   hidden_b[e] = B_e * sum_{k in e} w_k y[b, v_k]
+// (the forward's first stage, and the backward's recomputation of `hidden`
+// when the forward did not save it).
+template <typename scalar_t>
+inline void stage1_rows(const Structure& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
+                        int64_t H, int64_t C, int64_t nnz, const bool* keep, const scalar_t* y,
+                        const scalar_t* w, const scalar_t* edge_norm, scalar_t* hidden_b) {
+  const int64_t M = s.M, row_size = H * C;
+  reduce_rows(
+      b, e0, e1, H, C, s.reaction_ptr, s.reaction_perm, y + b * N * row_size,
+      static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t k) { return s.metabolite_index[k]; },
+      [&](int64_t bb, int64_t k, int64_t h) { return w[(bb * nnz + k) * H + h]; },
+      [&](int64_t bb, int64_t e) { return edge_norm[(keep ? bb : 0) * M + e]; });
+}
+
+// Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
+template <typename scalar_t>
+void stage1_all(const Structure& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t nnz,
+                const bool* keep, const scalar_t* y, const scalar_t* w, const scalar_t* edge_norm,
+                scalar_t* hidden) {
+  const int64_t M = s.M, row_size = H * C;
+  at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / M, e0 = row % M;
+      const int64_t e1 = std::min(M, e0 + (end - row));
+      stage1_rows(s, b, e0, e1, N, H, C, nnz, keep, y, w, edge_norm, hidden + b * M * row_size);
+      row += e1 - e0;
+    }
+  });
+}
+
+// a.hidden == nullptr: `hidden` is not saved (whole-sample mode keeps each
+// sample's rows in a per-thread scratch block; the row mode uses a temporary).
 template <typename scalar_t>
 void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
-  const int64_t Bn = keep ? a.B : 1;
   const scalar_t* w = a.weight;
   const scalar_t* dn = a.node_norm;
-  const scalar_t* en = a.edge_norm;
-  degree_norms(s, a.abs_stoich, keep, Bn, a.node_norm, a.edge_norm);
-  // Stage 1, metabolite -> reaction: h[b,e] = B_e * sum_k w_k y[b, v_k]
-  const auto stage1_other = [&](int64_t k) { return s.metabolite_index[k]; };
-  const auto stage1_coef = [&](int64_t b, int64_t k, int64_t h) { return w[(b * nnz + k) * H + h]; };
-  const auto stage1_scale = [&](int64_t b, int64_t e) { return en[(keep ? b : 0) * M + e]; };
+  degree_norms(s, a.abs_stoich, keep, keep ? a.B : 1, a.node_norm, a.edge_norm);
   // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
   const auto stage2_other = [&](int64_t k) { return s.reaction_index[k]; };
   const auto stage2_coef = [&](int64_t b, int64_t k, int64_t h) {
@@ -116,11 +144,10 @@ void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
   const auto stage2_scale = [&](int64_t b, int64_t v) { return dn[(keep ? b : 0) * N + v]; };
   if (by_sample(a.B)) {
     at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(a.hidden ? 0 : static_cast<size_t>(M * row_size));
       for (int64_t b = begin; b < end; ++b) {
-        scalar_t* hidden_b = a.hidden + b * M * row_size;
-        reduce_rows(b, 0, M, H, C, s.reaction_ptr, s.reaction_perm, a.y + b * N * row_size,
-                    static_cast<const scalar_t*>(nullptr), hidden_b, stage1_other, stage1_coef,
-                    stage1_scale);
+        scalar_t* hidden_b = a.hidden ? a.hidden + b * M * row_size : scratch.data();
+        stage1_rows(s, b, 0, M, N, H, C, nnz, keep, a.y, w, a.edge_norm, hidden_b);
         reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
                     static_cast<const scalar_t*>(hidden_b), static_cast<const scalar_t*>(nullptr),
                     a.out + b * N * row_size, stage2_other, stage2_coef, stage2_scale);
@@ -128,12 +155,16 @@ void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
     });
     return;
   }
-  segment_reduce<scalar_t>(a.B, M, N, H, C, s.reaction_ptr, s.reaction_perm, a.y, nullptr,
-                           a.hidden, stage1_other, stage1_coef, stage1_scale);
-  segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, a.hidden,
+  std::vector<scalar_t> temporary(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
+  scalar_t* hidden = a.hidden ? a.hidden : temporary.data();
+  stage1_all(s, a.B, N, H, C, nnz, keep, a.y, w, a.edge_norm, hidden);
+  segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, hidden,
                            nullptr, a.out, stage2_other, stage2_coef, stage2_scale);
 }
 
+// a.hidden == nullptr: the forward did not save `hidden`; it is recomputed
+// (stage 1) where the weight gradient needs it, per sample into a scratch
+// block in whole-sample mode.
 template <typename scalar_t>
 void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
@@ -161,14 +192,15 @@ void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
   const auto gy_scale = [](int64_t, int64_t) { return scalar_t(1); };
   // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for incidences [k0, k1) of
   // sample b, 0 for masked incidences (R_b: sample b's rows of R).
-  const auto weight_grads = [&](int64_t b, int64_t k0, int64_t k1, const scalar_t* R_b) {
+  const auto weight_grads = [&](int64_t b, int64_t k0, int64_t k1, const scalar_t* R_b,
+                                const scalar_t* hidden_b) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t v = s.metabolite_index[k], e = s.reaction_index[k];
       const bool kept = incidence_kept(keep, b, M, e);
       const scalar_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
       const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
       const scalar_t* Y_v = a.y + (b * N + v) * row_size;
-      const scalar_t* h_e = a.hidden + (b * M + e) * row_size;
+      const scalar_t* h_e = hidden_b + e * row_size;
       const scalar_t* R_e = R_b + e * row_size;
       for (int64_t h = 0; h < H; ++h)
         a.grad_weight[(b * nnz + k) * H + h] =
@@ -181,8 +213,10 @@ void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
     // Each thread keeps one sample's R in a scratch buffer: R never goes
     // through memory as a [B, M, H, C] tensor.
     at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(static_cast<size_t>(M * row_size));
+      const bool recompute = a.grad_weight != nullptr && a.hidden == nullptr;
+      std::vector<scalar_t> scratch(static_cast<size_t>((recompute ? 2 : 1) * M * row_size));
       scalar_t* R_b = scratch.data();
+      scalar_t* hidden_scratch = recompute ? R_b + M * row_size : nullptr;
       for (int64_t b = begin; b < end; ++b) {
         reduce_rows(b, 0, M, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out + b * N * row_size,
                     a.grad_hidden ? a.grad_hidden + b * M * row_size : nullptr, R_b, r_other,
@@ -191,7 +225,10 @@ void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
           reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
                       static_cast<const scalar_t*>(R_b), static_cast<const scalar_t*>(nullptr),
                       a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
-        if (a.grad_weight != nullptr) weight_grads(b, 0, nnz, R_b);
+        if (a.grad_weight != nullptr) {
+          if (recompute) stage1_rows(s, b, 0, M, N, H, C, nnz, keep, a.y, w, en, hidden_scratch);
+          weight_grads(b, 0, nnz, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
+        }
       }
     });
     return;
@@ -203,11 +240,17 @@ void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
     segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, R.data(),
                              nullptr, a.grad_y, gy_other, gy_coef, gy_scale);
   if (a.grad_weight != nullptr) {
+    std::vector<scalar_t> recomputed(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
+    const scalar_t* hidden = a.hidden;
+    if (hidden == nullptr) {
+      stage1_all(s, a.B, N, H, C, nnz, keep, a.y, w, en, recomputed.data());
+      hidden = recomputed.data();
+    }
     at::parallel_for(0, a.B * nnz, kGrain * 8, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end;) {
         const int64_t b = idx / nnz, k0 = idx % nnz;
         const int64_t k1 = std::min(nnz, k0 + (end - idx));
-        weight_grads(b, k0, k1, R.data() + b * M * row_size);
+        weight_grads(b, k0, k1, R.data() + b * M * row_size, hidden + b * M * row_size);
         idx += k1 - k0;
       }
     });

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
     const std::optional<at::Tensor>& reaction_keep, const at::Tensor& metabolite_index_in,
     const at::Tensor& reaction_index_in, const at::Tensor& abs_stoich_in,
     const at::Tensor& reaction_ptr_in, const at::Tensor& reaction_perm_in,
-    const at::Tensor& metabolite_ptr_in, const at::Tensor& metabolite_perm_in) {
+    const at::Tensor& metabolite_ptr_in, const at::Tensor& metabolite_perm_in, bool save_hidden) {
   check_cuda_tensor(y_in, "y");
   const int64_t nnz = check_stoich_conv_args(y_in, weight_in, reaction_keep, metabolite_index_in,
                                              reaction_index_in, reaction_ptr_in,
@@ -81,6 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
                      node_norm.data_ptr<scalar_t>(), edge_norm.data_ptr<scalar_t>(), stream),
                  "stoich_conv_forward");
   });
+  // Without save_hidden the stage-1 rows were a temporary (freed to the
+  // caching allocator); the backward recomputes them.
+  if (!save_hidden) hidden = at::empty({0}, y.options());
   return {out, hidden, node_norm, edge_norm};
 }
 
@@ -103,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
   const auto y = y_in.contiguous();
   const auto weight = weight_in.contiguous();
   const auto grad_out = grad_out_in.contiguous();
-  const auto hidden = hidden_in.contiguous();
+  auto hidden = hidden_in.contiguous();
   const auto node_norm = node_norm_in.contiguous();
   const auto edge_norm = edge_norm_in.contiguous();
   const auto metabolite_index = metabolite_index_in.contiguous();
@@ -129,6 +132,18 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
 
   auto reaction_grad = at::empty({B, M, H, C}, y.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
+  if (hidden.numel() == 0 && hidden.dim() == 1 && need_grad_weight) {
+    // The forward did not save `hidden`: recompute the stage-1 rows (only
+    // the weight gradient reads them).
+    hidden = at::empty({B, M, H, C}, y.options());
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_hidden_cuda", [&] {
+      check_launch(cuda::launch_stoich_conv_hidden<scalar_t>(
+                       s, cuda::Geometry{B, H, C}, y.data_ptr<scalar_t>(),
+                       weight.data_ptr<scalar_t>(), keep_ptr, edge_norm.data_ptr<scalar_t>(),
+                       hidden.data_ptr<scalar_t>(), stream),
+                   "stoich_conv_backward (recomputing hidden)");
+    });
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_backward_cuda", [&] {
     check_launch(
         cuda::launch_stoich_conv_backward<scalar_t>(

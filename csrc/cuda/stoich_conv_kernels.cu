@@ -352,6 +352,21 @@ cudaError_t launch_weight_grad(const WeightGradArgs<scalar_t>& a, cudaStream_t s
 
 }  // namespace
 
+// Stage 1, metabolite -> reaction: hidden[b,e] = B_e * sum_k w_k y[b, v_k]
+template <typename scalar_t>
+cudaError_t launch_stoich_conv_hidden(const DeviceStructure& s, const Geometry& g,
+                                      const scalar_t* y, const scalar_t* weight, const bool* keep,
+                                      const scalar_t* edge_norm, scalar_t* hidden,
+                                      cudaStream_t stream) {
+  SegmentArgs<scalar_t> a{};
+  a.B = g.B, a.H = g.H, a.C = g.C, a.nnz = s.nnz, a.M = s.M;
+  a.weight = weight, a.keep = keep;
+  a.rows = s.M, a.src_rows = s.N, a.ptr = s.reaction_ptr, a.perm = s.reaction_perm;
+  a.other = s.metabolite_index, a.src = y, a.init = nullptr, a.dst = hidden;
+  a.keep_by_row = true, a.aux = nullptr, a.aux_len = 0, a.row_norm = edge_norm;
+  return launch_segment_reduce(a, stream);
+}
+
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry& g,
                                        const scalar_t* y, const scalar_t* weight,
@@ -366,16 +381,12 @@ cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry&
   err = launch_degree_norm<scalar_t>(s.metabolite_ptr, s.metabolite_perm, s.reaction_index,
                                      abs_stoich, keep, Bn, s.N, s.nnz, s.M, node_norm, stream);
   if (err != cudaSuccess) return err;
-  // Stage 1, metabolite -> reaction: hidden[b,e] = B_e * sum_k w_k y[b, v_k]
-  SegmentArgs<scalar_t> a{};
-  a.B = g.B, a.H = g.H, a.C = g.C, a.nnz = s.nnz, a.M = s.M;
-  a.weight = weight, a.keep = keep;
-  a.rows = s.M, a.src_rows = s.N, a.ptr = s.reaction_ptr, a.perm = s.reaction_perm;
-  a.other = s.metabolite_index, a.src = y, a.init = nullptr, a.dst = hidden;
-  a.keep_by_row = true, a.aux = nullptr, a.aux_len = 0, a.row_norm = edge_norm;
-  err = launch_segment_reduce(a, stream);
+  err = launch_stoich_conv_hidden(s, g, y, weight, keep, edge_norm, hidden, stream);
   if (err != cudaSuccess) return err;
   // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_{k kept} w_k hidden[b, e_k]
+  SegmentArgs<scalar_t> a{};
+  a.B = g.B, a.H = g.H, a.C = g.C, a.nnz = s.nnz, a.M = s.M;
+  a.weight = weight, a.keep = keep, a.init = nullptr, a.aux = nullptr, a.aux_len = 0;
   a.rows = s.N, a.src_rows = s.M, a.ptr = s.metabolite_ptr, a.perm = s.metabolite_perm;
   a.other = s.reaction_index, a.src = hidden, a.dst = out;
   a.keep_by_row = false, a.row_norm = node_norm;
@@ -416,6 +427,9 @@ cudaError_t launch_stoich_conv_backward(const DeviceStructure& s, const Geometry
 }
 
 #define STOICHCONV_INSTANTIATE(T)                                                            \
+  template cudaError_t launch_stoich_conv_hidden<T>(                                         \
+      const DeviceStructure&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
+      cudaStream_t);                                                                         \
   template cudaError_t launch_stoich_conv_forward<T>(                                        \
       const DeviceStructure&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
       T*, T*, T*, cudaStream_t);                                                             \

@@ -26,25 +26,11 @@ from torch.nn import Parameter
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
 
-from stoichconv.backends import check_backend_name
+from stoichconv.backends import check_backend_name, resolve_backend
+from stoichconv.ops.group_softmax import group_softmax, group_softmax_op_available, group_softmax_reference
 from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_propagate
 
 ATTENTION_MODES = ("node", "edge")
-
-
-def _group_softmax(logits: Tensor, group: Tensor, num_groups: int, kept: Optional[Tensor]) -> Tensor:
-    """Softmax of ``logits`` [B, nnz, H] over incidences sharing ``group``;
-    incidences with ``kept`` False get weight 0 and do not enter the sums."""
-    B, nnz, H = logits.shape
-    if kept is not None:
-        logits = logits.masked_fill(~kept.unsqueeze(-1), float("-inf"))
-    index = group.view(1, nnz, 1).expand(B, nnz, H)
-    group_max = torch.full((B, num_groups, H), float("-inf"), dtype=logits.dtype, device=logits.device)
-    group_max = group_max.scatter_reduce(1, index, logits.detach(), reduce="amax", include_self=True)
-    group_max = torch.nan_to_num(group_max, neginf=0.0)  # empty / fully masked groups
-    exp = torch.exp(logits - group_max.index_select(1, group))
-    denom = torch.zeros((B, num_groups, H), dtype=logits.dtype, device=logits.device).index_add(1, group, exp)
-    return exp / denom.index_select(1, group).clamp_min(torch.finfo(logits.dtype).tiny)
 
 
 class StoichHypergraphConv(torch.nn.Module):
@@ -146,7 +132,7 @@ class StoichHypergraphConv(torch.nn.Module):
         out = stoich_propagate(y, weight, plan, reaction_keep, backend=self.backend)
         out = out.reshape(B, N, H * C) if self.concat else out.mean(dim=2)
         if self.bias is not None:
-            out = out + self.bias
+            out = out.add_(self.bias)  # in place: `out` is a fresh tensor the backward does not need
         return out.squeeze(0) if single else out
 
     def _attention(self, x: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:
@@ -172,10 +158,22 @@ class StoichHypergraphConv(torch.nn.Module):
         logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)
         kept = None if reaction_keep is None else reaction_keep.index_select(1, plan.reaction_index)
         if self.attention_mode == "node":
-            alpha = _group_softmax(logits, plan.reaction_index, plan.num_reactions, kept)
+            group, num_groups, ptr, perm = plan.reaction_index, plan.num_reactions, plan.reaction_ptr, plan.reaction_perm
         else:
-            alpha = _group_softmax(logits, plan.metabolite_index, plan.num_metabolites, kept)
+            group, num_groups = plan.metabolite_index, plan.num_metabolites
+            ptr, perm = plan.metabolite_ptr, plan.metabolite_perm
+        if self._softmax_kernel(x.device):
+            alpha = group_softmax(logits, ptr, perm, kept)
+        else:
+            alpha = group_softmax_reference(logits, group, num_groups, kept)
         return F.dropout(alpha, p=self.dropout, training=self.training)
+
+    def _softmax_kernel(self, device: torch.device) -> bool:
+        """The C++ grouped softmax runs with the CPU kernels (backend "cpu", or
+        "auto" on CPU tensors); otherwise its PyTorch reference."""
+        if self.backend not in ("auto", "cpu") or not group_softmax_op_available(device):
+            return False
+        return resolve_backend(self.backend, device) == "cpu"
 
     def __repr__(self) -> str:
         return (

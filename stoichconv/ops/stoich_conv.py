@@ -222,6 +222,7 @@ def stoich_propagate(
     plan: StoichPlan,
     reaction_keep: Optional[Tensor] = None,
     backend: str = "auto",
+    save_hidden: Optional[bool] = None,
 ) -> Tensor:
     """Signed stoichiometric propagation ``out`` [B, N, H, C] (see the module
     docstring for the math); differentiable w.r.t. ``y`` and ``weight``.
@@ -233,6 +234,11 @@ def stoich_propagate(
         reaction_keep: optional bool [B, M]; False drops the reaction in that sample.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``
             (see :mod:`stoichconv.backends`).
+        save_hidden: keep the stage-1 rows ``hidden`` [B, M, H, C] for the
+            backward (True) or recompute them there (False). ``None`` (default):
+            recompute on CPU, where writing a fresh [B, M, H, C] buffer (page
+            faults included) costs more than redoing stage 1 sample by sample in
+            cache; save on GPUs. Ignored by the reference backend.
     """
     _check_propagate_args(y, weight, plan, reaction_keep)
     backend = resolve_backend(backend, y.device)
@@ -247,9 +253,11 @@ def stoich_propagate(
     else:
         forward_op = torch.ops.stoichconv.stoich_conv_forward
     abs_stoich = plan.abs_stoich if plan.abs_stoich.dtype == y.dtype else plan.abs_stoich.to(y.dtype)
+    if save_hidden is None:
+        save_hidden = y.device.type != "cpu"
     mi, ri, rptr, rperm, mptr, mperm = plan.structure()
     out, _hidden, _node_norm, _edge_norm = forward_op(
-        y, weight, reaction_keep, mi, ri, abs_stoich, rptr, rperm, mptr, mperm
+        y, weight, reaction_keep, mi, ri, abs_stoich, rptr, rperm, mptr, mperm, bool(save_hidden)
     )
     return out
 
@@ -260,11 +268,12 @@ def stoich_propagate(
 
 
 def forward_fake(y, weight, reaction_keep, metabolite_index, reaction_index, abs_stoich,
-                 reaction_ptr, reaction_perm, metabolite_ptr, metabolite_perm):
+                 reaction_ptr, reaction_perm, metabolite_ptr, metabolite_perm, save_hidden=True):
     B, N, H, C = y.shape
     M = reaction_ptr.shape[0] - 1
     Bn = B if reaction_keep is not None else 1
-    return y.new_empty(B, N, H, C), y.new_empty(B, M, H, C), y.new_empty(Bn, N), y.new_empty(Bn, M)
+    hidden = y.new_empty(B, M, H, C) if save_hidden else y.new_empty(0)
+    return y.new_empty(B, N, H, C), hidden, y.new_empty(Bn, N), y.new_empty(Bn, M)
 
 
 def backward_fake(grad_out, grad_hidden, y, weight, reaction_keep, hidden, node_norm, edge_norm,
@@ -278,11 +287,13 @@ def backward_fake(grad_out, grad_hidden, y, weight, reaction_keep, hidden, node_
 def register_stoich_conv_autograd(forward_op_name: str, backward_op) -> None:
     """Register the hand-written backward for a forward op with the
     ``stoich_conv_forward`` schema; ``backward_op`` has the
-    ``stoich_conv_backward`` schema."""
+    ``stoich_conv_backward`` schema. An empty ``hidden`` (not saved) is passed
+    on as is; the backward op recomputes it."""
 
     def setup_context(ctx, inputs, output):
-        y, weight, reaction_keep, mi, ri, _abs, rptr, rperm, mptr, mperm = inputs
+        y, weight, reaction_keep, mi, ri, _abs, rptr, rperm, mptr, mperm = inputs[:10]
         _out, hidden, node_norm, edge_norm = output
+        ctx.num_inputs = len(inputs)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(node_norm, edge_norm)
         ctx.save_for_backward(y, weight, reaction_keep, hidden, node_norm, edge_norm, mi, ri, rptr, rperm, mptr, mperm)
@@ -290,15 +301,17 @@ def register_stoich_conv_autograd(forward_op_name: str, backward_op) -> None:
     def backward(ctx, grad_out, grad_hidden, _grad_node_norm, _grad_edge_norm):
         y, weight, reaction_keep, hidden, node_norm, edge_norm, mi, ri, rptr, rperm, mptr, mperm = ctx.saved_tensors
         need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_hidden is not None and hidden.numel() == 0:
+            grad_hidden = None  # the empty placeholder of an unsaved hidden
         if (grad_out is None and grad_hidden is None) or not (need_y or need_w):
-            return (None,) * 10
+            return (None,) * ctx.num_inputs
         if grad_out is None:
             grad_out = torch.zeros_like(y)
         grad_y, grad_weight = backward_op(
             grad_out, grad_hidden, y, weight, reaction_keep, hidden, node_norm, edge_norm,
             mi, ri, rptr, rperm, mptr, mperm, need_y, need_w,
         )
-        return (grad_y if need_y else None, grad_weight if need_w else None) + (None,) * 8
+        return (grad_y if need_y else None, grad_weight if need_w else None) + (None,) * (ctx.num_inputs - 2)
 
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
 

@@ -37,10 +37,11 @@ Ops (``torch.library.custom_op``; fake kernels and the autograd formula are the
 shared ones of :mod:`stoichconv.ops.stoich_conv`):
 
 * ``stoichconv::triton_stoich_conv_forward`` -- same schema as the compiled
-  ``stoich_conv_forward``: ``(out, hidden, node_norm, edge_norm)``.
+  ``stoich_conv_forward``: ``(out, hidden, node_norm, edge_norm)``, ``hidden``
+  an empty tensor [0] with ``save_hidden=False``.
 * ``stoichconv::triton_stoich_conv_backward`` -- same schema as the compiled
   ``stoich_conv_backward``: ``(grad_y, grad_weight)``, an empty tensor for a
-  gradient not asked for.
+  gradient not asked for; an empty ``hidden`` is recomputed (stage 1 again).
 """
 
 from __future__ import annotations
@@ -325,8 +326,10 @@ def triton_stoich_conv_forward(
     reaction_perm: Tensor,
     metabolite_ptr: Tensor,
     metabolite_perm: Tensor,
+    save_hidden: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton forward of the stoich propagation: ``(out, hidden, node_norm, edge_norm)``."""
+    """Triton forward of the stoich propagation: ``(out, hidden, node_norm, edge_norm)``;
+    ``hidden`` is an empty tensor [0] with ``save_hidden=False``."""
     nnz, M = _check_args(y, weight, reaction_keep, metabolite_index, reaction_index, reaction_ptr,
                          reaction_perm, metabolite_ptr, metabolite_perm)
     if not isinstance(abs_stoich, Tensor) or tuple(abs_stoich.shape) != (nnz,) or abs_stoich.dtype != y.dtype:
@@ -356,7 +359,7 @@ def triton_stoich_conv_forward(
         # Stage 2, reaction -> metabolite: out[b, v] = D_v sum_k w_k hidden[b, e_k]  (+ node_norm)
         _segment_reduce(hidden, out, mptr, mperm, ri, weight, keep, ri, M, abs_stoich=abs_stoich,
                         row_norm=node_norm)
-    return out, hidden, node_norm, edge_norm
+    return out, hidden if save_hidden else y.new_empty(0), node_norm, edge_norm
 
 
 @torch.library.custom_op("stoichconv::triton_stoich_conv_backward", mutates_args=())
@@ -383,8 +386,11 @@ def triton_stoich_conv_backward(
                          reaction_perm, metabolite_ptr, metabolite_perm)
     B, N, H, C = y.shape
     Bn = B if reaction_keep is not None else 1
+    saved = not (isinstance(hidden, Tensor) and tuple(hidden.shape) == (0,))  # else: recompute
+    if not saved and grad_hidden is not None:
+        raise ValueError("`grad_hidden` given but `hidden` was not saved")
     for name, t, shape in (
-        ("grad_out", grad_out, (B, N, H, C)), ("hidden", hidden, (B, M, H, C)),
+        ("grad_out", grad_out, (B, N, H, C)), ("hidden", hidden if saved else None, (B, M, H, C)),
         ("node_norm", node_norm, (Bn, N)), ("edge_norm", edge_norm, (Bn, M)),
         ("grad_hidden", grad_hidden, (B, M, H, C)),
     ):
@@ -409,6 +415,11 @@ def triton_stoich_conv_backward(
     keep = _keep_bytes(reaction_keep)
 
     with _device_guard(y.device):
+        if not saved and need_grad_weight:
+            # Stage 1 again, hidden[b, e] = B_e sum_k w_k y[b, v_k], with the
+            # saved edge norms folded into the coefficients.
+            hidden = y.new_empty(B, M, H, C)
+            _segment_reduce(y, hidden, rptr, rperm, mi, weight, keep, ri, M, coef_norm=edge_norm, coef_norm_index=ri)
         _backward_launches(G, grad_hidden, y, weight, keep, hidden, node_norm, edge_norm, mi, ri, rptr, rperm,
                            mptr, mperm, grad_y if need_grad_y else None, grad_weight if need_grad_weight else None)
     return grad_y, grad_weight

@@ -148,18 +148,34 @@ def test_gradcheck_raw_op_including_hidden_output():
     assert torch.autograd.gradcheck(fn, (y, weight))
 
 
+@pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
+def test_opcheck(masked, save_hidden):
     edge_index, stoich, y, weight = make_inputs(B=2, requires_grad=True)
     keep = random_keep(2, M).to(DEV) if masked else None
     plan = build_stoich_plan(edge_index, stoich, N, M)
-    args = raw_args(y, weight, keep, plan)
+    args = raw_args(y, weight, keep, plan) + (save_hidden,)
     torch.library.opcheck(torch.ops.stoichconv.stoich_conv_forward.default, args)
     out, hidden, node_norm, edge_norm = torch.ops.stoichconv.stoich_conv_forward(*args)
+    assert hidden.shape == ((2, M, 2, 5) if save_hidden else (0,))
     saved = [t.detach() for t in (y, weight, hidden, node_norm, edge_norm)]
-    bwd_args = (torch.randn_like(saved[0]), torch.randn_like(saved[2]), saved[0], saved[1], keep, *saved[2:],
+    grad_hidden = torch.randn_like(saved[2]) if save_hidden else None
+    bwd_args = (torch.randn_like(saved[0]), grad_hidden, saved[0], saved[1], keep, *saved[2:],
                 *plan.structure(), True, True)
     torch.library.opcheck(torch.ops.stoichconv.stoich_conv_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_unsaved_hidden_is_recomputed_bit_identically(masked):
+    edge_index, stoich, y, weight = make_inputs(B=4, H=2, C=19, dtype=torch.float32, requires_grad=True)
+    keep = random_keep(4, M, seed=8).to(DEV) if masked else None
+    plan = build_stoich_plan(edge_index, stoich, N, M)
+    results = []
+    for save in (True, False):
+        out = stoich_propagate(y, weight, plan, keep, backend="cuda", save_hidden=save)
+        results.append((out, *torch.autograd.grad(out, (y, weight), torch.ones_like(out))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

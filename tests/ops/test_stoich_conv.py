@@ -113,12 +113,14 @@ def test_batch_equals_per_sample_runs_and_compacted_layout():
     torch.testing.assert_close(compact_out.view_as(batched), batched, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_gradcheck(masked):
+def test_gradcheck(masked, save_hidden):
     edge_index, stoich, y, weight = make_inputs(B=2, H=2, C=3, requires_grad=True)
     keep = random_keep(2, M, seed=5) if masked else None
     plan = build_stoich_plan(edge_index, stoich, N, M)
-    assert torch.autograd.gradcheck(lambda y, w: stoich_propagate(y, w, plan, keep, backend="cpu"), (y, weight))
+    fn = lambda y, w: stoich_propagate(y, w, plan, keep, backend="cpu", save_hidden=save_hidden)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (y, weight))
 
 
 def test_gradcheck_raw_op_including_hidden_output():
@@ -133,18 +135,53 @@ def test_gradcheck_raw_op_including_hidden_output():
     assert torch.autograd.gradcheck(fn, (y, weight))
 
 
+@pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
+def test_opcheck(masked, save_hidden):
     edge_index, stoich, y, weight = make_inputs(B=2, requires_grad=True)
     keep = random_keep(2, M) if masked else None
     plan = build_stoich_plan(edge_index, stoich, N, M)
-    args = (y, weight, keep, plan.metabolite_index, plan.reaction_index, plan.abs_stoich, *plan.structure()[2:])
+    args = (y, weight, keep, plan.metabolite_index, plan.reaction_index, plan.abs_stoich, *plan.structure()[2:],
+            save_hidden)
     torch.library.opcheck(torch.ops.stoichconv.stoich_conv_forward.default, args)
     out, hidden, node_norm, edge_norm = torch.ops.stoichconv.stoich_conv_forward(*args)
+    assert hidden.shape == ((2, M, 2, 5) if save_hidden else (0,))
     saved = [t.detach() for t in (y, weight, hidden, node_norm, edge_norm)]
-    bwd_args = (torch.randn_like(saved[0]), torch.randn_like(saved[2]), saved[0], saved[1], keep, *saved[2:],
+    grad_hidden = torch.randn_like(saved[2]) if save_hidden else None
+    bwd_args = (torch.randn_like(saved[0]), grad_hidden, saved[0], saved[1], keep, *saved[2:],
                 *plan.structure(), True, True)
     torch.library.opcheck(torch.ops.stoichconv.stoich_conv_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("B", [1, 4])  # rows split over threads / whole samples per thread
+def test_unsaved_hidden_is_recomputed_bit_identically(B, masked):
+    # save_hidden=False: the forward keeps the stage-1 rows only in scratch and
+    # the backward recomputes them with the same code, so every output and
+    # gradient equals the saving path's exactly.
+    edge_index, stoich, y, weight = make_inputs(B=B, H=2, C=19, dtype=torch.float32, requires_grad=True)
+    keep = random_keep(B, M, seed=8) if masked else None
+    plan = build_stoich_plan(edge_index, stoich, N, M)
+    results = []
+    for save in (True, False):
+        out = stoich_propagate(y, weight, plan, keep, backend="cpu", save_hidden=save)
+        results.append((out, *torch.autograd.grad(out, (y, weight), torch.ones_like(out))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    weight_only = stoich_propagate(y.detach(), weight, plan, keep, backend="cpu", save_hidden=False)
+    (gw,) = torch.autograd.grad(weight_only, weight, torch.ones_like(weight_only))
+    assert torch.equal(gw, results[1][2])
+
+
+def test_backward_rejects_grad_hidden_without_saved_hidden():
+    edge_index, stoich, y, weight = make_inputs(B=2)
+    keep = random_keep(2, M)
+    plan = build_stoich_plan(edge_index, stoich, N, M)
+    args = (y, weight, keep, plan.metabolite_index, plan.reaction_index, plan.abs_stoich, *plan.structure()[2:], False)
+    out, hidden, node_norm, edge_norm = torch.ops.stoichconv.stoich_conv_forward(*args)
+    with pytest.raises(RuntimeError, match="`grad_hidden` given but `hidden` was not saved"):
+        torch.ops.stoichconv.stoich_conv_backward(torch.ones_like(y), torch.ones(2, M, 2, 5, dtype=y.dtype), y, weight,
+                                                  keep, hidden, node_norm, edge_norm, *plan.structure(), True, True)
 
 
 def test_torch_compile_smoke():

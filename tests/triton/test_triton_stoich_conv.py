@@ -251,3 +251,27 @@ def test_non_contiguous_inputs(device):
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (y_nc, w_nc), grad), torch.autograd.grad(ref, (y_c, w_c), grad)):
         torch.testing.assert_close(a, b, **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_unsaved_hidden_is_recomputed(device, masked):
+    # save_hidden=False: `hidden` comes back empty and the backward recomputes
+    # stage 1 (edge norms folded into the coefficients); same gradients.
+    y, weight, plan, keep = make_inputs(3, 2, 5, torch.float64, device, seed=9, masked=masked)
+    y, weight = y.requires_grad_(True), weight.requires_grad_(True)
+    results = []
+    for save in (True, False):
+        out = stoich_propagate(y, weight, plan, keep, backend="triton", save_hidden=save)
+        results.append((out, *torch.autograd.grad(out, (y, weight), torch.ones_like(out))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **_tol(torch.float64))
+    args = raw_args(y.detach(), weight.detach(), plan, keep) + (False,)
+    _, hidden, _, _ = triton_stoich_conv_forward(*args)
+    assert hidden.shape == (0,)
+    torch.library.opcheck(torch.ops.stoichconv.triton_stoich_conv_forward.default,
+                          raw_args(y, weight, plan, keep) + (False,))
+    with pytest.raises(ValueError, match="`grad_hidden` given but `hidden` was not saved"):
+        out, hidden, node_norm, edge_norm = triton_stoich_conv_forward(*args)
+        triton_stoich_conv_backward(torch.ones_like(out), torch.ones(3, plan.num_reactions, 2, 5, dtype=y.dtype,
+                                    device=y.device), y.detach(), weight.detach(), keep, hidden, node_norm,
+                                    edge_norm, *plan.structure(), True, True)

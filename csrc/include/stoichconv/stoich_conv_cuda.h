@@ -30,6 +30,14 @@ struct Geometry {
   int64_t B, H, C;
 };
 
+// Stage 1 alone: hidden [B,M,H,C] from y, weight and the forward's edge_norm
+// (the backward's recomputation when the forward did not save hidden).
+template <typename scalar_t>
+cudaError_t launch_stoich_conv_hidden(const DeviceStructure& s, const Geometry& g,
+                                      const scalar_t* y, const scalar_t* weight, const bool* keep,
+                                      const scalar_t* edge_norm, scalar_t* hidden,
+                                      cudaStream_t stream);
+
 // out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M].
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry& g,
