@@ -15,7 +15,11 @@ else
 # Linux build (CUDA 13.0), so that the CUDA kernels get compiled
 TORCH_REQ := torch===$(TORCH_VERSION)
 endif
-DEPS := triton torch-geometric ninja pybind11 pytest pytest-benchmark numpy tqdm matplotlib
+# setuptools>=77: pyproject's SPDX `license = "..."` (torch 2.11 only asks for setuptools<82, so
+# the venv kept Python 3.11's bundled 65.5). numpy<2.4 with torch 2.11: its pinned triton 3.6.0
+# interpreter (TRITON_INTERPRET=1) calls int() on 1-element arrays, a TypeError since NumPy 2.4.
+NUMPY_REQ := $(if $(filter 2.11.%,$(TORCH_VERSION)),numpy<2.4,numpy)
+DEPS := "setuptools>=77.0.3" triton torch-geometric ninja pybind11 pytest pytest-benchmark "$(NUMPY_REQ)" tqdm matplotlib
 export MAX_JOBS ?= 2
 BENCH_ARGS ?=
 

@@ -29,9 +29,13 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (not built, or wrong device)."""
 
 
+# Looked up once: Dynamo (torch 2.11) refuses to trace importlib.util.find_spec.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Whether the ``triton`` package is importable."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreted() -> bool:
