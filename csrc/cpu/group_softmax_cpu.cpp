@@ -21,9 +21,9 @@ namespace {
 
 constexpr int64_t kGroupGrain = 64;  // (sample, group) rows per task
 
-// logits-like [B, nnz, H] tensor, group_ptr [G + 1], group_perm [nnz]; the
-// ptr/perm values are checked so that a hand-made ordering cannot index out
-// of bounds.
+// logits-like [B, nnz, H] tensor, group_ptr [G + 1], group_perm [nnz] a
+// permutation; the values are checked so that a hand-made ordering can
+// neither index out of bounds nor leave an entry unwritten.
 void check_groups(const char* op, const at::Tensor& values, const at::Tensor& group_ptr,
                   const at::Tensor& group_perm) {
   TORCH_CHECK(values.device().is_cpu(), op, ": tensors must be on the CPU");
@@ -44,27 +44,33 @@ void check_groups(const char* op, const at::Tensor& values, const at::Tensor& gr
   TORCH_CHECK(p[0] == 0 && p[G] == nnz, op, ": `group_ptr` must start at 0 and end at nnz = ", nnz);
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(p[g] <= p[g + 1], op, ": `group_ptr` must be non-decreasing");
-  for (int64_t j = 0; j < nnz; ++j)
+  std::vector<char> seen(static_cast<size_t>(nnz), 0);
+  for (int64_t j = 0; j < nnz; ++j) {
     TORCH_CHECK(q[j] >= 0 && q[j] < nnz, op, ": `group_perm` has id ", q[j], " outside [0, ", nnz,
                 ")");
+    TORCH_CHECK(!seen[q[j]], op, ": `group_perm` must be a permutation of [0, nnz); id ", q[j],
+                " repeats");
+    seen[q[j]] = 1;
+  }
 }
 
 // alpha[b, k, h] = kept ? exp(l - max_group) / max(sum_group exp(l - max), tiny) : 0,
-// max and sum over the kept incidences of k's group.
+// max and sum over the kept incidences of k's group.  Three passes: the group
+// maxima and shifted logits (-inf where not kept), one vectorised exp over the
+// whole tensor (ATen's), then the group sums and the scaling.
 template <typename scalar_t>
-void forward_kernel(const scalar_t* logits, const bool* kept, const int64_t* ptr,
-                    const int64_t* perm, int64_t B, int64_t G, int64_t nnz, int64_t H,
-                    scalar_t* alpha) {
-  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+void shift_by_group_max(const scalar_t* logits, const bool* kept, const int64_t* ptr,
+                        const int64_t* perm, int64_t B, int64_t G, int64_t nnz, int64_t H,
+                        scalar_t* shifted) {
+  constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, B * G, kGroupGrain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> gmax(H), denom(H);
+    std::vector<scalar_t> gmax(H);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / G, g = row % G;
       const scalar_t* l_b = logits + b * nnz * H;
-      scalar_t* a_b = alpha + b * nnz * H;
+      scalar_t* s_b = shifted + b * nnz * H;
       const bool* kept_b = kept ? kept + b * nnz : nullptr;
-      std::fill(gmax.begin(), gmax.end(), -std::numeric_limits<scalar_t>::infinity());
-      std::fill(denom.begin(), denom.end(), scalar_t(0));
+      std::fill(gmax.begin(), gmax.end(), kNegInf);
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
         const int64_t k = perm[j];
         if (kept_b && !kept_b[k]) continue;
@@ -73,17 +79,27 @@ void forward_kernel(const scalar_t* logits, const bool* kept, const int64_t* ptr
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
         const int64_t k = perm[j];
         const bool on = !kept_b || kept_b[k];
-        for (int64_t h = 0; h < H; ++h) {
-          const scalar_t x = on ? std::exp(l_b[k * H + h] - gmax[h]) : scalar_t(0);
-          a_b[k * H + h] = x;
-          denom[h] += x;
-        }
+        for (int64_t h = 0; h < H; ++h) s_b[k * H + h] = on ? l_b[k * H + h] - gmax[h] : kNegInf;
       }
+    }
+  });
+}
+
+template <typename scalar_t>
+void normalize_groups(const int64_t* ptr, const int64_t* perm, int64_t B, int64_t G, int64_t nnz,
+                      int64_t H, scalar_t* alpha) {
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  at::parallel_for(0, B * G, kGroupGrain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> denom(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / G, g = row % G;
+      scalar_t* a_b = alpha + b * nnz * H;
+      std::fill(denom.begin(), denom.end(), scalar_t(0));
+      for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) denom[h] += a_b[perm[j] * H + h];
       for (int64_t h = 0; h < H; ++h) denom[h] = scalar_t(1) / std::max(denom[h], tiny);
-      for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
-        const int64_t k = perm[j];
-        for (int64_t h = 0; h < H; ++h) a_b[k * H + h] *= denom[h];
-      }
+      for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) a_b[perm[j] * H + h] *= denom[h];
     }
   });
 }
@@ -130,12 +146,18 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const std::optional<at
                 ": `kept` must be [B, nnz] = [", B, ", ", nnz, "], got ", kept.sizes());
   }
   const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
-  // Incidences outside every group (possible only with a hand-made ptr) stay 0.
-  auto alpha = at::zeros_like(logits);
+  auto alpha = at::empty_like(logits);  // every entry written: group_perm is a permutation
+  const int64_t G = ptr.size(0) - 1;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "group_softmax_cpu", [&] {
-    forward_kernel<scalar_t>(logits.data_ptr<scalar_t>(), kept.defined() ? kept.data_ptr<bool>() : nullptr,
-                             ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), B,
-                             ptr.size(0) - 1, nnz, H, alpha.data_ptr<scalar_t>());
+    shift_by_group_max<scalar_t>(logits.data_ptr<scalar_t>(),
+                                 kept.defined() ? kept.data_ptr<bool>() : nullptr,
+                                 ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), B, G, nnz, H,
+                                 alpha.data_ptr<scalar_t>());
+  });
+  alpha.exp_();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "group_softmax_cpu", [&] {
+    normalize_groups<scalar_t>(ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), B, G, nnz, H,
+                               alpha.data_ptr<scalar_t>());
   });
   return alpha;
 }
@@ -149,7 +171,7 @@ at::Tensor group_softmax_backward_cpu(const at::Tensor& grad_in, const at::Tenso
               op, ": `grad` must match `alpha` in shape, dtype and device");
   const auto grad = grad_in.contiguous(), alpha = alpha_in.contiguous();
   const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
-  auto grad_logits = at::zeros_like(alpha);
+  auto grad_logits = at::empty_like(alpha);
   AT_DISPATCH_FLOATING_TYPES(alpha.scalar_type(), "group_softmax_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
                               ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), alpha.size(0),

@@ -130,9 +130,14 @@ class StoichHypergraphConv(torch.nn.Module):
             weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
         weight = weight.expand(B, plan.nnz, H)
         out = stoich_propagate(y, weight, plan, reaction_keep, backend=self.backend)
-        out = out.reshape(B, N, H * C) if self.concat else out.mean(dim=2)
-        if self.bias is not None:
-            out = out.add_(self.bias)  # in place: `out` is a fresh tensor the backward does not need
+        if self.concat:
+            if self.bias is not None:  # in place on the op's fresh output (not a view), unused by its backward
+                out = out.add_(self.bias.view(H, C))
+            out = out.view(B, N, H * C)
+        else:
+            out = out.mean(dim=2)
+            if self.bias is not None:
+                out = out.add_(self.bias)
         return out.squeeze(0) if single else out
 
     def _attention(self, x: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:

@@ -5,7 +5,7 @@ metabolite in ``"edge"`` mode).
 Semantics
 ---------
 Inputs: ``logits`` [B, nnz, H], a grouping of the nnz incidences given as a
-CSR ordering (``group_ptr`` [G + 1], ``group_perm`` [nnz]: incidence
+CSR ordering (``group_ptr`` [G + 1], ``group_perm`` [nnz] a permutation: incidence
 ``group_perm[j]`` belongs to group g iff ``group_ptr[g] <= j < group_ptr[g + 1]``;
 a :class:`~stoichconv.ops.StoichPlan` holds both orderings), and an optional
 ``kept`` [B, nnz] bool. For every sample b, head h and incidence k of group g:

@@ -109,6 +109,9 @@ def test_bad_input():
     bad_perm[0] = NNZ
     with pytest.raises(RuntimeError, match=r"`group_perm` has id .* outside \[0, "):
         group_softmax(logits, ptr, bad_perm, kept)
+    bad_perm[0] = perm[1]
+    with pytest.raises(RuntimeError, match=r"`group_perm` must be a permutation .* repeats"):
+        group_softmax(logits, ptr, bad_perm, kept)
     short_ptr = ptr.clone()
     short_ptr[-1] = NNZ - 1
     with pytest.raises(RuntimeError, match="`group_ptr` must start at 0 and end at nnz"):
