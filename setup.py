@@ -37,7 +37,10 @@ def _extensions():
     sources = [os.path.join("csrc", "stoichconv.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's choice
+    # The C++ standard is torch's choice. -fno-trapping-math lets GCC turn
+    # float selects (leaky ReLU and its derivative) into vector blends; no
+    # reassociation, results stay IEEE-exact (the kernels install no FP traps).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     extra_link_args = ["-fopenmp"]
     if decision.with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))

@@ -42,6 +42,10 @@ TORCH_LIBRARY(stoichconv, m) {
   m.def(
       "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor src, Tensor dst, Tensor crow, "
       "float negative_slope) -> (Tensor, Tensor)");
+  // Its backward from the saved alpha: (grad_x_l, grad_x_r, grad_att).  CPU only.
+  m.def(
+      "gatv2_backward(Tensor grad_out, Tensor x_l, Tensor x_r, Tensor att, Tensor alpha, "
+      "Tensor src, Tensor dst, Tensor crow, float negative_slope) -> (Tensor, Tensor, Tensor)");
   // Softmax of logits [B, nnz, H] over the incidences of each group (a CSR
   // ordering: group_ptr [G+1], group_perm [nnz]); incidences with kept [B, nnz]
   // False weigh 0.  CPU only; semantics in stoichconv/ops/group_softmax.py.

@@ -117,10 +117,149 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
   return {out, alpha};
 }
 
+// Edges grouped by `key` (counting sort, stable): ptr [num_keys + 1] and the
+// edge ids in key order, increasing within a key.
+void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
+                    std::vector<int64_t>& order) {
+  ptr.assign(static_cast<size_t>(num_keys + 1), 0);
+  for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
+  for (int64_t k = 0; k < num_keys; ++k) ptr[k + 1] += ptr[k];
+  std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+  order.resize(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) order[next[key[e]]++] = e;
+}
+
+// Source rows per block of the x_l pass: grad_att is summed per block, then
+// over the blocks in order, so it does not depend on the thread count.
+constexpr int64_t kSrcBlock = 64;
+
+// The backward of forward_kernel, in three passes (every output row written
+// by one thread, sums in a fixed order):
+//  A. per output row i (row-local softmax backward):
+//       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e')
+//  B. per source row s, over its edges (grouped by src):
+//       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e),
+//       pre_e = x_l[src_e] + x_r[dst_e];  grad_att += gl_e lrelu(pre_e)
+//  C. per destination row d, over its edges (grouped by dst; the output rows
+//     themselves when dst is the row):  grad_x_r[d] = sum_e gl_e att * lrelu'(pre_e)
+template <typename scalar_t>
+void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
+                     const scalar_t* alpha, const int64_t* src, const int64_t* dst,
+                     const int64_t* crow, int64_t R, int64_t E, int64_t Ns, int64_t Nd, int64_t H,
+                     int64_t C, scalar_t slope, scalar_t* gxl, scalar_t* gxr, scalar_t* gatt) {
+  const int64_t W = H * C;
+  std::vector<scalar_t> grad_logit(static_cast<size_t>(E * H));
+  std::vector<int64_t> row_of(static_cast<size_t>(E));
+  // A.
+  at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> dot(H);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e0 = crow[i], e1 = crow[i + 1];
+      for (int64_t h = 0; h < H; ++h) dot[h] = scalar_t(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        row_of[e] = i;
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t ga = dot_row<kLanes<scalar_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
+          grad_logit[e * H + h] = ga;
+          dot[h] += alpha[e * H + h] * ga;
+        }
+      }
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t h = 0; h < H; ++h)
+          grad_logit[e * H + h] = alpha[e * H + h] * (grad_logit[e * H + h] - dot[h]);
+    }
+  });
+  // B.
+  std::vector<int64_t> src_ptr, by_src;
+  group_edges_by(src, E, Ns, src_ptr, by_src);
+  const int64_t num_blocks = (Ns + kSrcBlock - 1) / kSrcBlock;
+  std::vector<scalar_t> att_partial(static_cast<size_t>(num_blocks * W), scalar_t(0));
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> pre(W);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      scalar_t* part = att_partial.data() + blk * W;
+      for (int64_t s = blk * kSrcBlock; s < std::min(Ns, (blk + 1) * kSrcBlock); ++s) {
+        scalar_t* acc = gxl + s * W;
+        for (int64_t c = 0; c < W; ++c) acc[c] = scalar_t(0);
+        const scalar_t* xs = xl + s * W;
+        for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
+          const int64_t e = by_src[j];
+          const scalar_t* xd = xr + dst[e] * W;
+          const scalar_t* gr = g + row_of[e] * W;
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = h * C;
+            gatv2_source_grad_row(acc + o, part + o, alpha[e * H + h], gr + o,
+                                  grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < W; ++c) gatt[c] = scalar_t(0);
+  for (int64_t blk = 0; blk < num_blocks; ++blk)
+    for (int64_t c = 0; c < W; ++c) gatt[c] += att_partial[blk * W + c];
+  // C.
+  bool dst_is_row = Nd == R;
+  for (int64_t e = 0; dst_is_row && e < E; ++e) dst_is_row = dst[e] == row_of[e];
+  std::vector<int64_t> dst_ptr_v, by_dst_v;
+  if (!dst_is_row) group_edges_by(dst, E, Nd, dst_ptr_v, by_dst_v);
+  const int64_t* dst_ptr = dst_is_row ? crow : dst_ptr_v.data();
+  const int64_t* by_dst = dst_is_row ? nullptr : by_dst_v.data();
+  at::parallel_for(0, Nd, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      scalar_t* acc = gxr + d * W;
+      for (int64_t c = 0; c < W; ++c) acc[c] = scalar_t(0);
+      const scalar_t* xd = xr + d * W;
+      for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
+        const int64_t e = by_dst ? by_dst[j] : j;
+        const scalar_t* xs = xl + src[e] * W;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * C;
+          gatv2_destination_grad_row(acc + o, grad_logit[e * H + h], att + o, xs + o, xd + o,
+                                     slope, C);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_l_in, const at::Tensor& x_r_in,
+    const at::Tensor& att_in, const at::Tensor& alpha_in, const at::Tensor& src,
+    const at::Tensor& dst, const at::Tensor& crow, double negative_slope) {
+  check_args(x_l_in, x_r_in, att_in, src, dst, crow);
+  const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l_in.size(1), C = x_l_in.size(2);
+  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == R && grad_out_in.size(1) == H &&
+                  grad_out_in.size(2) == C && grad_out_in.scalar_type() == x_l_in.scalar_type() &&
+                  grad_out_in.device().is_cpu(),
+              "gatv2_backward: `grad_out` must be a CPU tensor [num_rows, H, C] = [", R, ", ", H,
+              ", ", C, "] of the dtype of `x_l`");
+  TORCH_CHECK(alpha_in.dim() == 2 && alpha_in.size(0) == E && alpha_in.size(1) == H &&
+                  alpha_in.scalar_type() == x_l_in.scalar_type() && alpha_in.device().is_cpu(),
+              "gatv2_backward: `alpha` must be a CPU tensor [E, H] = [", E, ", ", H,
+              "] of the dtype of `x_l`");
+  const auto grad_out = grad_out_in.contiguous(), x_l = x_l_in.contiguous(),
+             x_r = x_r_in.contiguous(), att = att_in.contiguous(), alpha = alpha_in.contiguous();
+  auto grad_x_l = at::empty_like(x_l);
+  auto grad_x_r = at::empty_like(x_r);
+  auto grad_att = at::empty_like(att);
+  AT_DISPATCH_FLOATING_TYPES(x_l.scalar_type(), "gatv2_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), x_l.data_ptr<scalar_t>(),
+                              x_r.data_ptr<scalar_t>(), att.data_ptr<scalar_t>(),
+                              alpha.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+                              dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, E,
+                              x_l.size(0), x_r.size(0), H, C,
+                              static_cast<scalar_t>(negative_slope), grad_x_l.data_ptr<scalar_t>(),
+                              grad_x_r.data_ptr<scalar_t>(), grad_att.data_ptr<scalar_t>());
+  });
+  return {grad_x_l, grad_x_r, grad_att};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
   m.impl("gatv2_forward", &gatv2_forward_cpu);
+  m.impl("gatv2_backward", &gatv2_backward_cpu);
 }
 
 }  // namespace stoichconv

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch_geometric.data import HeteroData
 
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
-from stoichconv.ops.gatv2 import gatv2_forward, gatv2_op_available
+from stoichconv.ops.gatv2 import gatv2_backward, gatv2_forward, gatv2_op_available
 from stoichconv.reference.hetero_cell import (
     GPR,
     METABOLISM,
@@ -99,7 +99,7 @@ class EdgeSet:
 def _chunk_size(device: torch.device, width: int) -> int:
     if device.type == "cuda":
         return 1 << 20
-    return max(1024, (1 << 18) // max(width, 1))  # ~1 MB of float32 per chunk tensor
+    return max(1024, (1 << 20) // max(width, 1))  # ~1 MB of float32 per chunk tensor
 
 
 def _segment_softmax(logits: Tensor, row: Tensor, num_rows: int) -> Tensor:
@@ -145,7 +145,7 @@ class _GATv2Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float,
                 use_kernel: bool = False):
-        ctx.edges, ctx.negative_slope = edges, negative_slope
+        ctx.edges, ctx.negative_slope, ctx.use_kernel = edges, negative_slope, use_kernel
         if use_kernel:  # the fused C++ forward (stoichconv.ops.gatv2); forward() runs without grad
             out, alpha = gatv2_forward(x_l, x_r, att.contiguous(), edges.src, edges.dst, edges.crow, negative_slope)
             ctx.save_for_backward(x_l, x_r, att, alpha)
@@ -177,6 +177,10 @@ class _GATv2Attention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x_l, x_r, att, alpha = ctx.saved_tensors
         edges, slope = ctx.edges, ctx.negative_slope
+        if ctx.use_kernel:  # the C++ backward (stoichconv.ops.gatv2)
+            grad_x_l, grad_x_r, grad_att = gatv2_backward(grad_out, x_l, x_r, att.contiguous(), alpha, edges.src,
+                                                          edges.dst, edges.crow, slope)
+            return grad_x_l, grad_x_r, grad_att, None, None, None
         E = edges.num_edges
         _, H, Ch = x_l.shape
         W = H * Ch
@@ -225,10 +229,9 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negat
     over the edges of row i, ``out[i] = sum_e alpha_e x_l[src_e]`` ([num_rows, H, C']; rows with
     no edge are 0). Differentiable w.r.t. ``x_l``, ``x_r``, ``att`` (hand-written backward).
 
-    On CPU with the compiled extension the forward runs the fused C++ kernel
+    On CPU with the compiled extension the forward and backward run the fused C++ kernels
     (:mod:`stoichconv.ops.gatv2`); elsewhere, or with ``use_kernel=False``, the edge-chunked
-    pure-PyTorch forward (the kernel's reference in the tests). The backward is the
-    edge-chunked PyTorch one either way."""
+    pure-PyTorch forward and backward (the kernels' reference in the tests)."""
     if x_l.dim() != 3 or x_r.dim() != 3 or x_l.shape[1:] != x_r.shape[1:]:
         raise ValueError(f"`x_l` and `x_r` must be [N, H, C'] with equal H, C'; got {tuple(x_l.shape)}, {tuple(x_r.shape)}")
     if tuple(att.shape) != tuple(x_l.shape[1:]):

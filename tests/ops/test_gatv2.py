@@ -1,12 +1,12 @@
-"""The fused GATv2 forward kernel (stoichconv.ops.gatv2) against the edge-chunked
-pure-PyTorch path of stoichconv.models.hetero_cell.gatv2_attention."""
+"""The fused GATv2 forward and backward kernels (stoichconv.ops.gatv2) against the
+edge-chunked pure-PyTorch path of stoichconv.models.hetero_cell.gatv2_attention."""
 
 import pytest
 import torch
 
 import stoichconv
 from stoichconv.models.hetero_cell import EdgeSet, gatv2_attention
-from stoichconv.ops.gatv2 import gatv2_forward, gatv2_op_available
+from stoichconv.ops.gatv2 import gatv2_backward, gatv2_forward, gatv2_op_available
 
 pytestmark = pytest.mark.skipif(not stoichconv.has_compiled_kernels(), reason="stoichconv._C not built")
 
@@ -51,6 +51,40 @@ def test_kernel_matches_chunked_pytorch(dtype, tol, H, C):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(dtype, tol):
+    # dst == output row (the per-sample layout: the kernel takes the rows as the
+    # destination grouping), and rows of zeros so that some pre-activations are
+    # exactly 0 (where the derivative must be the slope, as in torch).
+    edges = random_edges(num_src=40, num_dst=25, num_rows=25, num_edges=200, seed=21)
+    edges = EdgeSet(edges.src, edges.row.clone(), edges.row, edges.crow, edges.num_rows)
+    x_l, x_r, att = features(edges, H=2, C=6, dtype=dtype)
+    with torch.no_grad():
+        x_l[:5] = 0
+        x_r[:5] = 0
+    got = gatv2_attention(x_l, x_r, att, edges, 0.2)
+    want = gatv2_attention(x_l, x_r, att, edges, 0.2, use_kernel=False)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (x_l, x_r, att), grad), torch.autograd.grad(want, (x_l, x_r, att), grad)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_backward_is_deterministic_across_threads():
+    edges = random_edges(num_rows=2000, num_edges=20000, num_src=500, num_dst=400, seed=19)
+    x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32))
+    out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow)
+    grad = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    try:
+        first = gatv2_backward(grad, x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow)
+        torch.set_num_threads(1)
+        single = gatv2_backward(grad, x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, single))
+
+
 def test_alpha_is_a_softmax_per_row():
     edges = random_edges(seed=3)
     x_l, x_r, att = (t.detach() for t in features(edges))
@@ -88,6 +122,9 @@ def test_opcheck():
     x_l, x_r, att = (t.detach() for t in features(edges))
     torch.library.opcheck(torch.ops.stoichconv.gatv2_forward.default,
                           (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2))
+    out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
+    torch.library.opcheck(torch.ops.stoichconv.gatv2_backward.default,
+                          (torch.randn_like(out), x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow, 0.2))
 
 
 def test_bad_input():
@@ -104,3 +141,12 @@ def test_bad_input():
         gatv2_forward(x_l, x_r.float(), *args[2:])
     with pytest.raises(TypeError, match="`src` must be a 1-D int64 tensor"):
         gatv2_forward(x_l, x_r, att, edges.src.int(), edges.dst, edges.crow)
+    out, alpha = gatv2_forward(*args)
+    with pytest.raises(RuntimeError, match=r"`alpha` must be a CPU tensor \[E, H\]"):
+        gatv2_backward(out, *args[:3], alpha[1:], *args[3:])
+    with pytest.raises(RuntimeError, match=r"`grad_out` must be a CPU tensor \[num_rows, H, C\]"):
+        gatv2_backward(out[1:], *args[:3], alpha, *args[3:])
+    with pytest.raises(RuntimeError, match=r"`dst` has id .* outside \[0, "):
+        gatv2_backward(out, x_l, x_r[:2], att, alpha, *args[3:])
+    with pytest.raises(TypeError, match="`alpha` must be a floating tensor"):
+        gatv2_backward(out, *args[:3], alpha.long(), *args[3:])
