@@ -99,7 +99,7 @@ class EdgeSet:
 def _chunk_size(device: torch.device, width: int) -> int:
     if device.type == "cuda":
         return 1 << 20
-    return max(1024, (1 << 20) // max(width, 1))  # ~1 MB of float32 per chunk tensor
+    return max(1024, (1 << 18) // max(width, 1))  # ~1 MB of float32 per chunk tensor
 
 
 def _segment_softmax(logits: Tensor, row: Tensor, num_rows: int) -> Tensor:
