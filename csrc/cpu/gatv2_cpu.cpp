@@ -1,9 +1,9 @@
-// C++ CPU kernel of the fused GATv2 attention + aggregation forward
-// (semantics in stoichconv/ops/gatv2.py).
+// C++ CPU kernels of the fused GATv2 attention + aggregation, forward and
+// backward (semantics in stoichconv/ops/gatv2.py).
 //
 // Edges come sorted by output row (CSR `crow`): one pass over the rows computes
 // the logits, the row's softmax and the aggregation; nothing per edge is kept
-// but alpha [E, H] (the edge-chunked PyTorch backward recomputes the rest).
+// but alpha [E, H] (the backward recomputes the pre-activations).
 // Every row is written by one thread with sums in a fixed order: bit-identical
 // for any thread count, no atomics.
 #include <ATen/ATen.h>
