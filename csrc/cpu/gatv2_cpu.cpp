@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "../csr_checks.h"
 #include "stoichconv/gatv2_math.h"
 #include "stoichconv/stoich_conv_math.h"  // axpy_row
 
@@ -53,8 +54,7 @@ void check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& 
   const int64_t* s = src.data_ptr<int64_t>();
   const int64_t* d = dst.data_ptr<int64_t>();
   const int64_t* p = crow.data_ptr<int64_t>();
-  TORCH_CHECK(p[0] == 0 && p[R] == E, op, ": `crow` must start at 0 and end at E = ", E);
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(p[r] <= p[r + 1], op, ": `crow` must be non-decreasing");
+  check_row_pointer(op, "crow", p, R, E, "E");
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK(s[e] >= 0 && s[e] < Ns, op, ": `src` has id ", s[e], " outside [0, ", Ns, ")");
     TORCH_CHECK(d[e] >= 0 && d[e] < Nd, op, ": `dst` has id ", d[e], " outside [0, ", Nd, ")");

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "../csr_checks.h"
+
 namespace stoichconv {
 namespace {
 
@@ -41,9 +43,7 @@ void check_groups(const char* op, const at::Tensor& values, const at::Tensor& gr
   const auto perm = group_perm.contiguous();
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t* q = perm.data_ptr<int64_t>();
-  TORCH_CHECK(p[0] == 0 && p[G] == nnz, op, ": `group_ptr` must start at 0 and end at nnz = ", nnz);
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(p[g] <= p[g + 1], op, ": `group_ptr` must be non-decreasing");
+  check_row_pointer(op, "group_ptr", p, G, nnz, "nnz");
   std::vector<char> seen(static_cast<size_t>(nnz), 0);
   for (int64_t j = 0; j < nnz; ++j) {
     TORCH_CHECK(q[j] >= 0 && q[j] < nnz, op, ": `group_perm` has id ", q[j], " outside [0, ", nnz,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../csr_checks.h"
 #include "../stoich_conv_checks.h"
 #include "stoichconv/stoich_conv_math.h"
 
@@ -38,16 +39,8 @@ struct Structure {
 
 // One O(nnz + N + M) pass so that a hand-made plan can never index out of bounds.
 void check_structure_values(const Structure& s) {
-  TORCH_CHECK(s.reaction_ptr[0] == 0 && s.reaction_ptr[s.M] == s.nnz,
-              "stoich_conv: `reaction_ptr` must start at 0 and end at nnz = ", s.nnz);
-  TORCH_CHECK(s.metabolite_ptr[0] == 0 && s.metabolite_ptr[s.N] == s.nnz,
-              "stoich_conv: `metabolite_ptr` must start at 0 and end at nnz = ", s.nnz);
-  for (int64_t e = 0; e < s.M; ++e)
-    TORCH_CHECK(s.reaction_ptr[e] <= s.reaction_ptr[e + 1],
-                "stoich_conv: `reaction_ptr` must be non-decreasing");
-  for (int64_t v = 0; v < s.N; ++v)
-    TORCH_CHECK(s.metabolite_ptr[v] <= s.metabolite_ptr[v + 1],
-                "stoich_conv: `metabolite_ptr` must be non-decreasing");
+  check_row_pointer("stoich_conv", "reaction_ptr", s.reaction_ptr, s.M, s.nnz, "nnz");
+  check_row_pointer("stoich_conv", "metabolite_ptr", s.metabolite_ptr, s.N, s.nnz, "nnz");
   for (int64_t j = 0; j < s.nnz; ++j) {
     TORCH_CHECK(s.metabolite_index[j] >= 0 && s.metabolite_index[j] < s.N,
                 "stoich_conv: `metabolite_index` out of range [0, ", s.N, ")");
