@@ -4,7 +4,7 @@
 deletions (``pert``, ``pert_ptr``) into a model-ready ``HeteroData`` batch in
 one of two layouts; :func:`filter_edges`, :func:`reaction_keep` and
 :func:`filter_bipartite` are the operators it is made of (semantics in
-:mod:`stoichconv.ops.pert_mask`; the spec is ``spec/pert_mask.md``).
+:mod:`stoichconv.ops.pert_mask`).
 
 Output fields of :func:`perturb_batch`:
 
@@ -32,15 +32,10 @@ import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
-from stoichconv.ops.pert_mask import (
-    FilteredBipartite,
-    _check_edge_index,
-    FilteredEdges,
-    check_perturbations,
-    filter_bipartite,
-    filter_edges,
-    reaction_keep,
-)
+from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM
+from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
+from stoichconv.ops.pert_mask.validation import check_edge_index, check_perturbations
+from stoichconv.types import FilteredBipartite, FilteredEdges
 
 __all__ = [
     "FilteredBipartite",
@@ -53,9 +48,6 @@ __all__ = [
 ]
 
 LAYOUTS = ("compacted", "full")
-GENE_GENE_RELATIONS = (("gene", "physical_interaction", "gene"), ("gene", "regulatory_interaction", "gene"))
-GPR = ("gene", "gpr", "reaction")
-METABOLISM = ("metabolite", "reaction", "metabolite")
 
 
 def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: Tensor | None = None,
@@ -120,7 +112,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         (METABOLISM, "hyperedge_index", num_metabolites, num_reactions),
     ):
         name = f"cell_graph[{relation!r}].{key}"
-        indices[relation] = _check_edge_index(name, cell_graph[relation][key].to(device), num_src, num_dst, device,
+        indices[relation] = check_edge_index(name, cell_graph[relation][key].to(device), num_src, num_dst, device,
                                               src_name=f"num_{relation[0]}s", dst_name=f"num_{relation[2]}s",
                                               values=validate_graph)
 
@@ -134,8 +126,6 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         store.edge_ptr = filtered.edge_ptr
         store.edge_keep = filtered.edge_keep
         gene_keep, node_ptr = filtered.node_keep, filtered.node_ptr
-    if gene_keep is None:  # pragma: no cover - both relations always exist
-        raise ValueError("`cell_graph` has no gene-gene relation")
     gpr_index = indices[GPR]
     rkeep = reaction_keep(gpr_index, num_reactions, pert, pert_ptr, backend=other_backend, validate=False)
 

@@ -41,7 +41,9 @@ import torch
 from torch_geometric.data import HeteroData
 
 from stoichconv.data import load_cell_graph, random_perturbations
-from stoichconv.reference.hetero_cell import GPR, METABOLISM, PHYSICAL, REGULATORY, nan_mse_loss
+from stoichconv.data.relations import GPR, METABOLISM, PHYSICAL, REGULATORY
+from stoichconv.perturb import perturb_batch
+from stoichconv.reference.hetero_cell import nan_mse_loss
 
 __all__ = ["make_small_cell_graph", "Teacher", "build_model", "model_step", "train", "main", "parse_args"]
 
@@ -134,12 +136,6 @@ def build_model(kind: str, cell_graph: HeteroData, hidden: int, layers: int, hea
 
 
 def _compacted_batch(cell_graph: HeteroData, pert: torch.Tensor, pert_ptr: torch.Tensor) -> HeteroData:
-    try:  # the fast batch builder, when present
-        from stoichconv.perturb import perturb_batch
-    except ImportError:
-        from stoichconv.reference.perturb import perturb_batch_reference
-
-        return perturb_batch_reference(cell_graph, pert, pert_ptr)
     return perturb_batch(cell_graph, pert, pert_ptr, layout="compacted")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stoichconv
-from stoichconv.backends import BackendUnavailableError, resolve_backend
+from stoichconv.backends import BackendUnavailableError, resolve
 
 
 def test_import_without_extension_warns_once_and_uses_reference():
@@ -49,31 +49,31 @@ def test_import_without_extension_warns_once_and_uses_reference():
 @pytest.mark.skipif(not stoichconv.has_compiled_kernels(), reason="stoichconv._C not built")
 def test_auto_backend_on_cpu_is_the_compiled_kernel(monkeypatch):
     monkeypatch.delenv("STOICHCONV_BACKEND", raising=False)
-    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
-    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+    assert resolve("stoich_conv", "auto", torch.device("cpu")) == "cpu"
+    assert resolve("stoich_conv", "reference", torch.device("cpu")) == "reference"
 
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("STOICHCONV_BACKEND", "reference")
-    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    assert resolve("stoich_conv", "auto", torch.device("cpu")) == "reference"
     if stoichconv.has_compiled_kernels():
-        assert resolve_backend("cpu", torch.device("cpu")) == "cpu"  # explicit choice wins
+        assert resolve("stoich_conv", "cpu", torch.device("cpu")) == "cpu"  # explicit choice wins
     monkeypatch.setenv("STOICHCONV_BACKEND", "bogus")
     with pytest.raises(ValueError, match="`backend` must be one of"):
-        resolve_backend("auto", torch.device("cpu"))
+        resolve("stoich_conv", "auto", torch.device("cpu"))
 
 
 def test_forcing_an_unavailable_backend_raises(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="backend='cuda' runs CUDA tensors"):
-        resolve_backend("cuda", torch.device("cpu"))
+        resolve("stoich_conv", "cuda", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="backend='triton' runs CUDA tensors"):
-        resolve_backend("triton", torch.device("cpu"))
+        resolve("stoich_conv", "triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="`backend` must be one of"):
-        resolve_backend("gpu", torch.device("cpu"))
+        resolve("stoich_conv", "gpu", torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default of the suite")
 def test_suite_runs_triton_through_the_interpreter_without_gpu():
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert resolve("stoich_conv", "triton", torch.device("cpu")) == "triton"

@@ -17,21 +17,20 @@ from functools import partial
 import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
+from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REGULATORY
 
-PHYSICAL = ("gene", "physical_interaction", "gene")
-RELATIONS = (PHYSICAL, ("gene", "regulatory_interaction", "gene"), ("gene", "gpr", "reaction"))
-METABOLISM = ("metabolite", "reaction", "metabolite")
+RELATIONS = (PHYSICAL, REGULATORY, GPR)
 
 
 def batch_tensors(batch) -> tuple:
     """The tensors compared between perturb_batch implementations."""
     tensors = tuple(batch[r].edge_index for r in RELATIONS)
     tensors += (batch[METABOLISM].hyperedge_index, batch[METABOLISM].stoichiometry)
-    return tensors + tuple(batch[t].n_id for t in ("gene", "reaction", "metabolite"))
+    return tensors + tuple(batch[t].n_id for t in NODE_TYPES)
 
 
 def cases(args) -> list:
-    from stoichconv.backends import BackendUnavailableError, resolve_backend
+    from stoichconv.backends import available_backends
     from stoichconv.data import load_cell_graph, random_perturbations
     from stoichconv.perturb import filter_edges, perturb_batch
     from stoichconv.reference.padded_mask import PaddedIncidenceTable, PaddedPerturber, filter_edges_padded
@@ -43,15 +42,8 @@ def cases(args) -> list:
     physical = graph[PHYSICAL].edge_index
     physical_table = PaddedIncidenceTable(physical, num_genes)
     padded_perturber = PaddedPerturber(graph)
-    fast_backends = []
-    for backend in args.backends:
-        if backend not in KERNEL_BACKENDS:
-            continue
-        try:
-            resolve_backend(backend, device)
-            fast_backends.append(backend)
-        except BackendUnavailableError:
-            pass
+    runnable = available_backends(device, "filter_edges")["filter_edges"]
+    fast_backends = [b for b in args.backends if b in KERNEL_BACKENDS and b in runnable]
     graph_on_device = graph.to(device)
     result = []
     for B in args.batches:

@@ -127,13 +127,14 @@ class SparseSpMMLayer(torch.nn.Module):
 
 
 def cases(args) -> list[BenchCase]:
-    from stoichconv.backends import BackendUnavailableError, resolve_backend
+    from stoichconv.backends import available_backends
     from stoichconv.nn import StoichHypergraphConv as FastConv
     from stoichconv.reference import StoichHypergraphConv as ReferenceConv
 
     device = torch.device(args.device)
     channels = args.channels
-    fast_backends = [b for b in args.backends if b in KERNEL_BACKENDS]
+    runnable = available_backends(device, "stoich_conv")["stoich_conv"]
+    fast_backends = [b for b in args.backends if b in KERNEL_BACKENDS and b in runnable]
     result = []
     for batch_size in args.batches:
         data = make_batch(batch_size, channels, device)
@@ -176,10 +177,6 @@ def cases(args) -> list[BenchCase]:
                     )
                 )
             for backend in fast_backends:
-                try:
-                    resolve_backend(backend, device)
-                except BackendUnavailableError:
-                    continue
                 fast = FastConv(channels, channels, backend=backend, **options).to(device)
                 fast.load_state_dict(reference.state_dict())
                 inputs = dict(

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch_geometric.data import HeteroData
 
+from stoichconv.data.relations import GPR, METABOLISM, PHYSICAL, REGULATORY
 from stoichconv.data.yeast_gem import load_yeast_gem
 
 __all__ = ["load_cell_graph", "random_perturbations"]
@@ -119,14 +120,14 @@ def load_cell_graph(seed: int = 0) -> HeteroData:
     data["metabolite"].num_nodes = network.num_metabolites
     data["metabolite"].node_ids = list(network.metabolite_names)
 
-    data["gene", "physical_interaction", "gene"].edge_index = _physical_edges(NUM_GENES, generator)
-    data["gene", "regulatory_interaction", "gene"].edge_index = _regulatory_edges(
+    data[PHYSICAL].edge_index = _physical_edges(NUM_GENES, generator)
+    data[REGULATORY].edge_index = _regulatory_edges(
         NUM_GENES, generator
     )
-    data["gene", "gpr", "reaction"].edge_index = torch.stack(
+    data[GPR].edge_index = torch.stack(
         [gem_to_cell[network.gpr_index[0]], network.gpr_index[1]]
     ).contiguous()
-    metabolism = data["metabolite", "reaction", "metabolite"]
+    metabolism = data[METABOLISM]
     metabolism.hyperedge_index = network.incidence.clone()
     metabolism.stoichiometry = network.stoich.clone()
     metabolism.num_edges = network.num_reactions

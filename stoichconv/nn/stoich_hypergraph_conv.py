@@ -2,12 +2,13 @@
 
 Same constructor, parameters (names and shapes) and forward signature as the
 reference layer :class:`stoichconv.reference.StoichHypergraphConv` (the seed's
-layer, see ``spec/stoich_conv.md``), so a ``state_dict`` loads either way and
+layer), so a ``state_dict`` loads either way and
 it slots into ``torch_geometric.nn.HeteroConv`` (pass ``stoich_dict``,
 ``hyperedge_attr_dict``, ``num_edges_dict``). The math is the reference's:
 ``w_k,h = s_k * g_{v_k} * alpha_k,h`` computed here with small gathers, then
 the two propagation stages and their hand-written backward in one operator
-(:func:`stoichconv.ops.stoich_propagate`).
+(:func:`stoichconv.ops.stoich_conv`), and the attention softmax as one
+more (:func:`stoichconv.ops.group_softmax`).
 
 Beyond the reference it takes a *shared-topology batch*: ``x`` [B, N, F]
 (``hyperedge_attr`` [M, F] or [B, M, F]) with ``reaction_keep`` [B, M]; masked
@@ -26,9 +27,9 @@ from torch.nn import Parameter
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
 
-from stoichconv.backends import check_backend_name, resolve_backend
-from stoichconv.ops.group_softmax import group_softmax, group_softmax_op_available, group_softmax_reference
-from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_propagate
+from stoichconv.backends import check_backend_name, resolve
+from stoichconv.ops.group_softmax import group_softmax
+from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_conv
 
 ATTENTION_MODES = ("node", "edge")
 
@@ -129,7 +130,7 @@ class StoichHypergraphConv(torch.nn.Module):
         if self.use_attention:
             weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
         weight = weight.expand(B, plan.nnz, H)
-        out = stoich_propagate(y, weight, plan, reaction_keep, backend=self.backend)
+        out = stoich_conv(y, weight, plan, reaction_keep, backend=self.backend)
         if self.concat:
             if self.bias is not None:  # in place on the op's fresh output (not a view), unused by its backward
                 out = out.add_(self.bias.view(H, C))
@@ -163,22 +164,12 @@ class StoichHypergraphConv(torch.nn.Module):
         logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)
         kept = None if reaction_keep is None else reaction_keep.index_select(1, plan.reaction_index)
         if self.attention_mode == "node":
-            group, num_groups, ptr, perm = plan.reaction_index, plan.num_reactions, plan.reaction_ptr, plan.reaction_perm
+            ptr, perm = plan.reaction_ptr, plan.reaction_perm
         else:
-            group, num_groups = plan.metabolite_index, plan.num_metabolites
             ptr, perm = plan.metabolite_ptr, plan.metabolite_perm
-        if self._softmax_kernel(x.device):
-            alpha = group_softmax(logits, ptr, perm, kept)
-        else:
-            alpha = group_softmax_reference(logits, group, num_groups, kept)
+        backend = resolve("group_softmax", self.backend, x.device, strict=False)
+        alpha = group_softmax(logits, ptr, perm, kept, backend=backend)
         return F.dropout(alpha, p=self.dropout, training=self.training)
-
-    def _softmax_kernel(self, device: torch.device) -> bool:
-        """The C++ grouped softmax runs with the CPU kernels (backend "cpu", or
-        "auto" on CPU tensors); otherwise its PyTorch reference."""
-        if self.backend not in ("auto", "cpu") or not group_softmax_op_available(device):
-            return False
-        return resolve_backend(self.backend, device) == "cpu"
 
     def __repr__(self) -> str:
         return (

@@ -55,26 +55,10 @@ from torch_geometric.nn import AttentionalAggregation, GATv2Conv, HeteroConv
 from torch_geometric.nn import LayerNorm as GraphLayerNorm
 from torch_geometric.utils import scatter
 
+from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REGULATORY, REV_GPR
 from stoichconv.reference.stoich_hypergraph_conv import StoichHypergraphConv
 
-__all__ = [
-    "HeteroCell",
-    "PreProcessor",
-    "RelationWrapper",
-    "PHYSICAL",
-    "REGULATORY",
-    "GPR",
-    "METABOLISM",
-    "REV_GPR",
-    "nan_mse_loss",
-]
-
-PHYSICAL = ("gene", "physical_interaction", "gene")
-REGULATORY = ("gene", "regulatory_interaction", "gene")
-GPR = ("gene", "gpr", "reaction")
-METABOLISM = ("metabolite", "reaction", "metabolite")
-REV_GPR = ("reaction", "rev_gpr", "gene")
-NODE_TYPES = ("gene", "reaction", "metabolite")
+__all__ = ["HeteroCell", "PreProcessor", "RelationWrapper", "nan_mse_loss"]
 
 
 def nan_mse_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -17,11 +17,8 @@ import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
-from stoichconv.ops.pert_mask import FilteredEdges
-
-GENE_GENE_RELATIONS = (("gene", "physical_interaction", "gene"), ("gene", "regulatory_interaction", "gene"))
-GPR = ("gene", "gpr", "reaction")
-METABOLISM = ("metabolite", "reaction", "metabolite")
+from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM
+from stoichconv.types import FilteredEdges
 
 
 class PaddedIncidenceTable:

@@ -223,9 +223,9 @@ def test_non_contiguous_inputs():
 
 
 def test_auto_backend_picks_cuda_on_gpu_tensors():
-    from stoichconv.backends import resolve_backend
+    from stoichconv.backends import resolve
 
-    assert resolve_backend("auto", torch.device(DEV)) == "cuda"
+    assert resolve("stoich_conv", "auto", torch.device(DEV)) == "cuda"
 
 
 # ---------------------------------------------------------------- bad input

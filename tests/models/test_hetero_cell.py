@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from stoichconv.data import load_cell_graph, random_perturbations
-from stoichconv.models.hetero_cell import EdgeSet, HeteroCell as FastHeteroCell, gatv2_attention
+from stoichconv.models.hetero_cell import HeteroCell as FastHeteroCell
+from stoichconv.ops.gatv2 import gatv2_attention
+from stoichconv.types import EdgeSet
 from stoichconv.reference.hetero_cell import HeteroCell as RefHeteroCell, nan_mse_loss
 from stoichconv.reference.perturb import perturb_batch_reference
 from stoichconv.train import make_small_cell_graph

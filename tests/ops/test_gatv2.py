@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import stoichconv
-from stoichconv.models.hetero_cell import EdgeSet, gatv2_attention
-from stoichconv.ops.gatv2 import gatv2_backward, gatv2_forward, gatv2_op_available
+from stoichconv.backends import available_backends
+from stoichconv.ops.gatv2 import gatv2_attention, gatv2_backward, gatv2_forward
+from stoichconv.types import EdgeSet
 
 pytestmark = pytest.mark.skipif(not stoichconv.has_compiled_kernels(), reason="stoichconv._C not built")
 
@@ -33,8 +34,8 @@ def features(edges, H=2, C=5, dtype=torch.float64, seed=1):
 
 
 def test_available_on_cpu_only():
-    assert gatv2_op_available(torch.device("cpu"))
-    assert not gatv2_op_available(torch.device("meta"))
+    assert "cpu" in available_backends(torch.device("cpu"), "gatv2")["gatv2"]
+    assert "cpu" not in available_backends(torch.device("meta"), "gatv2")["gatv2"]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -43,7 +44,7 @@ def test_kernel_matches_chunked_pytorch(dtype, tol, H, C):
     edges = random_edges(seed=H * C)
     x_l, x_r, att = features(edges, H, C, dtype)
     got = gatv2_attention(x_l, x_r, att, edges, 0.2)
-    want = gatv2_attention(x_l, x_r, att, edges, 0.2, use_kernel=False)
+    want = gatv2_attention(x_l, x_r, att, edges, 0.2, backend="reference")
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert torch.all(got[3] == 0) and torch.all(got[7] == 0)
     grad = torch.randn_like(got)
@@ -63,7 +64,7 @@ def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(dtype
         x_l[:5] = 0
         x_r[:5] = 0
     got = gatv2_attention(x_l, x_r, att, edges, 0.2)
-    want = gatv2_attention(x_l, x_r, att, edges, 0.2, use_kernel=False)
+    want = gatv2_attention(x_l, x_r, att, edges, 0.2, backend="reference")
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     grad = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, (x_l, x_r, att), grad), torch.autograd.grad(want, (x_l, x_r, att), grad)):

@@ -7,7 +7,9 @@ from hypergraphs import random_hypergraph, random_keep
 
 import stoichconv
 from stoichconv.ops import build_stoich_plan
-from stoichconv.ops.group_softmax import group_softmax, group_softmax_op_available, group_softmax_reference
+from stoichconv.backends import available_backends
+from stoichconv.ops.group_softmax import group_softmax
+from stoichconv.reference.group_softmax import group_softmax_reference
 
 pytestmark = pytest.mark.skipif(not stoichconv.has_compiled_kernels(), reason="stoichconv._C not built")
 
@@ -32,8 +34,8 @@ def setup(B=3, H=2, dtype=torch.float64, masked=True, seed=0, mode="node"):
 
 
 def test_available_on_cpu_only():
-    assert group_softmax_op_available(torch.device("cpu"))
-    assert not group_softmax_op_available(torch.device("meta"))
+    assert "cpu" in available_backends(torch.device("cpu"), "group_softmax")["group_softmax"]
+    assert "cpu" not in available_backends(torch.device("meta"), "group_softmax")["group_softmax"]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])

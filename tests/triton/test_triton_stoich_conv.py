@@ -8,8 +8,8 @@ import torch
 
 from stoichconv._extension import has_compiled_kernels
 from stoichconv.ops.stoich_conv import build_stoich_plan, stoich_propagate
-from stoichconv.reference.propagate import stoich_propagate_reference
-from stoichconv.triton.stoich_conv import triton_stoich_conv_backward, triton_stoich_conv_forward
+from stoichconv.reference.stoich_conv import stoich_propagate_reference
+from stoichconv.ops.stoich_conv.triton_kernels import triton_stoich_conv_backward, triton_stoich_conv_forward
 
 needs_compiled = pytest.mark.skipif(not has_compiled_kernels(), reason="stoichconv._C not built")
 needs_interpreter = pytest.mark.skipif(

@@ -2,7 +2,7 @@
 
 The semantics (degree norms, the two stages, the hand-written backward) are
 stated once, in :mod:`stoichconv.ops.stoich_conv`; this module computes exactly
-that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv_cpu.cpp``:
+that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv.cpp``:
 
 * ``_segment_reduce_kernel``: the one segment reduction behind both forward
   stages and both backward reductions,
@@ -34,7 +34,7 @@ Under ``TRITON_INTERPRET=1`` (set before this module is imported) they run on
 CPU tensors through numpy, which is how the CPU-only test suite runs them.
 
 Ops (``torch.library.custom_op``; fake kernels and the autograd formula are the
-shared ones of :mod:`stoichconv.ops.stoich_conv`):
+shared ones of :mod:`stoichconv.ops.stoich_conv.registration`):
 
 * ``stoichconv::triton_stoich_conv_forward`` -- same schema as the compiled
   ``stoich_conv_forward``: ``(out, hidden, node_norm, edge_norm)``, ``hidden``
@@ -54,7 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from stoichconv.ops.stoich_conv import backward_fake, forward_fake, register_stoich_conv_autograd
+from stoichconv.ops.stoich_conv import registration
+from stoichconv.ops.stoich_conv.validation import check_structure_args, check_structure_values
 
 __all__ = ["triton_stoich_conv_forward", "triton_stoich_conv_backward"]
 
@@ -69,10 +70,10 @@ _MAX_BLOCK_C = 128  # channel tile cap (H*C in the segment reductions, C in the 
 
 @triton.jit
 def _segment_reduce_kernel(
-    src_ptr, dst_ptr, init_ptr,
-    ptr_ptr, perm_ptr, other_index_ptr,
-    w_ptr, keep_ptr, reaction_index_ptr,
-    coef_norm_ptr, coef_norm_index_ptr, abs_ptr, row_norm_ptr,
+    src, dst, init,
+    row_ptr, perm, other_index,
+    w, keep, reaction_index,
+    coef_norm, coef_norm_index, abs_stoich, row_norm,
     rows, src_rows, nnz, M, coef_norm_len, H, C,
     HAS_INIT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_COEF_NORM: tl.constexpr,
     ROW_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr,
@@ -96,47 +97,47 @@ def _segment_reduce_kernel(
     hc = tb * BLOCK_HC + tl.arange(0, BLOCK_HC)
     hcmask = hc < HC
     h = hc // C
-    start = tl.load(ptr_ptr + r)
-    end = tl.load(ptr_ptr + r + 1)
+    start = tl.load(row_ptr + r)
+    end = tl.load(row_ptr + r + 1)
     offs = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_HC], dtype=src_ptr.dtype.element_ty)
-    deg = tl.zeros([BLOCK_K], dtype=src_ptr.dtype.element_ty)
+    acc = tl.zeros([BLOCK_HC], dtype=src.dtype.element_ty)
+    deg = tl.zeros([BLOCK_K], dtype=src.dtype.element_ty)
     for j0 in range(start, end, BLOCK_K):
         j = j0 + offs
         m = j < end
-        k = tl.load(perm_ptr + j, mask=m, other=0)
-        other = tl.load(other_index_ptr + k, mask=m, other=0)
+        k = tl.load(perm + j, mask=m, other=0)
+        other = tl.load(other_index + k, mask=m, other=0)
         m2 = m[:, None] & hcmask[None, :]
-        coef = tl.load(w_ptr + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
+        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
         if HAS_KEEP:
-            e = tl.load(reaction_index_ptr + k, mask=m, other=0)
-            kept = tl.load(keep_ptr + b * M + e, mask=m, other=0)
+            e = tl.load(reaction_index + k, mask=m, other=0)
+            kept = tl.load(keep + b * M + e, mask=m, other=0)
             coef = tl.where(kept[:, None] != 0, coef, 0.0)
         if ROW_NORM:
-            a = tl.load(abs_ptr + k, mask=m, other=0.0)
+            a = tl.load(abs_stoich + k, mask=m, other=0.0)
             if HAS_KEEP:
                 a = tl.where(kept != 0, a, 0.0)
             deg += a
         if HAS_COEF_NORM:
-            ci = tl.load(coef_norm_index_ptr + k, mask=m, other=0)
-            coef = coef * tl.load(coef_norm_ptr + nb * coef_norm_len + ci, mask=m, other=0.0)[:, None]
-        vals = tl.load(src_ptr + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0)
+            ci = tl.load(coef_norm_index + k, mask=m, other=0)
+            coef = coef * tl.load(coef_norm + nb * coef_norm_len + ci, mask=m, other=0.0)[:, None]
+        vals = tl.load(src + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0)
         acc += tl.sum(coef * vals, axis=0)
     if ROW_NORM:
         total = tl.sum(deg, axis=0)
         norm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
         acc = acc * norm
-        tl.store(row_norm_ptr + nb * rows + r, norm, mask=(tb == 0) & (nb == b))
+        tl.store(row_norm + nb * rows + r, norm, mask=(tb == 0) & (nb == b))
     out_off = (b * rows + r) * HC + hc
     if HAS_INIT:
-        acc += tl.load(init_ptr + out_off, mask=hcmask, other=0.0)
-    tl.store(dst_ptr + out_off, acc, mask=hcmask)
+        acc += tl.load(init + out_off, mask=hcmask, other=0.0)
+    tl.store(dst + out_off, acc, mask=hcmask)
 
 
 @triton.jit
 def _weight_grad_kernel(
-    grad_out_ptr, hidden_ptr, reaction_grad_ptr, y_ptr,
-    metabolite_index_ptr, reaction_index_ptr, keep_ptr, node_norm_ptr, edge_norm_ptr, gw_ptr,
+    grad_out, hidden, reaction_grad, y,
+    metabolite_index, reaction_index, keep, node_norm, edge_norm, grad_weight,
     nnz, N, M, H, C,
     HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -150,28 +151,28 @@ def _weight_grad_kernel(
         nb = b * 0
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     m = k < nnz
-    v = tl.load(metabolite_index_ptr + k, mask=m, other=0)
-    e = tl.load(reaction_index_ptr + k, mask=m, other=0)
+    v = tl.load(metabolite_index + k, mask=m, other=0)
+    e = tl.load(reaction_index + k, mask=m, other=0)
     v_row = ((b * N + v) * H + h) * C
     e_row = ((b * M + e) * H + h) * C
-    dot_gh = tl.zeros([BLOCK_K], dtype=y_ptr.dtype.element_ty)
-    dot_ry = tl.zeros([BLOCK_K], dtype=y_ptr.dtype.element_ty)
+    dot_gh = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
+    dot_ry = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m2 = m[:, None] & (c < C)[None, :]
-        g = tl.load(grad_out_ptr + v_row[:, None] + c[None, :], mask=m2, other=0.0)
-        hd = tl.load(hidden_ptr + e_row[:, None] + c[None, :], mask=m2, other=0.0)
-        rg = tl.load(reaction_grad_ptr + e_row[:, None] + c[None, :], mask=m2, other=0.0)
-        yy = tl.load(y_ptr + v_row[:, None] + c[None, :], mask=m2, other=0.0)
+        g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0)
+        hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0)
+        rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0)
+        yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0)
         dot_gh += tl.sum(g * hd, axis=1)
         dot_ry += tl.sum(rg * yy, axis=1)
-    dn = tl.load(node_norm_ptr + nb * N + v, mask=m, other=0.0)
-    en = tl.load(edge_norm_ptr + nb * M + e, mask=m, other=0.0)
+    dn = tl.load(node_norm + nb * N + v, mask=m, other=0.0)
+    en = tl.load(edge_norm + nb * M + e, mask=m, other=0.0)
     gw = dn * dot_gh + en * dot_ry
     if HAS_KEEP:
-        kept = tl.load(keep_ptr + b * M + e, mask=m, other=0)
+        kept = tl.load(keep + b * M + e, mask=m, other=0)
         gw = tl.where(kept != 0, gw, 0.0)
-    tl.store(gw_ptr + (b * nnz + k) * H + h, gw, mask=m)
+    tl.store(grad_weight + (b * nnz + k) * H + h, gw, mask=m)
 
 
 # --------------------------------------------------------------------------
@@ -180,64 +181,14 @@ def _weight_grad_kernel(
 
 
 def _check_args(y, weight, reaction_keep, mi, ri, rptr, rperm, mptr, mperm) -> tuple[int, int]:
-    """Validate the structural arguments (the compiled op's checks, as Python
-    exceptions naming the argument); returns (nnz, M)."""
-    if not isinstance(y, Tensor) or y.dim() != 4:
-        raise ValueError(f"`y` must be a tensor of shape [B, N, H, C], got {getattr(y, 'shape', type(y))}")
-    if y.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"`y` must be float32 or float64, got {y.dtype}")
-    B, N, H, _ = y.shape
-    nnz = mi.numel() if isinstance(mi, Tensor) else -1
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != (B, nnz, H):
-        raise ValueError(
-            f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
-        )
-    if weight.dtype != y.dtype:
-        raise TypeError(f"`weight` has dtype {weight.dtype} but `y` has {y.dtype}")
-    if weight.device != y.device:
-        raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
-    if not isinstance(rptr, Tensor) or rptr.dim() != 1 or rptr.numel() < 1:
-        raise ValueError("`reaction_ptr` must be a 1-D tensor of length M + 1")
-    M = rptr.numel() - 1
-    for name, t, length in (
-        ("metabolite_index", mi, nnz), ("reaction_index", ri, nnz), ("reaction_perm", rperm, nnz),
-        ("metabolite_perm", mperm, nnz), ("reaction_ptr", rptr, M + 1), ("metabolite_ptr", mptr, N + 1),
-    ):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length:
-            raise ValueError(f"`{name}` must be 1-D of length {length}, got {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype != torch.int64:
-            raise TypeError(f"`{name}` must be int64, got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"`{name}` is on {t.device} but `y` is on {y.device}")
-    if reaction_keep is not None:
-        if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
-            raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', None)}")
-        if tuple(reaction_keep.shape) != (B, M):
-            raise ValueError(f"`reaction_keep` must be [B, M] = [{B}, {M}], got {tuple(reaction_keep.shape)}")
-        if reaction_keep.device != y.device:
-            raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {y.device}")
+    """The structural checks (as Python exceptions naming the argument); returns (nnz, M)."""
+    nnz, M = check_structure_args(y, weight, reaction_keep, mi, ri, rptr, rperm, mptr, mperm)
     if y.device.type != "cuda":
         # The interpreter has no bounds protection: check the plan's values
         # (cheap on CPU). On a GPU the plan from build_stoich_plan is trusted,
         # which keeps the launch free of host syncs.
-        _check_structure_values(mi, ri, rptr, rperm, mptr, mperm, N, M, nnz)
+        check_structure_values(mi, ri, rptr, rperm, mptr, mperm, y.shape[1], M, nnz)
     return nnz, M
-
-
-def _check_structure_values(mi, ri, rptr, rperm, mptr, mperm, N, M, nnz) -> None:
-    for name, ptr in (("reaction_ptr", rptr), ("metabolite_ptr", mptr)):
-        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
-            raise ValueError(f"`{name}` must start at 0 and end at nnz = {nnz}")
-        if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
-            raise ValueError(f"`{name}` must be non-decreasing")
-    if nnz == 0:
-        return
-    for name, t, bound in (
-        ("metabolite_index", mi, N), ("reaction_index", ri, M), ("reaction_perm", rperm, nnz),
-        ("metabolite_perm", mperm, nnz),
-    ):
-        if int(t.min()) < 0 or int(t.max()) >= bound:
-            raise ValueError(f"`{name}` has values out of range [0, {bound})")
 
 
 def _device_guard(device: torch.device):
@@ -425,9 +376,4 @@ def triton_stoich_conv_backward(
     return grad_y, grad_weight
 
 
-torch.library.register_fake("stoichconv::triton_stoich_conv_forward")(forward_fake)
-torch.library.register_fake("stoichconv::triton_stoich_conv_backward")(backward_fake)
-register_stoich_conv_autograd(
-    "stoichconv::triton_stoich_conv_forward",
-    lambda *args: torch.ops.stoichconv.triton_stoich_conv_backward(*args),
-)
+registration.register("triton_stoich_conv_forward", "triton_stoich_conv_backward")

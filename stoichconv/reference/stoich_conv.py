@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of :func:`stoichconv.ops.stoich_propagate` (the
+"""Pure-PyTorch reference of :func:`stoichconv.ops.stoich_conv` (the
 semantics are stated once, in :mod:`stoichconv.ops.stoich_conv`). Gather and
 ``index_add`` over the raw incidence list, differentiated by autograd: the
 baseline every backend is tested and benchmarked against, and the fallback
@@ -16,7 +16,7 @@ def _reciprocal_or_zero(total: Tensor) -> Tensor:
     return torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
 
 
-def stoich_propagate_reference(
+def stoich_conv_reference(
     y: Tensor,
     weight: Tensor,
     metabolite_index: Tensor,
@@ -46,3 +46,6 @@ def stoich_propagate_reference(
     ) * edge_norm[:, :, None, None]
     out = torch.zeros_like(y).index_add(1, metabolite_index, w * hidden[:, reaction_index])
     return out * node_norm[:, :, None, None]
+
+
+stoich_propagate_reference = stoich_conv_reference  # the name of earlier releases

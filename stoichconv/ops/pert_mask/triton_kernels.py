@@ -1,8 +1,8 @@
-"""Triton batched edge filter for gene deletions (spec: ``pert_mask.md``).
+"""Triton batched edge filter for gene deletions.
 
 The semantics of ``filter_edges`` are stated once, in
 :mod:`stoichconv.ops.pert_mask`; ``stoichconv::triton_filter_edges(edge_index,
-num_nodes, pert, pert_ptr, relabel)`` has the schema and outputs of the
+num_nodes, pert, pert, relabel)`` has the schema and outputs of the
 compiled ``stoichconv::filter_edges``: ``(edge_index_out [2, E_out] int64,
 edge_ptr [B + 1] int64, edge_keep [B*E] bool, node_keep [B*N] bool,
 node_ptr [B + 1] int64)``, ``node_ptr`` the cumulative kept-node counts in
@@ -37,6 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from stoichconv.ops.pert_mask import registration
+from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_perturbations
+
 __all__ = ["triton_filter_edges"]
 
 _BLOCK_E = 128  # edges per program
@@ -44,89 +47,64 @@ _BLOCK_P = 32  # deletions per loop iteration
 
 
 @triton.jit
-def _delete_nodes_kernel(pert_ptr, pert_ptr_ptr, node_keep_ptr, N, BLOCK_P: tl.constexpr):
+def _delete_nodes_kernel(pert, pert_ptr, node_keep, N, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    start = tl.load(pert_ptr_ptr + b)
-    end = tl.load(pert_ptr_ptr + b + 1)
+    start = tl.load(pert_ptr + b)
+    end = tl.load(pert_ptr + b + 1)
     offs = tl.arange(0, BLOCK_P)
-    zeros = tl.zeros([BLOCK_P], dtype=node_keep_ptr.dtype.element_ty)
+    zeros = tl.zeros([BLOCK_P], dtype=node_keep.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + offs
         m = p < end
-        v = tl.load(pert_ptr + p, mask=m, other=0)
-        tl.store(node_keep_ptr + b * N + v, zeros, mask=m)
+        v = tl.load(pert + p, mask=m, other=0)
+        tl.store(node_keep + b * N + v, zeros, mask=m)
 
 
 @triton.jit
-def _edge_count_kernel(edge_index_ptr, node_keep_ptr, edge_keep_ptr, count_ptr, E, N, num_blocks,
+def _edge_count_kernel(edge_index, node_keep, edge_keep, counts, E, N, num_blocks,
                        BLOCK_E: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
-    src = tl.load(edge_index_ptr + e, mask=m, other=0)
-    dst = tl.load(edge_index_ptr + E + e, mask=m, other=0)
-    keep_src = tl.load(node_keep_ptr + b * N + src, mask=m, other=0)
-    keep_dst = tl.load(node_keep_ptr + b * N + dst, mask=m, other=0)
+    src = tl.load(edge_index + e, mask=m, other=0)
+    dst = tl.load(edge_index + E + e, mask=m, other=0)
+    keep_src = tl.load(node_keep + b * N + src, mask=m, other=0)
+    keep_dst = tl.load(node_keep + b * N + dst, mask=m, other=0)
     kept = (keep_src != 0) & (keep_dst != 0) & m
-    tl.store(edge_keep_ptr + b * E + e, kept.to(edge_keep_ptr.dtype.element_ty), mask=m)
-    tl.store(count_ptr + b * num_blocks + blk, tl.sum(kept.to(tl.int64), axis=0))
+    tl.store(edge_keep + b * E + e, kept.to(edge_keep.dtype.element_ty), mask=m)
+    tl.store(counts + b * num_blocks + blk, tl.sum(kept.to(tl.int64), axis=0))
 
 
 @triton.jit
-def _edge_write_kernel(edge_index_ptr, edge_keep_ptr, offset_ptr, new_id_ptr, out_ptr, E, N, E_out,
+def _edge_write_kernel(edge_index, edge_keep, offsets, new_id, out, E, N, E_out,
                        num_blocks, RELABEL: tl.constexpr, BLOCK_E: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
-    kept = tl.load(edge_keep_ptr + b * E + e, mask=m, other=0).to(tl.int64)
+    kept = tl.load(edge_keep + b * E + e, mask=m, other=0).to(tl.int64)
     rank = tl.cumsum(kept, axis=0) - kept  # exclusive scan within the block
-    pos = tl.load(offset_ptr + b * num_blocks + blk) + rank
+    pos = tl.load(offsets + b * num_blocks + blk) + rank
     wm = m & (kept != 0)
-    src = tl.load(edge_index_ptr + e, mask=wm, other=0)
-    dst = tl.load(edge_index_ptr + E + e, mask=wm, other=0)
+    src = tl.load(edge_index + e, mask=wm, other=0)
+    dst = tl.load(edge_index + E + e, mask=wm, other=0)
     if RELABEL:
-        src = tl.load(new_id_ptr + b * N + src, mask=wm, other=0)
-        dst = tl.load(new_id_ptr + b * N + dst, mask=wm, other=0)
+        src = tl.load(new_id + b * N + src, mask=wm, other=0)
+        dst = tl.load(new_id + b * N + dst, mask=wm, other=0)
     else:
         src = b * N + src
         dst = b * N + dst
-    tl.store(out_ptr + pos, src, mask=wm)
-    tl.store(out_ptr + E_out + pos, dst, mask=wm)
-
-
-def _check_index(name: str, t, dim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer indices, got dtype {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"`{name}` must be {dim}-D, got shape {tuple(t.shape)}")
+    tl.store(out + pos, src, mask=wm)
+    tl.store(out + E_out + pos, dst, mask=wm)
 
 
 def _check_args(edge_index, num_nodes, pert, pert_ptr) -> None:
-    _check_index("edge_index", edge_index, 2)
-    if edge_index.size(0) != 2:
-        raise ValueError(f"`edge_index` must have shape [2, E], got {tuple(edge_index.shape)}")
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 0:
-        raise ValueError(f"`num_nodes` must be a non-negative int, got {num_nodes!r}")
-    _check_index("pert", pert, 1)
-    _check_index("pert_ptr", pert_ptr, 1)
-    for name, t in (("pert", pert), ("pert_ptr", pert_ptr)):
-        if t.device != edge_index.device:
-            raise ValueError(f"`{name}` is on {t.device} but `edge_index` is on {edge_index.device}")
-    if pert_ptr.numel() < 1:
-        raise ValueError("`pert_ptr` must have length B + 1 >= 1")
-    # Value checks (one small host sync; the output size needs one anyway).
-    if int(pert_ptr[0]) != 0 or int(pert_ptr[-1]) != pert.numel():
-        raise ValueError(f"`pert_ptr` must start at 0 and end at len(pert) = {pert.numel()}")
-    if pert_ptr.numel() > 1 and bool((pert_ptr[1:] < pert_ptr[:-1]).any()):
-        raise ValueError("`pert_ptr` must be non-decreasing")
-    if pert.numel() > 0 and (int(pert.min()) < 0 or int(pert.max()) >= num_nodes):
-        raise ValueError(f"`pert` holds node ids out of range [0, num_nodes = {num_nodes})")
-    if edge_index.numel() > 0 and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
-        raise ValueError(f"`edge_index` holds node ids out of range [0, num_nodes = {num_nodes})")
+    """The checks of the public :func:`~stoichconv.ops.pert_mask.filter_edges` (index values
+    included: the interpreter and the GPU have no bounds protection)."""
+    check_count("num_nodes", num_nodes)
+    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes)
+    check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device)
 
 
 @torch.library.custom_op("stoichconv::triton_filter_edges", mutates_args=())
@@ -184,16 +162,4 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
     return out, edge_ptr, edge_keep, node_keep, node_ptr
 
 
-@triton_filter_edges.register_fake
-def _filter_edges_fake(edge_index, num_nodes, pert, pert_ptr, relabel):
-    B = pert_ptr.shape[0] - 1
-    E = edge_index.shape[1]
-    E_out = torch.library.get_ctx().new_dynamic_size()
-    long = dict(dtype=torch.int64, device=edge_index.device)
-    return (
-        torch.empty(2, E_out, **long),
-        torch.empty(B + 1, **long),
-        torch.empty(B * E, dtype=torch.bool, device=edge_index.device),
-        torch.empty(B * num_nodes, dtype=torch.bool, device=edge_index.device),
-        torch.empty(B + 1, **long),
-    )
+triton_filter_edges.register_fake(registration.filter_edges_fake)

@@ -1,0 +1,139 @@
+"""Fused GATv2 attention + aggregation (the part of ``torch_geometric.nn.GATv2Conv``
+between its two linear maps and its bias), as used by the fast HeteroCell.
+
+Semantics
+---------
+Inputs: ``x_l`` [N_src, H, C] (``lin_l`` of the sources), ``x_r`` [N_dst, H, C]
+(``lin_r`` of the destinations), ``att`` [H, C], and E edges sorted by output
+row: ``src`` [E] (row of ``x_l``), ``dst`` [E] (row of ``x_r``), ``crow``
+[num_rows + 1] the CSR pointer of the output rows (edge e belongs to row i iff
+``crow[i] <= e < crow[i + 1]``). ``dst`` and the output row differ when the
+destination features are shared by all samples of a batch.
+
+* logit ``a_e,h = sum_c att[h, c] * leaky_relu(x_l[src_e, h, c] + x_r[dst_e, h, c])``;
+* ``alpha_e,h = exp(a_e,h - max_row a) / (sum_row exp(a - max_row a) + 1e-16)``
+  over the edges of e's row (PyG's ``softmax``, its ``1e-16`` included);
+* ``out[i, h] = sum_{e in row i} alpha_e,h * x_l[src_e, h]`` (0 for a row without edges).
+
+``stoichconv::gatv2_forward`` returns ``(out [num_rows, H, C], alpha [E, H])``;
+``stoichconv::gatv2_backward`` takes ``grad_out`` and the saved ``alpha`` and
+returns ``(grad_x_l, grad_x_r, grad_att)``, with
+``dL/da_e = alpha_e (<g_row, x_l[src_e]> - sum_{e' in row} alpha_e' <g_row, x_l[src_e']>)``
+pushed through the leaky ReLU (pre-activations recomputed, never stored).
+
+:func:`gatv2_attention` is the differentiable op on an
+:class:`~stoichconv.types.EdgeSet` (``src``, ``dst``, ``crow``), used by the fast
+HeteroCell. Backends (:data:`SPEC`): ``cpu`` runs the two compiled ops
+(``csrc/cpu/gatv2.cpp``), deterministic for any thread count (every output row
+written by one thread, sums in a fixed order, ``grad_att`` summed over fixed
+blocks of source rows; no atomics); ``reference`` runs the edge-chunked
+pure-PyTorch forward and backward of
+:func:`stoichconv.reference.gatv2.gatv2_attention_reference`. There is no CUDA
+or Triton kernel yet: on GPUs ``"auto"`` runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stoichconv._extension import has_compiled_kernels
+from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.types import EdgeSet
+
+__all__ = ["SPEC", "EdgeSet", "gatv2_attention", "gatv2_backward", "gatv2_forward"]
+
+SPEC = register_op(OpSpec(
+    name="gatv2",
+    backends=("cpu", "reference"),
+    compiled="gatv2_forward",
+    reference="stoichconv.reference.gatv2:gatv2_attention_reference",
+))
+
+
+def _check_floats(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+
+
+def _check_indices(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != 1:
+            raise TypeError(f"`{name}` must be a 1-D int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+
+
+def gatv2_forward(x_l: Tensor, x_r: Tensor, att: Tensor, src: Tensor, dst: Tensor, crow: Tensor,
+                  negative_slope: float = 0.2) -> tuple[Tensor, Tensor]:
+    """``(out [num_rows, H, C], alpha [E, H])`` of the module docstring on the compiled
+    kernel (not differentiable: :func:`gatv2_attention` is)."""
+    _check_floats(x_l=x_l, x_r=x_r, att=att)
+    _check_indices(src=src, dst=dst, crow=crow)
+    return torch.ops.stoichconv.gatv2_forward(x_l, x_r, att, src, dst, crow, float(negative_slope))
+
+
+def gatv2_backward(grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tensor, alpha: Tensor, src: Tensor,
+                   dst: Tensor, crow: Tensor, negative_slope: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x_l, grad_x_r, grad_att)`` of :func:`gatv2_forward` from its saved ``alpha``
+    on the compiled kernel."""
+    _check_floats(grad_out=grad_out, alpha=alpha)
+    _check_indices(src=src, dst=dst, crow=crow)
+    return torch.ops.stoichconv.gatv2_backward(grad_out, x_l, x_r, att, alpha, src, dst, crow, float(negative_slope))
+
+
+class _CompiledGATv2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float):
+        ctx.edges, ctx.negative_slope = edges, negative_slope
+        out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, negative_slope)
+        ctx.save_for_backward(x_l, x_r, att, alpha)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x_l, x_r, att, alpha = ctx.saved_tensors
+        edges = ctx.edges
+        grad_x_l, grad_x_r, grad_att = gatv2_backward(grad_out, x_l, x_r, att, alpha, edges.src, edges.dst,
+                                                      edges.crow, ctx.negative_slope)
+        return grad_x_l, grad_x_r, grad_att, None, None
+
+
+def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float = 0.2,
+                    backend: str = "auto") -> Tensor:
+    """GATv2 attention and aggregation ``out`` [num_rows, H, C'] of the module docstring:
+    ``x_l`` [N_src, H, C'] (= ``lin_l(x_src)``), ``x_r`` [N_dst, H, C'] (= ``lin_r(x_dst)``),
+    ``att`` [H, C'], the edges sorted by output row. Differentiable w.r.t. ``x_l``, ``x_r`` and
+    ``att`` (hand-written backward on every backend). ``backend`` as in
+    :mod:`stoichconv.backends`."""
+    if not isinstance(x_l, Tensor) or not isinstance(x_r, Tensor) or x_l.dim() != 3 or x_r.dim() != 3 \
+            or x_l.shape[1:] != x_r.shape[1:]:
+        raise ValueError(f"`x_l` and `x_r` must be [N, H, C'] with equal H, C'; got "
+                         f"{tuple(getattr(x_l, 'shape', ()))}, {tuple(getattr(x_r, 'shape', ()))}")
+    if not isinstance(att, Tensor) or tuple(att.shape) != tuple(x_l.shape[1:]):
+        raise ValueError(f"`att` must have shape [H, C'] = {tuple(x_l.shape[1:])}, got {tuple(getattr(att, 'shape', ()))}")
+    if not isinstance(edges, EdgeSet):
+        raise TypeError(f"`edges` must be a stoichconv.types.EdgeSet, got {type(edges).__name__}")
+    selected = select("gatv2", backend, x_l.device)
+    if selected.backend == "reference":
+        return selected.fn(x_l, x_r, att, edges, negative_slope)
+    return _CompiledGATv2.apply(x_l.contiguous(), x_r.contiguous(), att.contiguous(), edges, negative_slope)
+
+
+# --------------------------------------------------------------------------
+# Fake kernels of the compiled ops
+# --------------------------------------------------------------------------
+
+
+def _backward_fake(grad_out, x_l, x_r, att, alpha, src, dst, crow, negative_slope):
+    return torch.empty_like(x_l), torch.empty_like(x_r), torch.empty_like(att)
+
+
+def _forward_fake(x_l, x_r, att, src, dst, crow, negative_slope):
+    _, H, C = x_l.shape
+    return x_l.new_empty(crow.shape[0] - 1, H, C), x_l.new_empty(src.shape[0], H)
+
+
+if has_compiled_kernels():
+    torch.library.register_fake("stoichconv::gatv2_forward")(_forward_fake)
+    torch.library.register_fake("stoichconv::gatv2_backward")(_backward_fake)

@@ -1,0 +1,191 @@
+"""The stoich conv: signed stoichiometric hypergraph propagation (metabolite -> reaction ->
+metabolite), the one statement of its semantics.
+
+Semantics
+---------
+A metabolic hypergraph has N metabolites, M reactions and nnz signed
+incidences ``(v_k, e_k, s_k)`` (the same pair may repeat; each column is its
+own incidence). A batch of B samples shares this wildtype structure; sample b
+may drop reactions with a keep-mask ``reaction_keep[b, e]`` (masked
+incidences weigh 0 and are excluded from the degree sums). Given transformed
+features ``y`` [B, N, H, C] and per-incidence weights ``w`` [B, nnz, H]
+(``s_k * g_k * alpha_k,h``; missing factors are 1):
+
+* ``D[b, v] = 1 / sum_{k: v_k = v, kept} |s_k|``, ``Bn[b, e] = 1 / sum_{k: e_k = e, kept} |s_k|``
+  (0 where the sum is 0; no gradient flows into them),
+* ``hidden[b, e, h] = Bn[b, e] * sum_{k: e_k = e, kept} w[b, k, h] * y[b, v_k, h]``  (metabolite -> reaction),
+* ``out[b, v, h]    = D[b, v]  * sum_{k: v_k = v, kept} w[b, k, h] * hidden[b, e_k, h]``  (reaction -> metabolite).
+
+B = 1 is a single graph; a compacted block-diagonal batch is B = 1 on the
+bigger graph; both layouts give the same numbers. The backward is hand-written
+(``R`` = the reaction-side gradient, ``G`` = dL/dout):
+``R_e = sum_{k in e} w_k D_{v_k} G_{v_k}``, ``dL/dy_u = sum_{k: v_k = u} w_k B_{e_k} R_{e_k}``,
+``dL/dw_k = D_{v_k} <G_{v_k}, hidden_{e_k}> + B_{e_k} <R_{e_k}, y_{v_k}>``.
+
+The incidence structure is preprocessed once per graph into a
+:class:`~stoichconv.types.StoichPlan` (CSR orderings for both stages,
+validated indices); forward and backward reuse it and nothing is sorted per
+call.
+
+Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the compiled
+``stoichconv::stoich_conv_forward`` / ``_backward`` (``csrc/cpu/stoich_conv.cpp``,
+``csrc/cuda/stoich_conv.cpp``), ``triton`` runs
+``stoichconv::triton_stoich_conv_forward`` (:mod:`.triton_kernels`), ``reference``
+runs :func:`stoichconv.reference.stoich_conv.stoich_conv_reference`. The
+compiled and Triton forwards return ``(out, hidden, node_norm, edge_norm)``
+and share the fake kernels and the autograd formula of :mod:`.registration`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.ops.stoich_conv import registration  # noqa: F401  (fake kernels and autograd)
+from stoichconv.ops.stoich_conv.validation import (
+    check_count,
+    check_index_tensor,
+    check_propagate_args,
+    check_reaction_keep,
+)
+from stoichconv.types import StoichPlan
+
+__all__ = ["SPEC", "PlanCache", "StoichPlan", "build_stoich_plan", "check_reaction_keep", "stoich_conv",
+           "stoich_propagate"]
+
+SPEC = register_op(OpSpec(
+    name="stoich_conv",
+    backends=("cpu", "cuda", "triton", "reference"),
+    compiled="stoich_conv_forward",
+    triton="stoichconv.ops.stoich_conv.triton_kernels:triton_stoich_conv_forward",
+    reference="stoichconv.reference.stoich_conv:stoich_conv_reference",
+))
+
+
+def _csr(index: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    perm = torch.sort(index, stable=True).indices
+    ptr = torch.zeros(num_rows + 1, dtype=torch.long, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=num_rows), 0, out=ptr[1:])
+    return ptr, perm
+
+
+def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_edges: int) -> StoichPlan:
+    """Validate an incidence list and preprocess it into a :class:`~stoichconv.types.StoichPlan`.
+
+    ``edge_index`` [2, nnz]: row 0 metabolite id (< ``num_nodes`` = N), row 1
+    reaction id (< ``num_edges`` = M); ``stoich`` [nnz] signed, finite."""
+    check_index_tensor("edge_index", edge_index)
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"`edge_index` must have shape [2, nnz], got {tuple(edge_index.shape)}")
+    if not isinstance(stoich, Tensor) or not stoich.is_floating_point():
+        raise TypeError(f"`stoich` must be a floating-point tensor, got {getattr(stoich, 'dtype', type(stoich))}")
+    nnz = edge_index.size(1)
+    if stoich.dim() != 1 or stoich.numel() != nnz:
+        raise ValueError(f"`stoich` must have shape [nnz] = [{nnz}] to match `edge_index`, got {tuple(stoich.shape)}")
+    if stoich.device != edge_index.device:
+        raise ValueError(f"`stoich` is on {stoich.device} but `edge_index` is on {edge_index.device}")
+    check_count("num_nodes", num_nodes)
+    check_count("num_edges", num_edges)
+    if nnz > 0 and not bool(torch.isfinite(stoich).all()):
+        raise ValueError("`stoich` contains NaN or inf")
+    edge_index = edge_index.long()
+    metabolite_index, reaction_index = edge_index[0].contiguous(), edge_index[1].contiguous()
+    if nnz > 0:
+        if int(edge_index.min()) < 0:
+            raise ValueError("`edge_index` contains negative indices")
+        if int(metabolite_index.max()) >= num_nodes:
+            raise ValueError(
+                f"`edge_index[0]` (metabolites) has id {int(metabolite_index.max())} >= num_nodes = {num_nodes}"
+            )
+        if int(reaction_index.max()) >= num_edges:
+            raise ValueError(
+                f"`edge_index[1]` (reactions) has id {int(reaction_index.max())} >= num_edges = {num_edges}"
+            )
+    reaction_ptr, reaction_perm = _csr(reaction_index, num_edges)
+    metabolite_ptr, metabolite_perm = _csr(metabolite_index, num_nodes)
+    stoich = stoich.detach().clone()  # the plan owns its copy
+    return StoichPlan(
+        metabolite_index=metabolite_index,
+        reaction_index=reaction_index,
+        stoich=stoich,
+        abs_stoich=stoich.abs(),
+        reaction_ptr=reaction_ptr,
+        reaction_perm=reaction_perm,
+        metabolite_ptr=metabolite_ptr,
+        metabolite_perm=metabolite_perm,
+        num_metabolites=num_nodes,
+        num_reactions=num_edges,
+    )
+
+
+class PlanCache:
+    """One cached :class:`~stoichconv.types.StoichPlan`, reused while the same ``edge_index``
+    and ``stoich`` tensor objects (unmodified in place: their version counters are part of the
+    key), sizes and device are passed again. A new graph is never served a stale plan: the key
+    holds weak references to the very tensors."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._refs: tuple = ()
+        self._plan: Optional[StoichPlan] = None
+
+    def get(self, edge_index: Tensor, stoich: Tensor, num_nodes: int, num_edges: int) -> StoichPlan:
+        key = (edge_index._version, stoich._version, num_nodes, num_edges)
+        alive = tuple(ref() for ref in self._refs)
+        same_tensors = len(alive) == 2 and alive[0] is edge_index and alive[1] is stoich
+        if self._plan is not None and key == self._key and same_tensors:
+            return self._plan
+        plan = build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
+        self._key, self._refs, self._plan = key, (weakref.ref(edge_index), weakref.ref(stoich)), plan
+        return plan
+
+    def clear(self) -> None:
+        self._key, self._refs, self._plan = None, (), None
+
+
+def stoich_conv(
+    y: Tensor,
+    weight: Tensor,
+    plan: StoichPlan,
+    reaction_keep: Optional[Tensor] = None,
+    backend: str = "auto",
+    save_hidden: Optional[bool] = None,
+) -> Tensor:
+    """Signed stoichiometric propagation ``out`` [B, N, H, C] (see the module docstring for
+    the math); differentiable w.r.t. ``y`` and ``weight``.
+
+    Args:
+        y: transformed metabolite features [B, N, H, C], float32 or float64.
+        weight: per-incidence weights [B, nnz, H] (``s * gate * alpha``), same dtype.
+        plan: the graph's :class:`~stoichconv.types.StoichPlan` (``build_stoich_plan``), on
+            ``y``'s device.
+        reaction_keep: optional bool [B, M]; False drops the reaction in that sample.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``
+            (see :mod:`stoichconv.backends`).
+        save_hidden: keep the stage-1 rows ``hidden`` [B, M, H, C] for the
+            backward (True) or recompute them there (False). ``None`` (default):
+            recompute on CPU, where writing a fresh [B, M, H, C] buffer (page
+            faults included) costs more than redoing stage 1 sample by sample in
+            cache; save on GPUs. Ignored by the reference backend.
+    """
+    check_propagate_args(y, weight, plan, reaction_keep)
+    selected = select("stoich_conv", backend, y.device)
+    if selected.backend == "reference":
+        return selected.fn(
+            y, weight, plan.metabolite_index, plan.reaction_index, plan.stoich, plan.num_reactions, reaction_keep
+        )
+    abs_stoich = plan.abs_stoich if plan.abs_stoich.dtype == y.dtype else plan.abs_stoich.to(y.dtype)
+    if save_hidden is None:
+        save_hidden = y.device.type != "cpu"
+    mi, ri, rptr, rperm, mptr, mperm = plan.structure()
+    out, _hidden, _node_norm, _edge_norm = selected.fn(
+        y, weight, reaction_keep, mi, ri, abs_stoich, rptr, rperm, mptr, mperm, bool(save_hidden)
+    )
+    return out
+
+
+stoich_propagate = stoich_conv  # the name of earlier releases

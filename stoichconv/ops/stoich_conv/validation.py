@@ -1,0 +1,109 @@
+"""Argument validation of the stoich conv, shared by its public functions and its Triton
+entry (the compiled kernels repeat the structural checks in C++,
+``csrc/include/stoichconv/stoich_conv_checks.h``). Every error names the argument."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from stoichconv.ops._checks import check_count, check_index_tensor  # noqa: F401  (re-exported)
+from stoichconv.types import StoichPlan
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_reaction_keep(reaction_keep: Optional[Tensor], batch_size: int, num_reactions: int, device) -> None:
+    """``reaction_keep`` must be None or a bool [B, M] tensor on ``device``."""
+    if reaction_keep is None:
+        return
+    if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
+        raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', type(reaction_keep))}")
+    if tuple(reaction_keep.shape) != (batch_size, num_reactions):
+        raise ValueError(
+            f"`reaction_keep` must have shape [B, M] = [{batch_size}, {num_reactions}], got {tuple(reaction_keep.shape)}"
+        )
+    if reaction_keep.device != device:
+        raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {device}")
+
+
+def check_features(y) -> None:
+    if not isinstance(y, Tensor) or y.dim() != 4:
+        raise ValueError(f"`y` must be a tensor of shape [B, N, H, C], got {getattr(y, 'shape', type(y))}")
+    if y.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"`y` must be float32 or float64, got {y.dtype}")
+
+
+def check_weight(weight, y: Tensor, nnz: int) -> None:
+    B, _, H, _ = y.shape
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (B, nnz, H):
+        raise ValueError(
+            f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.dtype != y.dtype:
+        raise TypeError(f"`weight` has dtype {weight.dtype} but `y` has {y.dtype}")
+    if weight.device != y.device:
+        raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
+
+
+def check_propagate_args(y, weight, plan, reaction_keep) -> None:
+    """The public function's checks: ``y`` [B, N, H, C], ``weight`` [B, nnz, H], the plan."""
+    if not isinstance(plan, StoichPlan):
+        raise TypeError(f"`plan` must be a StoichPlan (from build_stoich_plan), got {type(plan).__name__}")
+    check_features(y)
+    N = y.shape[1]
+    if N != plan.num_metabolites:
+        raise ValueError(f"`y` has N = {N} metabolites but the plan has {plan.num_metabolites}")
+    check_weight(weight, y, plan.nnz)
+    if plan.device != y.device:
+        raise ValueError(f"the plan is on {plan.device} but `y` is on {y.device}; use plan.to(device)")
+    check_reaction_keep(reaction_keep, y.shape[0], plan.num_reactions, y.device)
+
+
+def check_structure_args(y, weight, reaction_keep, mi, ri, rptr, rperm, mptr, mperm) -> tuple[int, int]:
+    """The operator-level checks of the raw structural arguments (what the compiled op checks
+    in C++), for the Triton entry called through ``torch.ops``; returns (nnz, M)."""
+    check_features(y)
+    N = y.shape[1]
+    nnz = mi.numel() if isinstance(mi, Tensor) else -1
+    check_weight(weight, y, nnz)
+    if not isinstance(rptr, Tensor) or rptr.dim() != 1 or rptr.numel() < 1:
+        raise ValueError("`reaction_ptr` must be a 1-D tensor of length M + 1")
+    M = rptr.numel() - 1
+    for name, t, length in (
+        ("metabolite_index", mi, nnz), ("reaction_index", ri, nnz), ("reaction_perm", rperm, nnz),
+        ("metabolite_perm", mperm, nnz), ("reaction_ptr", rptr, M + 1), ("metabolite_ptr", mptr, N + 1),
+    ):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length:
+            raise ValueError(f"`{name}` must be 1-D of length {length}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != torch.int64:
+            raise TypeError(f"`{name}` must be int64, got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"`{name}` is on {t.device} but `y` is on {y.device}")
+    if reaction_keep is not None:
+        if not isinstance(reaction_keep, Tensor) or reaction_keep.dtype != torch.bool:
+            raise TypeError(f"`reaction_keep` must be a bool tensor, got {getattr(reaction_keep, 'dtype', None)}")
+        if tuple(reaction_keep.shape) != (y.shape[0], M):
+            raise ValueError(f"`reaction_keep` must be [B, M] = [{y.shape[0]}, {M}], got {tuple(reaction_keep.shape)}")
+        if reaction_keep.device != y.device:
+            raise ValueError(f"`reaction_keep` is on {reaction_keep.device} but `y` is on {y.device}")
+    return nnz, M
+
+
+def check_structure_values(mi, ri, rptr, rperm, mptr, mperm, N, M, nnz) -> None:
+    """Index values in range and CSR pointers well formed (host syncs)."""
+    for name, ptr in (("reaction_ptr", rptr), ("metabolite_ptr", mptr)):
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+            raise ValueError(f"`{name}` must start at 0 and end at nnz = {nnz}")
+        if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError(f"`{name}` must be non-decreasing")
+    if nnz == 0:
+        return
+    for name, t, bound in (
+        ("metabolite_index", mi, N), ("reaction_index", ri, M), ("reaction_perm", rperm, nnz),
+        ("metabolite_perm", mperm, nnz),
+    ):
+        if int(t.min()) < 0 or int(t.max()) >= bound:
+            raise ValueError(f"`{name}` has values out of range [0, {bound})")
