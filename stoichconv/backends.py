@@ -211,11 +211,15 @@ _TRITON_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def load_entries() -> None:
-    """Import the reference and Triton modules of every registered op (``stoichconv.ops`` does,
+    """Import the reference and Triton modules of every registered op and look its compiled
+    kernels up in the dispatcher (``stoichconv.ops`` does,
     once, after registering all ops): the Triton ``stoichconv::triton_*`` custom ops are then
     registered whatever the user imported. A Triton module that fails to import makes only
     ``backend="triton"`` unavailable, with the import error as the reason."""
     for spec in OPS.values():
+        if spec.compiled is not None:  # ask the dispatcher now, not inside a torch.compile trace
+            for device_type in ("cpu", "cuda"):
+                _has_compiled_kernel(spec.compiled, device_type)
         if spec.reference is not None:
             _load(spec.reference)
         if spec.triton is not None and triton_available():

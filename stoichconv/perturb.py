@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
-from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM
+from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE_TYPES
 from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
 from stoichconv.ops.pert_mask.validation import check_edge_index, check_perturbations
 from stoichconv.types import FilteredBipartite, FilteredEdges
@@ -72,6 +72,21 @@ def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: T
     store.node_keep = keep
 
 
+def _graph_tensor(cell_graph: HeteroData, relation: tuple, key: str) -> Tensor:
+    if relation not in cell_graph.edge_types:
+        raise ValueError(f"`cell_graph` lacks the relation {relation!r} (it has {cell_graph.edge_types})")
+    value = cell_graph[relation].get(key)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"`cell_graph[{relation!r}]` lacks the tensor `{key}`")
+    return value
+
+
+def _num_nodes(cell_graph: HeteroData, node_type: str) -> int:
+    if node_type not in cell_graph.node_types or cell_graph[node_type].num_nodes is None:
+        raise ValueError(f"`cell_graph` lacks the node type {node_type!r} (or its num_nodes)")
+    return int(cell_graph[node_type].num_nodes)
+
+
 def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout: str = "compacted", *,
                   backend: str = "auto", validate_graph: bool = True) -> HeteroData:
     """Apply a batch of gene deletions to the wildtype ``cell_graph``.
@@ -96,9 +111,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
     if not isinstance(cell_graph, HeteroData):
         raise TypeError(f"`cell_graph` must be a torch_geometric HeteroData, got {type(cell_graph).__name__}")
     compacted = layout == "compacted"
-    num_genes = int(cell_graph["gene"].num_nodes)
-    num_reactions = int(cell_graph["reaction"].num_nodes)
-    num_metabolites = int(cell_graph["metabolite"].num_nodes)
+    num_genes, num_reactions, num_metabolites = (_num_nodes(cell_graph, t) for t in NODE_TYPES)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes)
     B = pert_ptr.numel() - 1
     other_backend = "auto" if backend == "triton" else backend
@@ -112,7 +125,8 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         (METABOLISM, "hyperedge_index", num_metabolites, num_reactions),
     ):
         name = f"cell_graph[{relation!r}].{key}"
-        indices[relation] = check_edge_index(name, cell_graph[relation][key].to(device), num_src, num_dst, device,
+        indices[relation] = check_edge_index(name, _graph_tensor(cell_graph, relation, key).to(device),
+                                             num_src, num_dst, device,
                                               src_name=f"num_{relation[0]}s", dst_name=f"num_{relation[2]}s",
                                               values=validate_graph)
 
@@ -140,12 +154,16 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
     out[GPR].edge_ptr = gpr.edge_ptr
     out[GPR].edge_keep = gpr.edge_keep
 
-    metabolism = cell_graph[METABOLISM]
+    stoichiometry = _graph_tensor(cell_graph, METABOLISM, "stoichiometry")
+    nnz = indices[METABOLISM].size(1)
+    if not stoichiometry.is_floating_point() or stoichiometry.dim() != 1 or stoichiometry.numel() != nnz:
+        raise ValueError(f"`cell_graph[{METABOLISM!r}].stoichiometry` must be a float tensor [nnz] = [{nnz}] "
+                         f"(one coefficient per incidence), got {stoichiometry.dtype} {tuple(stoichiometry.shape)}")
     inc = filter_bipartite(indices[METABOLISM], num_metabolites, num_reactions, B, None, rkeep,
                            relabel=compacted, backend=other_backend, validate=False)
     store = out[METABOLISM]
     store.hyperedge_index = inc.edge_index
-    store.stoichiometry = metabolism.stoichiometry.to(device)[inc.edge_id]
+    store.stoichiometry = stoichiometry.to(device)[inc.edge_id]
     store.num_edges = int(out["reaction"].num_nodes)
     store.edge_ptr = inc.edge_ptr
     store.edge_keep = inc.edge_keep

@@ -6,7 +6,7 @@ and :mod:`stoichconv.ops` can both use these types without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,7 +22,10 @@ class StoichPlan:
 
     ``reaction_perm`` lists the incidences sorted (stably) by reaction with ``reaction_ptr``
     [M + 1] its CSR row pointer; ``metabolite_perm`` / ``metabolite_ptr`` [N + 1] the same by
-    metabolite."""
+    metabolite.
+
+    ``checked`` records that the plan is consistent (set by the builder; a plan constructed by
+    hand is checked in full, once, by the first op that receives it). Moving the plan keeps it."""
 
     metabolite_index: Tensor  # [nnz] int64
     reaction_index: Tensor  # [nnz] int64
@@ -34,6 +37,7 @@ class StoichPlan:
     metabolite_perm: Tensor  # [nnz] int64
     num_metabolites: int
     num_reactions: int
+    checked: bool = field(default=False, repr=False, compare=False)
 
     @property
     def nnz(self) -> int:

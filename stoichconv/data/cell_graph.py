@@ -1,7 +1,7 @@
 """The HeteroCell wildtype cell graph and random gene-deletion batches.
 
 :func:`load_cell_graph` builds the cell graph at the sizes of the HeteroCell reference (see
-``shared/spec/hetero_cell.md``): 6607 genes, 4881 reactions, 2534 metabolites.
+:mod:`stoichconv.reference.hetero_cell`): 6607 genes, 4881 reactions, 2534 metabolites.
 
 * **Metabolism** (``(gene, gpr, reaction)`` and ``(metabolite, reaction, metabolite)``) is yeast-GEM
   9.0.2 exactly, as built by :func:`stoichconv.data.load_yeast_gem`.
@@ -25,7 +25,7 @@
     size is kept, sorted by (row, col). Few regulators have thousands of targets.
 
 :func:`random_perturbations` draws a batch of gene-deletion sets in the CSR layout of
-``shared/spec/pert_mask.md``.
+:mod:`stoichconv.ops.pert_mask`.
 """
 
 from __future__ import annotations

@@ -110,6 +110,13 @@ class StoichHypergraphConv(torch.nn.Module):
         Returns [N, H*C] (concat) or [N, C] (mean over heads), batched likewise."""
         if not isinstance(x, Tensor) or x.dim() not in (2, 3) or not x.is_floating_point():
             raise ValueError(f"`x` must be a floating tensor [N, F] or [B, N, F], got {getattr(x, 'shape', type(x))}")
+        if self.in_channels > 0 and x.size(-1) != self.in_channels:
+            raise ValueError(f"`x` has {x.size(-1)} features but the layer was built with in_channels = {self.in_channels}")
+        for name, t in (("edge_index", edge_index), ("stoich", stoich)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if reaction_keep is not None and not isinstance(reaction_keep, Tensor):
+            raise TypeError(f"`reaction_keep` must be a bool tensor [M] or [B, M] or None, got {type(reaction_keep).__name__}")
         single = x.dim() == 2
         xb = x.unsqueeze(0) if single else x
         B, N, _ = xb.shape
@@ -117,6 +124,8 @@ class StoichHypergraphConv(torch.nn.Module):
             reaction_keep = reaction_keep.view(1, -1) if reaction_keep.dim() == 1 else reaction_keep
         if num_edges is None:
             num_edges = int(edge_index[1].max()) + 1 if edge_index.dim() == 2 and edge_index.numel() > 0 else 0
+        elif isinstance(num_edges, Tensor) and num_edges.numel() == 1:
+            num_edges = int(num_edges)
         if stoich.device != x.device or edge_index.device != x.device:
             raise ValueError(f"`edge_index`/`stoich` are on {edge_index.device}/{stoich.device} but `x` is on {x.device}")
         plan = self._plans.get(edge_index, stoich, N, int(num_edges))
@@ -146,11 +155,19 @@ class StoichHypergraphConv(torch.nn.Module):
         the incidences of each reaction ("node") or metabolite ("edge")."""
         if hyperedge_attr is None:
             raise ValueError("`hyperedge_attr` is required when use_attention=True")
+        if not isinstance(hyperedge_attr, Tensor) or not hyperedge_attr.is_floating_point():
+            raise TypeError(f"`hyperedge_attr` must be a floating tensor, got {getattr(hyperedge_attr, 'dtype', type(hyperedge_attr).__name__)}")
         if hyperedge_attr.dim() not in (2, 3) or hyperedge_attr.size(-2) != plan.num_reactions:
             raise ValueError(
                 f"`hyperedge_attr` must be [M, F] or [B, M, F] with M = num_edges = {plan.num_reactions}, "
                 f"got {tuple(hyperedge_attr.shape)}"
             )
+        if hyperedge_attr.size(-1) != x.size(-1):
+            raise ValueError(f"`hyperedge_attr` has {hyperedge_attr.size(-1)} features but `x` has {x.size(-1)}")
+        if hyperedge_attr.dim() == 3 and hyperedge_attr.size(0) != x.size(0):
+            raise ValueError(f"`hyperedge_attr` has batch size {hyperedge_attr.size(0)} but `x` has {x.size(0)}")
+        if hyperedge_attr.device != x.device:
+            raise ValueError(f"`hyperedge_attr` is on {hyperedge_attr.device} but `x` is on {x.device}")
         B, H, C = x.size(0), self.heads, self.out_channels
         # <att_h, [lin(x)_h || lin(attr)_h]> = x . (W_hᵀ att_h[:C]) + attr . (W_hᵀ att_h[C:]):
         # fold att into the projection instead of materialising lin(attr) and

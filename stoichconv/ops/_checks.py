@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_count", "check_index_tensor"]
+__all__ = ["check_count", "check_index_tensor", "check_size_product"]
 
 
 def check_count(name: str, value) -> int:
@@ -25,3 +25,18 @@ def check_index_tensor(name: str, t) -> Tensor:
         raise TypeError(f"`{name}` must hold integer indices, got dtype {t.dtype}")
     return t
 
+
+
+INT64_MAX = 2**63 - 1
+
+
+def check_size_product(output: str, unit: str = "entries", **factors: int) -> None:
+    """The size (or id range) of an output ``output``, the product of ``factors``, must fit
+    int64, else a ValueError naming the factors (Python ints do not overflow; the kernels'
+    int64 arithmetic would)."""
+    total = 1
+    for value in factors.values():
+        total *= value
+    if total > INT64_MAX:
+        named = " * ".join(f"{name} = {value}" for name, value in factors.items())
+        raise ValueError(f"`{output}` would have {named} = {total} {unit}, more than int64 can index")

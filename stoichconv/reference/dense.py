@@ -1,6 +1,6 @@
 """Dense float64 ground truth for the propagation of the stoichiometric hypergraph convolution.
 
-An independent formulation of stages 2 and 5-7 of ``shared/spec/stoich_conv.md`` with dense
+An independent formulation of the layer (:class:`stoichconv.reference.StoichHypergraphConv`) with dense
 matrices instead of message passing; meant for tests on small graphs (memory ``H · N · M``).
 """
 

@@ -1,8 +1,8 @@
 """Pure-PyG reference implementation of the signed stoichiometric hypergraph convolution.
 
 Every fast backend of this package is checked against :class:`StoichHypergraphConv`. It keeps the
-parameter layout and the arithmetic of the seed layer; the math is stated once, in
-``shared/spec/stoich_conv.md``, and summarised in the class docstring.
+parameter layout and the arithmetic of the seed layer; the propagation's math is stated once, in
+:mod:`stoichconv.ops.stoich_conv`, and the layer's in the class docstring.
 """
 
 import math
@@ -43,7 +43,7 @@ class StoichHypergraphConv(MessagePassing):
     with :math:`D_v = 1/\sum_{k: v_k=v}|s_k|` and :math:`B_e = 1/\sum_{k: e_k=e}|s_k|` (0 for an
     empty sum). Heads are concatenated (``concat=True``) or averaged, then ``bias`` is added. With
     one head and no attention this is :math:`D S_g B S_g^\top X \Theta + b`. See
-    ``shared/spec/stoich_conv.md``.
+    :mod:`stoichconv.ops.stoich_conv`.
 
     * Gate (``is_stoich_gated``): :math:`g_v = \sigma(\mathrm{gate\_lin}(x_v))`, from the
       untransformed input, shared by all heads.

@@ -64,6 +64,7 @@ from typing import Optional
 from torch import Tensor
 
 from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.ops._checks import check_size_product
 from stoichconv.ops.pert_mask import registration  # noqa: F401  (fake kernels)
 from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_keep, check_perturbations
 from stoichconv.types import FilteredBipartite, FilteredEdges
@@ -117,6 +118,9 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     num_nodes = check_count("num_nodes", num_nodes)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=validate)
     edge_index = check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=validate)
+    B = pert_ptr.numel() - 1
+    check_size_product("node_keep", B=B, num_nodes=num_nodes)
+    check_size_product("edge_keep", B=B, E=edge_index.size(1))
     selected = select("filter_edges", backend, pert.device)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_nodes, pert, pert_ptr, relabel=bool(relabel))
@@ -134,6 +138,7 @@ def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr:
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes, values=validate)
     gpr_index = check_edge_index("gpr_index", gpr_index, num_genes, num_reactions, pert.device,
                                  src_name="num_genes", dst_name="num_reactions", values=validate)
+    check_size_product("reaction_keep", B=pert_ptr.numel() - 1, num_reactions=num_reactions)
     return select("reaction_keep", backend, pert.device).fn(gpr_index, num_reactions, pert, pert_ptr)
 
 
@@ -153,6 +158,10 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
                                   src_name="num_src", dst_name="num_dst", values=validate)
     src_keep = check_keep("src_keep", src_keep, num_samples, num_src, device)
     dst_keep = check_keep("dst_keep", dst_keep, num_samples, num_dst, device)
+    check_size_product("edge_keep", num_samples=num_samples, E=edge_index.size(1))
+    # output ids (either layout) reach up to num_samples * num_side
+    check_size_product("edge_index[0]", "ids", num_samples=num_samples, num_src=num_src)
+    check_size_product("edge_index[1]", "ids", num_samples=num_samples, num_dst=num_dst)
     selected = select("filter_bipartite", backend, device)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel=bool(relabel))

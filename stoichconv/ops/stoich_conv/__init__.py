@@ -49,13 +49,15 @@ from stoichconv.ops.stoich_conv import registration  # noqa: F401  (fake kernels
 from stoichconv.ops.stoich_conv.validation import (
     check_count,
     check_index_tensor,
+    check_plan_consistent,
     check_propagate_args,
     check_reaction_keep,
+    require,
 )
 from stoichconv.types import StoichPlan
 
-__all__ = ["SPEC", "PlanCache", "StoichPlan", "build_stoich_plan", "check_reaction_keep", "stoich_conv",
-           "stoich_propagate"]
+__all__ = ["SPEC", "PlanCache", "StoichPlan", "build_stoich_plan", "check_plan_consistent", "check_reaction_keep",
+           "stoich_conv", "stoich_propagate"]
 
 SPEC = register_op(OpSpec(
     name="stoich_conv",
@@ -68,16 +70,16 @@ SPEC = register_op(OpSpec(
 
 def _csr(index: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     perm = torch.sort(index, stable=True).indices
-    ptr = torch.zeros(num_rows + 1, dtype=torch.long, device=index.device)
-    torch.cumsum(torch.bincount(index, minlength=num_rows), 0, out=ptr[1:])
-    return ptr, perm
+    counts = torch.zeros(num_rows, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), perm
 
 
 def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_edges: int) -> StoichPlan:
     """Validate an incidence list and preprocess it into a :class:`~stoichconv.types.StoichPlan`.
 
     ``edge_index`` [2, nnz]: row 0 metabolite id (< ``num_nodes`` = N), row 1
-    reaction id (< ``num_edges`` = M); ``stoich`` [nnz] signed, finite."""
+    reaction id (< ``num_edges`` = M); ``stoich`` [nnz] signed, finite. Traceable by
+    ``torch.compile(fullgraph=True)``: the value checks become in-graph assertions there."""
     check_index_tensor("edge_index", edge_index)
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"`edge_index` must have shape [2, nnz], got {tuple(edge_index.shape)}")
@@ -90,21 +92,15 @@ def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_ed
         raise ValueError(f"`stoich` is on {stoich.device} but `edge_index` is on {edge_index.device}")
     check_count("num_nodes", num_nodes)
     check_count("num_edges", num_edges)
-    if nnz > 0 and not bool(torch.isfinite(stoich).all()):
-        raise ValueError("`stoich` contains NaN or inf")
     edge_index = edge_index.long()
     metabolite_index, reaction_index = edge_index[0].contiguous(), edge_index[1].contiguous()
     if nnz > 0:
-        if int(edge_index.min()) < 0:
-            raise ValueError("`edge_index` contains negative indices")
-        if int(metabolite_index.max()) >= num_nodes:
-            raise ValueError(
-                f"`edge_index[0]` (metabolites) has id {int(metabolite_index.max())} >= num_nodes = {num_nodes}"
-            )
-        if int(reaction_index.max()) >= num_edges:
-            raise ValueError(
-                f"`edge_index[1]` (reactions) has id {int(reaction_index.max())} >= num_edges = {num_edges}"
-            )
+        require(torch.isfinite(stoich).all(), ValueError, "`stoich` contains NaN or inf")
+        require(edge_index.min() >= 0, ValueError, "`edge_index` contains negative indices")
+        require(metabolite_index.max() < num_nodes, ValueError,
+                f"`edge_index[0]` (metabolites) has id(s) >= num_nodes = {num_nodes}")
+        require(reaction_index.max() < num_edges, ValueError,
+                f"`edge_index[1]` (reactions) has id(s) >= num_edges = {num_edges}")
     reaction_ptr, reaction_perm = _csr(reaction_index, num_edges)
     metabolite_ptr, metabolite_perm = _csr(metabolite_index, num_nodes)
     stoich = stoich.detach().clone()  # the plan owns its copy
@@ -119,22 +115,36 @@ def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_ed
         metabolite_perm=metabolite_perm,
         num_metabolites=num_nodes,
         num_reactions=num_edges,
+        checked=True,
     )
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """The tensor's version counter; None for inference tensors, which have none."""
+    return None if t.is_inference() else t._version
 
 
 class PlanCache:
     """One cached :class:`~stoichconv.types.StoichPlan`, reused while the same ``edge_index``
     and ``stoich`` tensor objects (unmodified in place: their version counters are part of the
     key), sizes and device are passed again. A new graph is never served a stale plan: the key
-    holds weak references to the very tensors."""
+    holds weak references to the very tensors. Tensors made under ``torch.inference_mode()``
+    have no version counter: their plan is rebuilt on every call, as it is inside a
+``torch.compile`` graph (a sort of the nnz incidences per call). The cache is not pickled
+    (a copy starts empty and rebuilds its plan on first use)."""
 
     def __init__(self) -> None:
-        self._key = None
-        self._refs: tuple = ()
-        self._plan: Optional[StoichPlan] = None
+        self.clear()
 
     def get(self, edge_index: Tensor, stoich: Tensor, num_nodes: int, num_edges: int) -> StoichPlan:
-        key = (edge_index._version, stoich._version, num_nodes, num_edges)
+        for name, t in (("edge_index", edge_index), ("stoich", stoich)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if torch.compiler.is_compiling():  # built inside the graph: no guards on cache state
+            return build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
+        key = (_version(edge_index), _version(stoich), num_nodes, num_edges)
+        if None in key[:2]:
+            return build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
         alive = tuple(ref() for ref in self._refs)
         same_tensors = len(alive) == 2 and alive[0] is edge_index and alive[1] is stoich
         if self._plan is not None and key == self._key and same_tensors:
@@ -145,6 +155,12 @@ class PlanCache:
 
     def clear(self) -> None:
         self._key, self._refs, self._plan = None, (), None
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
 
 
 def stoich_conv(

@@ -48,10 +48,63 @@ def check_weight(weight, y: Tensor, nnz: int) -> None:
         raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
 
 
+def require(cond: Tensor, error: type, message: str) -> None:
+    """Raise ``error(message)`` unless the 0-d bool tensor ``cond`` holds. Under
+    ``torch.compile`` the check becomes an in-graph assertion (no graph break, no host sync
+    traced), raising ``RuntimeError(message)`` when it fails."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise error(message)
+
+
+def check_plan_consistent(plan: StoichPlan) -> None:
+    """Full check of a plan not built by ``build_stoich_plan``: shapes, dtypes, devices, index
+    ranges, each CSR pointer equal to the counts of its key, each permutation a permutation that
+    sorts the incidences by that key, ``abs_stoich == |stoich|`` (host syncs; once per plan)."""
+    nnz, N, M = plan.nnz, plan.num_metabolites, plan.num_reactions
+    check_count("plan.num_metabolites", N)
+    check_count("plan.num_reactions", M)
+    device = plan.metabolite_index.device
+    for name, length, floating in (
+        ("metabolite_index", nnz, False), ("reaction_index", nnz, False), ("stoich", nnz, True),
+        ("abs_stoich", nnz, True), ("reaction_ptr", M + 1, False), ("reaction_perm", nnz, False),
+        ("metabolite_ptr", N + 1, False), ("metabolite_perm", nnz, False),
+    ):
+        t = getattr(plan, name)
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length:
+            raise ValueError(f"`plan.{name}` must be 1-D of length {length}, got {tuple(getattr(t, 'shape', ()))}")
+        if floating != t.is_floating_point() or (not floating and t.dtype != torch.int64):
+            raise TypeError(f"`plan.{name}` has dtype {t.dtype}, expected {'a float' if floating else 'int64'}")
+        if t.device != device:
+            raise ValueError(f"`plan.{name}` is on {t.device} but `plan.metabolite_index` is on {device}")
+    if nnz and not bool(torch.isfinite(plan.stoich).all()):
+        raise ValueError("`plan.stoich` contains NaN or inf")
+    if not torch.equal(plan.abs_stoich, plan.stoich.abs().to(plan.abs_stoich.dtype)):
+        raise ValueError("`plan.abs_stoich` must equal |plan.stoich|")
+    for key, ptr, perm, rows in (("reaction", plan.reaction_ptr, plan.reaction_perm, M),
+                                 ("metabolite", plan.metabolite_ptr, plan.metabolite_perm, N)):
+        index = getattr(plan, f"{key}_index")
+        if nnz and (int(index.min()) < 0 or int(index.max()) >= rows):
+            raise ValueError(f"`plan.{key}_index` has values out of range [0, {rows})")
+        counts = torch.zeros(rows, dtype=torch.long, device=device).index_add_(0, index, torch.ones_like(index))
+        if int(ptr[0]) != 0 or not torch.equal(ptr[1:], counts.cumsum(0)):
+            raise ValueError(f"`plan.{key}_ptr` does not match the segment boundaries of `plan.{key}_index`")
+        if nnz and (int(perm.min()) < 0 or int(perm.max()) >= nnz
+                    or not bool((torch.bincount(perm, minlength=nnz) == 1).all())):
+            raise ValueError(f"`plan.{key}_perm` must be a permutation of range({nnz})")
+        if nnz > 1 and bool((index[perm][1:] < index[perm][:-1]).any()):
+            raise ValueError(f"`plan.{key}_perm` does not sort the incidences by `plan.{key}_index`")
+
+
 def check_propagate_args(y, weight, plan, reaction_keep) -> None:
-    """The public function's checks: ``y`` [B, N, H, C], ``weight`` [B, nnz, H], the plan."""
+    """The public function's checks: ``y`` [B, N, H, C], ``weight`` [B, nnz, H], the plan
+    (checked in full once when it was not built by ``build_stoich_plan``)."""
     if not isinstance(plan, StoichPlan):
         raise TypeError(f"`plan` must be a StoichPlan (from build_stoich_plan), got {type(plan).__name__}")
+    if not plan.checked:
+        check_plan_consistent(plan)
+        object.__setattr__(plan, "checked", True)
     check_features(y)
     N = y.shape[1]
     if N != plan.num_metabolites:
