@@ -19,7 +19,7 @@ endif
 # the venv kept Python 3.11's bundled 65.5). numpy<2.4 with torch 2.11: its pinned triton 3.6.0
 # interpreter (TRITON_INTERPRET=1) calls int() on 1-element arrays, a TypeError since NumPy 2.4.
 NUMPY_REQ := $(if $(filter 2.11.%,$(TORCH_VERSION)),numpy<2.4,numpy)
-DEPS := "setuptools>=77.0.3" triton torch-geometric ninja pybind11 pytest pytest-benchmark "$(NUMPY_REQ)" tqdm matplotlib
+DEPS := "setuptools>=77.0.3" triton torch-geometric ninja pybind11 pytest pytest-benchmark hypothesis "$(NUMPY_REQ)" tqdm matplotlib
 export MAX_JOBS ?= 2
 BENCH_ARGS ?=
 
