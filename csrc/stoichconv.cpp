@@ -1,15 +1,16 @@
 // The one place that declares every stoichconv operator schema, and the
 // Python module `stoichconv._C` whose import loads the kernels.
 //
-// Implementations register under their dispatch keys in csrc/cpu/*.cpp and
-// csrc/cuda/*.cpp; autograd formulas and fake (meta) kernels are registered
-// from Python (stoichconv/ops/*.py) with torch.library.
+// Implementations register under their dispatch keys in csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cpp (CUDA kernels in csrc/cuda/<op>_kernels.cu); autograd
+// formulas and fake (meta) kernels are registered from Python (the
+// stoichconv.ops packages) with torch.library.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(stoichconv, m) {
-  // Signed stoichiometric propagation (stages 6-7 of spec/stoich_conv.md)
-  // on a batch sharing one incidence structure; see stoichconv/ops/stoich_conv.py.
+  // Signed stoichiometric propagation on a batch sharing one incidence
+  // structure (semantics: stoichconv.ops.stoich_conv docstring).
   // Returns (out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M]),
   // Bn = B with a reaction keep-mask, else 1; with save_hidden=false `hidden`
   // is not kept and comes back as an empty tensor [0].
@@ -28,7 +29,7 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
       "Tensor metabolite_perm, bool need_grad_y, bool need_grad_weight) "
       "-> (Tensor, Tensor)");
-  // Gene-gene edges surviving per-sample gene deletions; see stoichconv/ops/pert_mask.py.
+  // Gene-gene edges surviving per-sample gene deletions; semantics: stoichconv.ops.pert_mask docstring.
   m.def(
       "filter_edges(Tensor edge_index, int num_nodes, Tensor pert, Tensor pert_ptr, "
       "bool relabel) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -37,8 +38,8 @@ TORCH_LIBRARY(stoichconv, m) {
       "reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr) "
       "-> Tensor");
   // Fused GATv2 attention + aggregation forward over row-sorted edges:
-  // (out [num_rows, H, C], alpha [E, H]).  CPU only; semantics in
-  // stoichconv/ops/gatv2.py.
+  // (out [num_rows, H, C], alpha [E, H]).  CPU only; semantics: the
+  // stoichconv.ops.gatv2 docstring.
   m.def(
       "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor src, Tensor dst, Tensor crow, "
       "float negative_slope) -> (Tensor, Tensor)");
@@ -48,7 +49,7 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor src, Tensor dst, Tensor crow, float negative_slope) -> (Tensor, Tensor, Tensor)");
   // Softmax of logits [B, nnz, H] over the incidences of each group (a CSR
   // ordering: group_ptr [G+1], group_perm [nnz]); incidences with kept [B, nnz]
-  // False weigh 0.  CPU only; semantics in stoichconv/ops/group_softmax.py.
+  // False weigh 0.  CPU only; semantics: stoichconv.ops.group_softmax docstring.
   m.def("group_softmax(Tensor logits, Tensor? kept, Tensor group_ptr, Tensor group_perm) -> Tensor");
   // Its backward: grad_logits = alpha * (grad - sum_group alpha * grad).
   m.def(
@@ -60,6 +61,9 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor? src_keep, Tensor? dst_keep, bool relabel) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
+// The module itself holds nothing: importing it runs the registrations above
+// and those of csrc/cpu/*.cpp and csrc/cuda/*.cpp.  How it was built is
+// reported by the separate module stoichconv._build_info (csrc/build_info.cpp).
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -69,13 +73,6 @@ PyObject* PyInit__C(void) {
       -1,
       nullptr,
   };
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-#ifdef STOICHCONV_WITH_CUDA
-  PyModule_AddIntConstant(module, "with_cuda", 1);
-#else
-  PyModule_AddIntConstant(module, "with_cuda", 0);
-#endif
-  return module;
+  return PyModule_Create(&module_def);
 }
 }

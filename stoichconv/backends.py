@@ -69,6 +69,7 @@ class OpSpec:
             "reference")``.
         compiled: its operator in ``torch.ops.stoichconv`` (the forward, for an op with a
             backward), registered under ``CPU`` / ``CUDA`` by ``stoichconv._C``.
+        compiled_backward: the compiled backward operator, for a differentiable op.
         triton: ``"module:function"`` of its Triton entry (a ``stoichconv::triton_*`` custom op).
         reference: ``"module:function"`` of its pure-PyTorch reference.
     """
@@ -76,6 +77,7 @@ class OpSpec:
     name: str
     backends: tuple[str, ...]
     compiled: Optional[str] = None
+    compiled_backward: Optional[str] = None
     triton: Optional[str] = None
     reference: Optional[str] = None
 

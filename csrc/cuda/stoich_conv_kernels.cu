@@ -1,7 +1,7 @@
 // CUDA kernels of the signed stoichiometric propagation (forward + backward).
 //
 // Only CUDA headers and the project's torch-free headers are included here, so
-// this file compiles in seconds; csrc/cuda/stoich_conv_cuda.cpp is the torch
+// this file compiles in seconds; csrc/cuda/stoich_conv.cpp is the torch
 // launcher.  The per-element arithmetic comes from stoich_conv_math.h, the
 // same inline functions the CPU kernels run.
 //
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
 // ---------------------------------------------------------------------------
 template <typename scalar_t>
 struct WeightGradArgs {
-  DeviceStructure s;
+  StoichPlanView s;
   Geometry g;
   const scalar_t* grad_out;
   const scalar_t* hidden;
@@ -354,7 +354,7 @@ cudaError_t launch_weight_grad(const WeightGradArgs<scalar_t>& a, cudaStream_t s
 
 // Stage 1, metabolite -> reaction: hidden[b,e] = B_e * sum_k w_k y[b, v_k]
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_hidden(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_hidden(const StoichPlanView& s, const Geometry& g,
                                       const scalar_t* y, const scalar_t* weight, const bool* keep,
                                       const scalar_t* edge_norm, scalar_t* hidden,
                                       cudaStream_t stream) {
@@ -368,7 +368,7 @@ cudaError_t launch_stoich_conv_hidden(const DeviceStructure& s, const Geometry& 
 }
 
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_forward(const StoichPlanView& s, const Geometry& g,
                                        const scalar_t* y, const scalar_t* weight,
                                        const bool* keep, const scalar_t* abs_stoich,
                                        scalar_t* out, scalar_t* hidden, scalar_t* node_norm,
@@ -394,7 +394,7 @@ cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry&
 }
 
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_backward(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_backward(const StoichPlanView& s, const Geometry& g,
                                         const scalar_t* grad_out, const scalar_t* grad_hidden,
                                         const scalar_t* y, const scalar_t* weight,
                                         const bool* keep, const scalar_t* hidden,
@@ -428,13 +428,13 @@ cudaError_t launch_stoich_conv_backward(const DeviceStructure& s, const Geometry
 
 #define STOICHCONV_INSTANTIATE(T)                                                            \
   template cudaError_t launch_stoich_conv_hidden<T>(                                         \
-      const DeviceStructure&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
+      const StoichPlanView&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
       cudaStream_t);                                                                         \
   template cudaError_t launch_stoich_conv_forward<T>(                                        \
-      const DeviceStructure&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
+      const StoichPlanView&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
       T*, T*, T*, cudaStream_t);                                                             \
   template cudaError_t launch_stoich_conv_backward<T>(                                       \
-      const DeviceStructure&, const Geometry&, const T*, const T*, const T*, const T*,       \
+      const StoichPlanView&, const Geometry&, const T*, const T*, const T*, const T*,       \
       const bool*, const T*, const T*, const T*, T*, T*, T*, cudaStream_t);
 
 STOICHCONV_INSTANTIATE(float)

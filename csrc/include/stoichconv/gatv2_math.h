@@ -1,5 +1,5 @@
-// Per-element arithmetic of the fused GATv2 attention (semantics in
-// stoichconv/ops/gatv2.py), shared by its C++ CPU kernels and any device port.
+// Per-element arithmetic of the fused GATv2 attention (semantics:
+// stoichconv.ops.gatv2 docstring), shared by its C++ CPU kernels and any device port.
 // Nothing here depends on torch.
 #pragma once
 

@@ -1,7 +1,7 @@
 // Launch functions of the CUDA perturbation-masking kernels
 // (csrc/cuda/pert_mask_kernels.cu); torch-free, device pointers, one stream.
-// The torch launcher is csrc/cuda/pert_mask_cuda.cpp; semantics in
-// stoichconv/ops/pert_mask.py.
+// The torch launcher is csrc/cuda/pert_mask.cpp; semantics:
+// stoichconv.ops.pert_mask docstring.
 //
 // Every edge filter is count -> scan -> write over tiles of kFilterTile
 // edges of one sample (tile t: sample t / tiles_per_sample): the count pass

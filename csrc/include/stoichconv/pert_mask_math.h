@@ -1,6 +1,6 @@
 // Per-element arithmetic of the batched perturbation masking, shared by the
-// C++ CPU kernels (csrc/cpu/pert_mask_cpu.cpp) and the CUDA kernels.  Nothing
-// here depends on torch (semantics: stoichconv/ops/pert_mask.py).
+// C++ CPU kernels (csrc/cpu/pert_mask.cpp) and the CUDA kernels.  Nothing
+// here depends on torch (semantics: stoichconv.ops.pert_mask docstring).
 //
 // Sample b deletes a set of node ids; the kernels first turn each sample's
 // slice of `pert` into a sorted, duplicate-free array `del` of length `n`

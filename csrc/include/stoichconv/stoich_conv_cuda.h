@@ -2,27 +2,19 @@
 //
 // Plain C++ with raw pointers, sizes and a stream: the kernels' translation
 // unit includes no torch header (fast to compile), and the torch-facing
-// launcher (csrc/cuda/stoich_conv_cuda.cpp) allocates, checks and calls these.
-// All pointers are device pointers to contiguous row-major tensors; the
-// semantics are those of stoichconv/ops/stoich_conv.py.
+// launcher (csrc/cuda/stoich_conv.cpp) allocates, checks and calls these.
+// All pointers are device pointers to contiguous row-major tensors, the plan
+// included (a StoichPlanView of stoichconv/stoich_plan_view.h).
+// Semantics: stoichconv.ops.stoich_conv docstring.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "stoichconv/stoich_plan_view.h"
+
 namespace stoichconv {
 namespace cuda {
-
-// The plan's structure (CSR orderings by reaction and by metabolite).
-struct DeviceStructure {
-  const int64_t* metabolite_index;  // [nnz]
-  const int64_t* reaction_index;    // [nnz]
-  const int64_t* reaction_ptr;      // [M + 1]
-  const int64_t* reaction_perm;     // [nnz]
-  const int64_t* metabolite_ptr;    // [N + 1]
-  const int64_t* metabolite_perm;   // [nnz]
-  int64_t nnz, N, M;
-};
 
 // Batch geometry: y is [B, N, H, C]; keep is [B, M] bool or nullptr
 // (then the norms are [1, N] / [1, M], else [B, N] / [B, M]).
@@ -33,14 +25,14 @@ struct Geometry {
 // Stage 1 alone: hidden [B,M,H,C] from y, weight and the forward's edge_norm
 // (the backward's recomputation when the forward did not save hidden).
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_hidden(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_hidden(const StoichPlanView& s, const Geometry& g,
                                       const scalar_t* y, const scalar_t* weight, const bool* keep,
                                       const scalar_t* edge_norm, scalar_t* hidden,
                                       cudaStream_t stream);
 
 // out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M].
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_forward(const StoichPlanView& s, const Geometry& g,
                                        const scalar_t* y, const scalar_t* weight,
                                        const bool* keep, const scalar_t* abs_stoich,
                                        scalar_t* out, scalar_t* hidden, scalar_t* node_norm,
@@ -49,7 +41,7 @@ cudaError_t launch_stoich_conv_forward(const DeviceStructure& s, const Geometry&
 // reaction_grad [B,M,H,C] is scratch (R); grad_hidden may be nullptr;
 // grad_y / grad_weight may be nullptr when not wanted.
 template <typename scalar_t>
-cudaError_t launch_stoich_conv_backward(const DeviceStructure& s, const Geometry& g,
+cudaError_t launch_stoich_conv_backward(const StoichPlanView& s, const Geometry& g,
                                         const scalar_t* grad_out, const scalar_t* grad_hidden,
                                         const scalar_t* y, const scalar_t* weight,
                                         const bool* keep, const scalar_t* hidden,

@@ -2,7 +2,7 @@
 // C++ CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).  Nothing here
 // depends on torch: the CPU tests exercise exactly the math the GPU runs.
 //
-// Notation (see stoichconv/ops/stoich_conv.py for the full semantics):
+// Notation (full semantics: stoichconv.ops.stoich_conv docstring):
 //   y      [B, N, H, C]  transformed metabolite features
 //   w      [B, nnz, H]   per-incidence weight s_k * g_k * alpha_k,h
 //   keep   [B, M]        optional reaction keep-mask (masked incidences weigh 0)

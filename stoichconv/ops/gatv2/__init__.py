@@ -26,10 +26,14 @@ pushed through the leaky ReLU (pre-activations recomputed, never stored).
 HeteroCell. Backends (:data:`SPEC`): ``cpu`` runs the two compiled ops
 (``csrc/cpu/gatv2.cpp``), deterministic for any thread count (every output row
 written by one thread, sums in a fixed order, ``grad_att`` summed over fixed
-blocks of source rows; no atomics); ``reference`` runs the edge-chunked
-pure-PyTorch forward and backward of
-:func:`stoichconv.reference.gatv2.gatv2_attention_reference`. There is no CUDA
-or Triton kernel yet: on GPUs ``"auto"`` runs the reference.
+blocks of source rows; no atomics); ``triton`` runs
+``stoichconv::triton_gatv2_forward`` / ``_backward`` (:mod:`.triton_kernels`, the same
+row-owned structure, the per-source and per-destination groupings by a stable sort in the
+launcher); ``reference`` runs the edge-chunked pure-PyTorch forward and backward of
+:func:`stoichconv.reference.gatv2.gatv2_attention_reference`. Both kernel backends go
+through one autograd function (``_CompiledGATv2``, given the backend's forward and backward
+ops). There is no CUDA kernel yet: on GPUs ``"auto"`` runs the Triton one where triton is
+installed, else the reference.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ __all__ = ["SPEC", "EdgeSet", "gatv2_attention", "gatv2_backward", "gatv2_forwar
 
 SPEC = register_op(OpSpec(
     name="gatv2",
-    backends=("cpu", "reference"),
+    backends=("cpu", "triton", "reference"),
     compiled="gatv2_forward",
+    triton="stoichconv.ops.gatv2.triton_kernels:triton_gatv2_forward",
+    compiled_backward="gatv2_backward",
     reference="stoichconv.reference.gatv2:gatv2_attention_reference",
 ))
 
@@ -81,11 +87,26 @@ def gatv2_backward(grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tensor, alph
     return torch.ops.stoichconv.gatv2_backward(grad_out, x_l, x_r, att, alpha, src, dst, crow, float(negative_slope))
 
 
+# The (forward, backward) operators of each kernel backend, looked up in torch.ops at call
+# time (the Triton ones exist once stoichconv.ops has imported the Triton modules).
+_KERNEL_OPS = {
+    "cpu": ("gatv2_forward", "gatv2_backward"),
+    "cuda": ("gatv2_forward", "gatv2_backward"),
+    "triton": ("triton_gatv2_forward", "triton_gatv2_backward"),
+}
+
+
 class _CompiledGATv2(torch.autograd.Function):
+    """The kernels' forward and hand-written backward; ``backend`` (a key of
+    :data:`_KERNEL_OPS`) names the pair of ``torch.ops.stoichconv`` operators to run."""
+
     @staticmethod
-    def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float):
-        ctx.edges, ctx.negative_slope = edges, negative_slope
-        out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, negative_slope)
+    def forward(ctx, x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float,
+                backend: str = "cpu"):
+        ctx.edges, ctx.negative_slope, ctx.backend = edges, negative_slope, backend
+        forward_op = getattr(torch.ops.stoichconv, _KERNEL_OPS[backend][0])
+        _check_indices(src=edges.src, dst=edges.dst, crow=edges.crow)
+        out, alpha = forward_op(x_l, x_r, att, edges.src, edges.dst, edges.crow, float(negative_slope))
         ctx.save_for_backward(x_l, x_r, att, alpha)
         return out
 
@@ -94,9 +115,10 @@ class _CompiledGATv2(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x_l, x_r, att, alpha = ctx.saved_tensors
         edges = ctx.edges
-        grad_x_l, grad_x_r, grad_att = gatv2_backward(grad_out, x_l, x_r, att, alpha, edges.src, edges.dst,
-                                                      edges.crow, ctx.negative_slope)
-        return grad_x_l, grad_x_r, grad_att, None, None
+        backward_op = getattr(torch.ops.stoichconv, _KERNEL_OPS[ctx.backend][1])
+        grad_x_l, grad_x_r, grad_att = backward_op(grad_out.contiguous(), x_l, x_r, att, alpha, edges.src,
+                                                   edges.dst, edges.crow, float(ctx.negative_slope))
+        return grad_x_l, grad_x_r, grad_att, None, None, None
 
 
 def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negative_slope: float = 0.2,
@@ -117,7 +139,8 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negat
     selected = select("gatv2", backend, x_l.device)
     if selected.backend == "reference":
         return selected.fn(x_l, x_r, att, edges, negative_slope)
-    return _CompiledGATv2.apply(x_l.contiguous(), x_r.contiguous(), att.contiguous(), edges, negative_slope)
+    return _CompiledGATv2.apply(x_l.contiguous(), x_r.contiguous(), att.contiguous(), edges, negative_slope,
+                                selected.backend)
 
 
 # --------------------------------------------------------------------------

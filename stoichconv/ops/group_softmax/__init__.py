@@ -23,8 +23,10 @@ Backends (:data:`SPEC`): ``cpu`` runs the compiled ``stoichconv::group_softmax``
 group), sums in the CSR order, so results are bit-identical for any thread
 count (no atomics). ``reference`` runs
 :func:`stoichconv.reference.group_softmax.group_softmax_reference`, scatter and
-index ops on any device. There is no CUDA or Triton kernel yet: on GPUs
-``"auto"`` runs the reference.
+index ops on any device. ``triton`` runs ``stoichconv::triton_group_softmax`` (and its
+``_backward``, :mod:`.triton_kernels`): the same row-owned structure, one program per
+(sample x group, head block), no atomics. Both kernel backends take the compiled op's
+arguments and share the fake kernels and autograd formula of :func:`register`.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from torch import Tensor
 from stoichconv._extension import has_compiled_kernels
 from stoichconv.backends import OpSpec, register_op, select
 
-__all__ = ["SPEC", "group_softmax"]
+__all__ = ["SPEC", "group_softmax", "register"]
 
 SPEC = register_op(OpSpec(
     name="group_softmax",
-    backends=("cpu", "reference"),
+    backends=("cpu", "triton", "reference"),
     compiled="group_softmax",
+    compiled_backward="group_softmax_backward",
+    triton="stoichconv.ops.group_softmax.triton_kernels:triton_group_softmax",
     reference="stoichconv.reference.group_softmax:group_softmax_reference",
 ))
 
@@ -75,7 +79,7 @@ def group_softmax(logits: Tensor, group_ptr: Tensor, group_perm: Tensor, kept: O
 
 
 # --------------------------------------------------------------------------
-# Fake kernels and autograd of the compiled op
+# Fake kernels and autograd of the kernel ops (compiled and Triton)
 # --------------------------------------------------------------------------
 
 
@@ -92,14 +96,22 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output, group_ptr, group_perm)
 
 
-def _backward(ctx, grad):
-    alpha, group_ptr, group_perm = ctx.saved_tensors
-    if grad is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    return torch.ops.stoichconv.group_softmax_backward(grad, alpha, group_ptr, group_perm), None, None, None
+def register(forward: str, backward: str) -> None:
+    """Register the fake kernels of ``stoichconv::<forward>`` / ``stoichconv::<backward>`` and
+    the autograd formula of the forward (the compiled ops here, the Triton ones from
+    :mod:`.triton_kernels`)."""
+    torch.library.register_fake(f"stoichconv::{forward}")(_forward_fake)
+    torch.library.register_fake(f"stoichconv::{backward}")(_backward_fake)
+    backward_op = getattr(torch.ops.stoichconv, backward)
+
+    def backward_fn(ctx, grad):
+        alpha, group_ptr, group_perm = ctx.saved_tensors
+        if grad is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return backward_op(grad, alpha, group_ptr, group_perm), None, None, None
+
+    torch.library.register_autograd(f"stoichconv::{forward}", backward_fn, setup_context=_setup_context)
 
 
 if has_compiled_kernels():
-    torch.library.register_fake("stoichconv::group_softmax")(_forward_fake)
-    torch.library.register_fake("stoichconv::group_softmax_backward")(_backward_fake)
-    torch.library.register_autograd("stoichconv::group_softmax", _backward, setup_context=_setup_context)
+    register("group_softmax", "group_softmax_backward")

@@ -63,6 +63,7 @@ SPEC = register_op(OpSpec(
     name="stoich_conv",
     backends=("cpu", "cuda", "triton", "reference"),
     compiled="stoich_conv_forward",
+    compiled_backward="stoich_conv_backward",
     triton="stoichconv.ops.stoich_conv.triton_kernels:triton_stoich_conv_forward",
     reference="stoichconv.reference.stoich_conv:stoich_conv_reference",
 ))

@@ -1,5 +1,5 @@
-// C++ CPU kernels of the batched perturbation masking (semantics in
-// stoichconv/ops/pert_mask.py).
+// C++ CPU kernels of the batched perturbation masking (semantics:
+// stoichconv.ops.pert_mask docstring).
 //
 // Every edge filter is a count pass, a scan and a write pass.  Deletions are
 // few (a handful of genes per sample), so most edges survive in every sample:
@@ -10,7 +10,9 @@
 // between its removed ones in tight branch-free loops.  Outputs are in sample
 // order, wildtype order within a sample, identical for any thread count; no
 // atomics.  The per-element tests live in stoichconv/pert_mask_math.h
-// (shared with the CUDA kernels).
+// (shared with the CUDA kernels).  Sizes are checked up front
+// (stoichconv/size_checks.h): a batched id b * N + v never wraps and an
+// output that cannot be allocated is reported by name.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,8 +20,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../pert_mask_checks.h"
+#include "stoichconv/pert_mask_checks.h"
 #include "stoichconv/pert_mask_math.h"
+#include "stoichconv/size_checks.h"
 
 namespace stoichconv {
 namespace {
@@ -36,8 +39,7 @@ void check_cpu_long(const at::Tensor& t, const char* op, const char* name) {
 void check_edge_index(const at::Tensor& edge_index, const char* op, const char* name,
                       int64_t num_src, int64_t num_dst) {
   check_cpu_long(edge_index, op, name);
-  TORCH_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2, op, ": `", name,
-              "` must have shape [2, E], got ", edge_index.sizes());
+  check_edge_index_shape(edge_index, op, name);
   const auto ei = edge_index.contiguous();
   const int64_t E = ei.size(1);
   const int64_t* src = ei.data_ptr<int64_t>();
@@ -69,9 +71,7 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
                            const char* op) {
   check_cpu_long(pert, op, "pert");
   check_cpu_long(pert_ptr, op, "pert_ptr");
-  TORCH_CHECK(pert.dim() == 1, op, ": `pert` must be 1-D, got shape ", pert.sizes());
-  TORCH_CHECK(pert_ptr.dim() == 1 && pert_ptr.size(0) >= 1, op,
-              ": `pert_ptr` must be 1-D of length B + 1 >= 1, got shape ", pert_ptr.sizes());
+  check_pert_shapes(pert, pert_ptr, op);
   DeletionSets sets;
   sets.ptr = pert_ptr.contiguous();
   sets.B = sets.ptr.size(0) - 1;
@@ -87,7 +87,7 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
   for (int64_t i = 0; i < P; ++i)
     TORCH_CHECK(ids[i] >= 0 && (max_id < 0 || ids[i] < max_id), op, ": `pert` has gene id ",
                 ids[i], max_id < 0 ? " < 0" : " outside [0, num_nodes)");
-  sets.count.assign(sets.B, 0);
+  sets.count = allocate_buffer<int64_t>(op, "deletion counts", sets.B, 0);
   sets.base = ids;
   sets.starts = ptr;
   at::parallel_for(0, sets.B, 64, [&](int64_t begin, int64_t end) {
@@ -190,13 +190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   const int64_t B = sets.B, N = num_nodes;
   const auto edge_index = edge_index_in.contiguous();
   const int64_t E = edge_index.size(1);
+  check_batched_layout(op, B, N, "B * `num_nodes`", E);
   const int64_t* src = edge_index.data_ptr<int64_t>();
   const int64_t* dst = src + E;
   const auto long_opts = edge_index.options();
 
   // Nodes: keep-mask and per-sample kept counts.
-  auto node_keep = at::ones({B * N}, long_opts.dtype(at::kBool));
-  auto node_ptr = at::empty({B + 1}, long_opts);
+  auto node_keep = allocate(op, "node_keep", {B * N}, long_opts.dtype(at::kBool)).fill_(true);
+  auto node_ptr = allocate(op, "node_ptr", {B + 1}, long_opts);
   bool* nk = node_keep.data_ptr<bool>();
   int64_t* np = node_ptr.data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
@@ -210,24 +211,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
 
   // Edges: an edge is touched when an endpoint is deleted in some sample;
   // each per-sample test is two lookups in that sample's node keep-mask.
-  std::vector<char> deleted_anywhere(static_cast<size_t>(N), 0);
+  std::vector<char> deleted_anywhere = allocate_buffer<char>(op, "deleted_anywhere [num_nodes]", N, 0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < sets.count[b]; ++i) deleted_anywhere[sets.ids(b)[i]] = 1;
-  auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
-  auto edge_ptr = at::empty({B + 1}, long_opts);
+  auto edge_keep = allocate(op, "edge_keep", {B * E}, long_opts.dtype(at::kBool));
+  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, long_opts);
   EdgeFilter filter(B, E);
   filter.find_touched([&](int64_t e) { return (deleted_anywhere[src[e]] | deleted_anywhere[dst[e]]) != 0; });
   const int64_t total = filter.count(
       edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
         return edge_kept_by_mask(nk + b * N, src[e], dst[e]);
       });
-  auto out = at::empty({2, total}, long_opts);
+  auto out = allocate(op, "edge_index (output)", {2, total}, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   if (relabel) {
     // Compacted ids of every node of every sample, [B, N] (the removed ones
     // are never read): one table lookup per endpoint in the write pass.
-    std::vector<int64_t> ids(static_cast<size_t>(B * N));
+    std::vector<int64_t> ids = allocate_buffer<int64_t>(op, "relabelled ids [B, num_nodes]", B * N);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t* del = sets.ids(b);
@@ -263,9 +264,10 @@ at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactio
   const DeletionSets sets = deletion_sets(pert, pert_ptr, -1, op);
   const auto gpr_index = gpr_index_in.contiguous();
   const int64_t B = sets.B, E = gpr_index.size(1), R = num_reactions;
+  checked_product(op, "B * `num_reactions`", {B, R});
   const int64_t* gene = gpr_index.data_ptr<int64_t>();
   const int64_t* reaction = gene + E;
-  auto keep = at::ones({B, R}, gpr_index.options().dtype(at::kBool));
+  auto keep = allocate(op, "keep", {B, R}, gpr_index.options().dtype(at::kBool)).fill_(true);
   bool* k = keep.data_ptr<bool>();
   // One sample per task: each task owns its row, so there are no races.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -283,11 +285,12 @@ at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactio
 
 // Global ids of the nodes of one side of a bipartite relation: [B, N] table
 // (compacted layout: rank among kept + cumulative kept count; -1 if removed).
-at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N) {
-  auto ids = at::empty({B, N}, keep.options().dtype(at::kLong));
+at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N, const char* op,
+                         const char* name) {
+  auto ids = allocate(op, name, {B, N}, keep.options().dtype(at::kLong));
   const bool* k = keep.data_ptr<bool>();
   int64_t* out = ids.data_ptr<int64_t>();
-  std::vector<int64_t> offset(B + 1, 0);
+  std::vector<int64_t> offset = allocate_buffer<int64_t>(op, "sample offsets", B + 1, 0);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int64_t n = 0;
@@ -317,6 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   check_keep(dst_keep_in, "dst_keep", num_samples, num_dst, edge_index_in.device());
   const auto edge_index = edge_index_in.contiguous();
   const int64_t B = num_samples, E = edge_index.size(1);
+  check_batched_layout(op, B, num_src, "B * `num_src` (`num_samples` times `num_src`)", E);
+  checked_product(op, "B * `num_dst` (`num_samples` times `num_dst`)", {B, num_dst});
   const int64_t* src = edge_index.data_ptr<int64_t>();
   const int64_t* dst = src + E;
   at::Tensor src_keep, dst_keep, src_ids, dst_ids;
@@ -325,14 +330,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   const bool* sk = src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr;
   const bool* dk = dst_keep.defined() ? dst_keep.data_ptr<bool>() : nullptr;
   // A side without a mask keeps every node, so both layouts number it b*N + v.
-  if (relabel && sk != nullptr) src_ids = compacted_ids(src_keep, B, num_src);
-  if (relabel && dk != nullptr) dst_ids = compacted_ids(dst_keep, B, num_dst);
+  if (relabel && sk != nullptr) src_ids = compacted_ids(src_keep, B, num_src, op, "src ids");
+  if (relabel && dk != nullptr) dst_ids = compacted_ids(dst_keep, B, num_dst, op, "dst ids");
   const int64_t* si = src_ids.defined() ? src_ids.data_ptr<int64_t>() : nullptr;
   const int64_t* di = dst_ids.defined() ? dst_ids.data_ptr<int64_t>() : nullptr;
 
   // An edge is touched when one of its nodes is removed in some sample.
-  const auto removed_anywhere = [B](const bool* keep, int64_t N) {
-    std::vector<char> any(static_cast<size_t>(keep ? N : 0), 0);
+  const auto removed_anywhere = [B, op](const bool* keep, int64_t N) {
+    std::vector<char> any = allocate_buffer<char>(op, "removed_anywhere", keep ? N : 0, 0);
     for (int64_t b = 0; keep != nullptr && b < B; ++b)
       for (int64_t v = 0; v < N; ++v) any[v] |= !keep[b * N + v];
     return any;
@@ -341,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   const std::vector<char> dst_removed = removed_anywhere(dk, num_dst);
 
   const auto long_opts = edge_index.options();
-  auto edge_keep = at::empty({B * E}, long_opts.dtype(at::kBool));
-  auto edge_ptr = at::empty({B + 1}, long_opts);
+  auto edge_keep = allocate(op, "edge_keep", {B * E}, long_opts.dtype(at::kBool));
+  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, long_opts);
   EdgeFilter filter(B, E);
   filter.find_touched([&](int64_t e) {
     return (sk != nullptr && src_removed[src[e]]) || (dk != nullptr && dst_removed[dst[e]]);
@@ -352,8 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
         return (sk == nullptr || sk[b * num_src + src[e]]) &&
                (dk == nullptr || dk[b * num_dst + dst[e]]);
       });
-  auto out = at::empty({2, total}, long_opts);
-  auto edge_id = at::empty({total}, long_opts);
+  auto out = allocate(op, "edge_index (output)", {2, total}, long_opts);
+  auto edge_id = allocate(op, "edge_id", {total}, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   int64_t* out_id = edge_id.data_ptr<int64_t>();

@@ -1,5 +1,5 @@
-// C++ CPU kernels of the grouped softmax over incidences (semantics in
-// stoichconv/ops/group_softmax.py): the attention normalisation of the stoich
+// C++ CPU kernels of the grouped softmax over incidences (semantics:
+// stoichconv.ops.group_softmax docstring): the attention normalisation of the stoich
 // conv layer, over the incidences of each reaction ("node" mode) or of each
 // metabolite ("edge" mode).
 //
@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "../csr_checks.h"
+#include "stoichconv/csr_checks.h"
 
 namespace stoichconv {
 namespace {
@@ -57,7 +57,9 @@ void check_groups(const char* op, const at::Tensor& values, const at::Tensor& gr
 // alpha[b, k, h] = kept ? exp(l - max_group) / max(sum_group exp(l - max), tiny) : 0,
 // max and sum over the kept incidences of k's group.  Three passes: the group
 // maxima and shifted logits (-inf where not kept), one vectorised exp over the
-// whole tensor (ATen's), then the group sums and the scaling.
+// whole tensor (ATen's), then the group sums and the scaling.  A group whose
+// kept logits are all -inf (max -inf) is an empty group: its entries are 0,
+// like the reference's, instead of exp(-inf - -inf) = NaN.
 template <typename scalar_t>
 void shift_by_group_max(const scalar_t* logits, const bool* kept, const int64_t* ptr,
                         const int64_t* perm, int64_t B, int64_t G, int64_t nnz, int64_t H,
@@ -79,7 +81,8 @@ void shift_by_group_max(const scalar_t* logits, const bool* kept, const int64_t*
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
         const int64_t k = perm[j];
         const bool on = !kept_b || kept_b[k];
-        for (int64_t h = 0; h < H; ++h) s_b[k * H + h] = on ? l_b[k * H + h] - gmax[h] : kNegInf;
+        for (int64_t h = 0; h < H; ++h)
+          s_b[k * H + h] = on && gmax[h] != kNegInf ? l_b[k * H + h] - gmax[h] : kNegInf;
       }
     }
   });

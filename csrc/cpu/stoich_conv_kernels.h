@@ -1,7 +1,7 @@
 // The loops of the C++ CPU stoich conv kernels.  Included by
-// stoich_conv_cpu.cpp once per instruction set, each time inside its own
+// stoich_conv.cpp once per instruction set, each time inside its own
 // namespace (hence no include guard); it relies on the types defined there
-// (Structure, ForwardArgs, BackwardArgs, kGrain) and on the shared per-row
+// (ForwardArgs, BackwardArgs, kGrain; the plan is a StoichPlanView) and on the shared per-row
 // math of stoichconv/stoich_conv_math.h.
 //
 // Every output row is one segment of a CSR ordering of the plan, written by
@@ -14,7 +14,7 @@ constexpr int kDotLanes = 32 / sizeof(scalar_t);
 
 // node_norm [Bn, N], edge_norm [Bn, M] from |s| of the kept incidences.
 template <typename scalar_t>
-void degree_norms(const Structure& s, const scalar_t* abs_stoich, const bool* keep, int64_t Bn,
+void degree_norms(const StoichPlanView& s, const scalar_t* abs_stoich, const bool* keep, int64_t Bn,
                   scalar_t* node_norm, scalar_t* edge_norm) {
   at::parallel_for(0, Bn * s.M, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -99,7 +99,7 @@ inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
 // (the forward's first stage, and the backward's recomputation of `hidden`
 // when the forward did not save it).
 template <typename scalar_t>
-inline void stage1_rows(const Structure& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
+inline void stage1_rows(const StoichPlanView& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
                         int64_t H, int64_t C, int64_t nnz, const bool* keep, const scalar_t* y,
                         const scalar_t* w, const scalar_t* edge_norm, scalar_t* hidden_b) {
   const int64_t M = s.M, row_size = H * C;
@@ -112,7 +112,7 @@ inline void stage1_rows(const Structure& s, int64_t b, int64_t e0, int64_t e1, i
 
 // Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
 template <typename scalar_t>
-void stage1_all(const Structure& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t nnz,
+void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t nnz,
                 const bool* keep, const scalar_t* y, const scalar_t* w, const scalar_t* edge_norm,
                 scalar_t* hidden) {
   const int64_t M = s.M, row_size = H * C;
@@ -129,7 +129,7 @@ void stage1_all(const Structure& s, int64_t B, int64_t N, int64_t H, int64_t C, 
 // a.hidden == nullptr: `hidden` is not saved (whole-sample mode keeps each
 // sample's rows in a per-thread scratch block; the row mode uses a temporary).
 template <typename scalar_t>
-void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
+void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
@@ -166,7 +166,7 @@ void forward_kernel(const Structure& s, const ForwardArgs<scalar_t>& a) {
 // (stage 1) where the weight gradient needs it, per sample into a scratch
 // block in whole-sample mode.
 template <typename scalar_t>
-void backward_kernel(const Structure& s, const BackwardArgs<scalar_t>& a) {
+void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;

@@ -2,7 +2,7 @@
 ``stoichconv._build_config.decide_cuda_build``, and, when this environment
 can compile CUDA (CUDA build of torch, nvcc found, STOICHCONV_NO_CUDA unset),
 that ``stoichconv._C`` carries a CUDA kernel for every declared operator and
-device code for sm_80 and sm_90."""
+device code for sm_80 and sm_90 (and that stoichconv._build_info says so)."""
 
 import os
 import re
@@ -115,32 +115,41 @@ def declared_ops() -> list[str]:
     return re.findall(r'm\.def\(\s*"(\w+)\(', source)
 
 
-# Ops with a CPU kernel only (documented in their module and the README): on a
-# GPU their callers run a pure-PyTorch path.
-CPU_ONLY_OPS = {"gatv2_forward", "gatv2_backward", "group_softmax", "group_softmax_backward"}
+def compiled_ops_of(spec) -> list[str]:
+    """The compiled operators an OpSpec of the backend table names (forward, and backward)."""
+    return [name for name in (spec.compiled, spec.compiled_backward) if name is not None]
 
 
-def test_declared_ops_are_parsed():
+def table_compiled_ops() -> dict[str, object]:
+    from stoichconv.backends import OPS
+
+    return {name: spec for spec in OPS.values() for name in compiled_ops_of(spec)}
+
+
+def test_declared_ops_are_parsed_and_all_in_the_backend_table():
     ops = declared_ops()
     assert "stoich_conv_forward" in ops and "stoich_conv_backward" in ops
-    assert CPU_ONLY_OPS <= set(ops)
+    assert set(ops) == set(table_compiled_ops()), "csrc/stoichconv.cpp and the backend table disagree"
 
 
 @needs_cuda_build
 def test_extension_built_with_cuda():
     import stoichconv
-    from stoichconv._extension import _C
+    from stoichconv._extension import _C, build_info
 
     assert _C is not None, "stoichconv._C failed to import"
-    assert _C.with_cuda == 1, "stoichconv._C was built without CUDA although this environment can build it"
+    info = build_info()
+    assert info is not None, "stoichconv._build_info was not built"
+    assert info["with_cuda"], "stoichconv._C was built without CUDA although this environment can build it"
+    assert info["cuda_version"] is not None and info["cuda_archs"]
     assert stoichconv.has_cuda_kernels()
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("op", [op for op in declared_ops() if op not in CPU_ONLY_OPS])
-def test_every_declared_op_has_a_cuda_kernel(op):
-    import stoichconv  # noqa: F401  (loads the kernels)
-
+@pytest.mark.parametrize("op", sorted(table_compiled_ops()))
+def test_every_compiled_op_has_cpu_and_cuda_kernels_as_the_table_declares(op):
+    spec = table_compiled_ops()[op]
+    assert "cpu" in spec.backends and "cuda" in spec.backends, f"the backend table lists {spec.backends} for {spec.name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"stoichconv::{op}", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"stoichconv::{op}", "CUDA"), f"no CUDA kernel for {op}"
 
@@ -175,4 +184,8 @@ def test_extension_holds_sm80_and_sm90_code():
     listing = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True, check=True).stdout
     archs = set(re.findall(r"\.(sm_\d+)\.cubin", listing))
     assert {"sm_80", "sm_90"} <= archs, listing
+    from stoichconv._extension import build_info
+
+    reported = {"sm_" + arch.split("+")[0].replace(".", "") for arch in build_info()["cuda_archs"]}
+    assert reported <= archs, (reported, listing)  # the reported arch list is what was compiled
     assert "stoich_conv_kernels" in listing

@@ -1,6 +1,7 @@
 // CUDA dispatch of the perturbation-masking operators: argument checks,
 // allocations (CUB scratch included) and the current stream; kernels in
-// pert_mask_kernels.cu behind stoichconv/pert_mask_cuda.h.
+// pert_mask_kernels.cu behind stoichconv/pert_mask_cuda.h.  Sizes are checked
+// up front like the CPU kernels' (stoichconv/pert_mask_checks.h).
 //
 // Host synchronisation: filter_edges and filter_bipartite make exactly one,
 // to size their output (it also fetches the device-side validation bits);
@@ -11,8 +12,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../pert_mask_checks.h"
+#include "stoichconv/pert_mask_checks.h"
 #include "stoichconv/pert_mask_cuda.h"
+#include "stoichconv/size_checks.h"
 
 namespace stoichconv {
 namespace {
@@ -30,18 +32,17 @@ void check_cuda_long(const at::Tensor& t, const char* op, const char* name,
               t.scalar_type());
 }
 
-void check_edge_index_shape(const at::Tensor& edge_index, const char* op, const char* name,
-                            const at::Device& device) {
+void check_cuda_edge_index(const at::Tensor& edge_index, const char* op, const char* name,
+                           const at::Device& device) {
   check_cuda_long(edge_index, op, name, device);
-  TORCH_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2, op, ": `", name,
-              "` must have shape [2, E], got ", edge_index.sizes());
+  check_edge_index_shape(edge_index, op, name);
 }
 
 // Exclusive scan of n int64 into out with CUB scratch allocated by torch.
 void scan(const at::Tensor& in, at::Tensor& out, int64_t n, cudaStream_t stream, const char* op) {
   size_t bytes = 0;
   check_ok(cuda::scan_temp_bytes(n, &bytes), op);
-  auto temp = at::empty({int64_t(bytes) + 1}, in.options().dtype(at::kByte));
+  auto temp = allocate(op, "scan scratch", {int64_t(bytes) + 1}, in.options().dtype(at::kByte));
   check_ok(cuda::exclusive_scan(in.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n,
                                 temp.data_ptr(), bytes, stream),
            op);
@@ -58,9 +59,7 @@ struct Deletions {
 Deletions prepare(const at::Tensor& pert_in, const at::Tensor& pert_ptr_in, int64_t max_id,
                   bool* node_keep, int64_t N, int64_t* kept_counts, at::Tensor& status,
                   cudaStream_t stream, const char* op) {
-  TORCH_CHECK(pert_in.dim() == 1, op, ": `pert` must be 1-D, got shape ", pert_in.sizes());
-  TORCH_CHECK(pert_ptr_in.dim() == 1 && pert_ptr_in.size(0) >= 1, op,
-              ": `pert_ptr` must be 1-D of length B + 1 >= 1, got shape ", pert_ptr_in.sizes());
+  check_pert_shapes(pert_in, pert_ptr_in, op);
   const auto pert = pert_in.contiguous();
   const auto pert_ptr = pert_ptr_in.contiguous();
   const int64_t P = pert.size(0), B = pert_ptr.size(0) - 1;
@@ -104,26 +103,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   const at::Device device = pert.device();
   check_cuda_long(pert, op, "pert", device);
   check_cuda_long(pert_ptr, op, "pert_ptr", device);
-  check_edge_index_shape(edge_index_in, op, "edge_index", device);
+  check_cuda_edge_index(edge_index_in, op, "edge_index", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_pert_shapes(pert, pert_ptr, op);
   const auto edge_index = edge_index_in.contiguous();
   const int64_t B = pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  check_batched_layout(op, B, N, "B * `num_nodes`", E);
   const auto opts = edge_index.options();
   auto status = at::zeros({2}, opts);
 
-  auto node_keep = at::ones({B * N}, opts.dtype(at::kBool));
-  auto kept_counts = at::empty({B + 1}, opts);
+  auto node_keep = allocate(op, "node_keep", {B * N}, opts.dtype(at::kBool)).fill_(true);
+  auto kept_counts = allocate(op, "kept counts", {B + 1}, opts);
   const Deletions del = prepare(pert, pert_ptr, N, node_keep.data_ptr<bool>(), N,
                                 kept_counts.data_ptr<int64_t>(), status, stream, op);
-  auto node_ptr = at::empty({B + 1}, opts);
+  auto node_ptr = allocate(op, "node_ptr", {B + 1}, opts);
   scan(kept_counts, node_ptr, B + 1, stream, op);
 
   const int64_t tiles = B * cuda::tiles_per_sample(E);
-  auto edge_keep = at::empty({B * E}, opts.dtype(at::kBool));
-  auto tile_counts = at::zeros({tiles + 1}, opts);
-  auto tile_offsets = at::empty({tiles + 1}, opts);
-  auto edge_ptr = at::empty({B + 1}, opts);
+  auto edge_keep = allocate(op, "edge_keep", {B * E}, opts.dtype(at::kBool));
+  auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
+  auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
+  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
   const int64_t* src = edge_index.data_ptr<int64_t>();
   const int64_t* dst = src + E;
   check_ok(cuda::launch_filter_edges_count(src, dst, E, B, N, del.view(),
@@ -136,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
                                  edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
            op);
   const int64_t total = read_status(status, stream, op, "num_nodes", "num_nodes");
-  auto out = at::empty({2, total}, opts);
+  auto out = allocate(op, "edge_index (output)", {2, total}, opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   check_ok(cuda::launch_filter_edges_write(src, dst, E, B, N, del.view(),
                                            edge_keep.data_ptr<bool>(),
@@ -156,15 +157,17 @@ at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reacti
   const at::Device device = pert.device();
   check_cuda_long(pert, op, "pert", device);
   check_cuda_long(pert_ptr, op, "pert_ptr", device);
-  check_edge_index_shape(gpr_index_in, op, "gpr_index", device);
+  check_cuda_edge_index(gpr_index_in, op, "gpr_index", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  check_pert_shapes(pert, pert_ptr, op);
   const auto gpr_index = gpr_index_in.contiguous();
   const int64_t B = pert_ptr.size(0) - 1, E = gpr_index.size(1), R = num_reactions;
+  checked_product(op, "B * `num_reactions`", {B, R});
   const auto opts = gpr_index.options();
   auto status = at::zeros({2}, opts);  // validation bits, not read: no synchronisation here
   const Deletions del = prepare(pert, pert_ptr, -1, nullptr, 0, nullptr, status, stream, op);
-  auto keep = at::ones({B, R}, opts.dtype(at::kBool));
+  auto keep = allocate(op, "keep", {B, R}, opts.dtype(at::kBool)).fill_(true);
   const int64_t* gene = gpr_index.data_ptr<int64_t>();
   check_ok(cuda::launch_reaction_keep(gene, gene + E, E, B, R, del.view(), keep.data_ptr<bool>(),
                                       stream),
@@ -174,8 +177,9 @@ at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reacti
 
 at::Tensor compacted_ids(const at::Tensor& keep, cudaStream_t stream, const char* op) {
   const int64_t n = keep.numel();
-  auto flags = at::empty({n}, keep.options().dtype(at::kLong));
-  auto ids = at::empty({keep.size(0), keep.size(1)}, keep.options().dtype(at::kLong));
+  auto flags = allocate(op, "compacted-id flags", {n}, keep.options().dtype(at::kLong));
+  auto ids = allocate(op, "compacted ids", {keep.size(0), keep.size(1)},
+                      keep.options().dtype(at::kLong));
   check_ok(cuda::launch_keep_to_long(keep.data_ptr<bool>(), n, flags.data_ptr<int64_t>(), stream),
            op);
   scan(flags, ids, n, stream, op);
@@ -195,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
   TORCH_CHECK(edge_index_in.is_cuda(), op, ": `edge_index` must be a CUDA tensor, got ",
               edge_index_in.device());
   const at::Device device = edge_index_in.device();
-  check_edge_index_shape(edge_index_in, op, "edge_index", device);
+  check_cuda_edge_index(edge_index_in, op, "edge_index", device);
   const int64_t B = num_samples;
   check_keep(src_keep_in, "src_keep", B, num_src, device);
   check_keep(dst_keep_in, "dst_keep", B, num_dst, device);
@@ -203,6 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const auto edge_index = edge_index_in.contiguous();
   const int64_t E = edge_index.size(1);
+  check_batched_layout(op, B, num_src, "B * `num_src` (`num_samples` times `num_src`)", E);
+  checked_product(op, "B * `num_dst` (`num_samples` times `num_dst`)", {B, num_dst});
   const auto opts = edge_index.options();
   at::Tensor src_keep, dst_keep, src_ids, dst_ids;
   if (src_keep_in.has_value()) src_keep = src_keep_in->contiguous();
@@ -213,10 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
 
   auto status = at::zeros({2}, opts);
   const int64_t tiles = B * cuda::tiles_per_sample(E);
-  auto edge_keep = at::empty({B * E}, opts.dtype(at::kBool));
-  auto tile_counts = at::zeros({tiles + 1}, opts);
-  auto tile_offsets = at::empty({tiles + 1}, opts);
-  auto edge_ptr = at::empty({B + 1}, opts);
+  auto edge_keep = allocate(op, "edge_keep", {B * E}, opts.dtype(at::kBool));
+  auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
+  auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
+  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
   const int64_t* src = edge_index.data_ptr<int64_t>();
   const int64_t* dst = src + E;
   check_ok(cuda::launch_filter_bipartite_count(
@@ -231,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
                                  edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
            op);
   const int64_t total = read_status(status, stream, op, "num_src", "num_dst");
-  auto out = at::empty({2, total}, opts);
-  auto edge_id = at::empty({total}, opts);
+  auto out = allocate(op, "edge_index (output)", {2, total}, opts);
+  auto edge_id = allocate(op, "edge_id", {total}, opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   check_ok(cuda::launch_filter_bipartite_write(
                src, dst, E, B, num_src, num_dst,

@@ -1,5 +1,5 @@
 // C++ CPU kernels of the fused GATv2 attention + aggregation, forward and
-// backward (semantics in stoichconv/ops/gatv2.py).
+// backward (semantics: stoichconv.ops.gatv2 docstring).
 //
 // Edges come sorted by output row (CSR `crow`): one pass over the rows computes
 // the logits, the row's softmax and the aggregation; nothing per edge is kept
@@ -16,8 +16,9 @@
 #include <limits>
 #include <vector>
 
-#include "../csr_checks.h"
+#include "stoichconv/csr_checks.h"
 #include "stoichconv/gatv2_math.h"
+#include "stoichconv/size_checks.h"
 #include "stoichconv/stoich_conv_math.h"  // axpy_row
 
 namespace stoichconv {
@@ -29,8 +30,16 @@ constexpr int64_t kRowGrain = 64;  // rows per task
 template <typename scalar_t>
 constexpr int kLanes = 32 / sizeof(scalar_t);
 
-void check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& att,
-                const at::Tensor& src, const at::Tensor& dst, const at::Tensor& crow) {
+// The edges of one call, contiguous and kept alive (the kernels and the value
+// checks read them through raw pointers).
+struct Edges {
+  at::Tensor src, dst, crow;
+};
+
+// Checks every argument (the edge values included) and returns the edges
+// contiguous.
+Edges check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& att,
+                 const at::Tensor& src_in, const at::Tensor& dst_in, const at::Tensor& crow_in) {
   const char* op = "gatv2";
   TORCH_CHECK(x_l.device().is_cpu() && x_r.device().is_cpu() && att.device().is_cpu(), op,
               ": tensors must be on the CPU");
@@ -44,12 +53,14 @@ void check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& 
               op, ": `x_l`, `x_r` and `att` must share one dtype");
   TORCH_CHECK(x_l.scalar_type() == at::kFloat || x_l.scalar_type() == at::kDouble, op,
               ": float32 or float64 features expected, got ", x_l.scalar_type());
-  for (const auto* t : {&src, &dst, &crow}) {
+  for (const auto* t : {&src_in, &dst_in, &crow_in}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->device().is_cpu(), op,
                 ": `src`, `dst` and `crow` must be 1-D int64 CPU tensors");
   }
-  TORCH_CHECK(src.size(0) == dst.size(0), op, ": `src` and `dst` must have the same length");
-  TORCH_CHECK(crow.size(0) >= 1, op, ": `crow` must have length num_rows + 1 >= 1");
+  TORCH_CHECK(src_in.size(0) == dst_in.size(0), op, ": `src` and `dst` must have the same length");
+  TORCH_CHECK(crow_in.size(0) >= 1, op, ": `crow` must have length num_rows + 1 >= 1");
+  Edges edges{src_in.contiguous(), dst_in.contiguous(), crow_in.contiguous()};
+  const at::Tensor &src = edges.src, &dst = edges.dst, &crow = edges.crow;
   const int64_t E = src.size(0), Ns = x_l.size(0), Nd = x_r.size(0), R = crow.size(0) - 1;
   const int64_t* s = src.data_ptr<int64_t>();
   const int64_t* d = dst.data_ptr<int64_t>();
@@ -59,6 +70,7 @@ void check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& 
     TORCH_CHECK(s[e] >= 0 && s[e] < Ns, op, ": `src` has id ", s[e], " outside [0, ", Ns, ")");
     TORCH_CHECK(d[e] >= 0 && d[e] < Nd, op, ": `dst` has id ", d[e], " outside [0, ", Nd, ")");
   }
+  return edges;
 }
 
 template <typename scalar_t>
@@ -99,14 +111,18 @@ void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
 
 std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
                                                      const at::Tensor& x_r_in,
-                                                     const at::Tensor& att_in, const at::Tensor& src,
-                                                     const at::Tensor& dst, const at::Tensor& crow,
+                                                     const at::Tensor& att_in,
+                                                     const at::Tensor& src_in,
+                                                     const at::Tensor& dst_in,
+                                                     const at::Tensor& crow_in,
                                                      double negative_slope) {
-  check_args(x_l_in, x_r_in, att_in, src, dst, crow);
+  const char* op = "gatv2_forward";
+  const Edges edges = check_args(x_l_in, x_r_in, att_in, src_in, dst_in, crow_in);
+  const at::Tensor &src = edges.src, &dst = edges.dst, &crow = edges.crow;
   const auto x_l = x_l_in.contiguous(), x_r = x_r_in.contiguous(), att = att_in.contiguous();
   const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l.size(1), C = x_l.size(2);
-  auto out = at::empty({R, H, C}, x_l.options());
-  auto alpha = at::empty({E, H}, x_l.options());
+  auto out = allocate(op, "out", {R, H, C}, x_l.options());
+  auto alpha = allocate(op, "alpha", {E, H}, x_l.options());
   AT_DISPATCH_FLOATING_TYPES(x_l.scalar_type(), "gatv2_forward_cpu", [&] {
     forward_kernel<scalar_t>(x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
                              att.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
@@ -225,9 +241,10 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_l_in, const at::Tensor& x_r_in,
-    const at::Tensor& att_in, const at::Tensor& alpha_in, const at::Tensor& src,
-    const at::Tensor& dst, const at::Tensor& crow, double negative_slope) {
-  check_args(x_l_in, x_r_in, att_in, src, dst, crow);
+    const at::Tensor& att_in, const at::Tensor& alpha_in, const at::Tensor& src_in,
+    const at::Tensor& dst_in, const at::Tensor& crow_in, double negative_slope) {
+  const Edges edges = check_args(x_l_in, x_r_in, att_in, src_in, dst_in, crow_in);
+  const at::Tensor &src = edges.src, &dst = edges.dst, &crow = edges.crow;
   const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l_in.size(1), C = x_l_in.size(2);
   TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == R && grad_out_in.size(1) == H &&
                   grad_out_in.size(2) == C && grad_out_in.scalar_type() == x_l_in.scalar_type() &&
