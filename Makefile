@@ -27,7 +27,7 @@ DEPS_STAMP := $(VENV)/.deps-$(TORCH)
 BUILD_STAMP := $(VENV)/.built-$(TORCH)
 SOURCES := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
 
-.PHONY: all deps build test bench gpu-check clean
+.PHONY: all deps build test bench gpu-check gpu-sanitize clean
 
 all: test
 
@@ -56,10 +56,18 @@ bench: $(BUILD_STAMP)
 	mkdir -p bench-results
 	$(PY) -m stoichconv.bench --threads 2 --json bench-results/bench.json --plot bench-results/bench.png $(BENCH_ARGS)
 
-# On a GPU machine with no network: build against the torch already installed
-# there and run the CUDA/Triton suite, compute-sanitizer and GPU benchmarks.
+# On a lent GPU machine with no network (tools/gpu_check.py): tier 1 `make gpu-check` builds
+# the extension against the torch installed there, runs the real-size GPU tests, the CUDA/Triton
+# suite and benchmarks/gpu_bench.py --quick (<= 6 min); tier 2 `make gpu-sanitize` runs
+# compute-sanitizer over a small subset (<= 4 min). DRY_RUN=1: the CPU dry run of either
+# (collects every test and benchmark named, prints the plan and its time estimate).
+# Results: $(GPU_CHECK_OUT), default bench-results/gpu-check.
+export DRY_RUN GPU_CHECK_OUT
 gpu-check:
-	bash tools/gpu_check.sh
+	bash tools/gpu_check.sh --tier 1
+
+gpu-sanitize:
+	bash tools/gpu_check.sh --tier 2
 
 clean:
 	rm -rf build stoichconv/_C*.so $(VENV)/.built-* bench-results

@@ -26,7 +26,21 @@ LayerNorm normalises over all nodes of a batch, so a K-process step equals a sin
 whose loss is the mean of the K shard losses (each shard run as its own batch), not the loss of
 the concatenated batch.
 
-``--log PATH`` writes ``{"args": ..., "losses": [...], "seconds": ...}`` as JSON (rank 0).
+Output (rank 0): a progress bar with the loss and the step time, or with ``--no-progress`` one line
+per step (``--print-every``) with the loss and steps/s; always a final summary line (steps, time,
+steps/s, the first and last losses, peak RSS). ``--log PATH`` writes ``{"args": ..., "start_step":
+..., "losses": [...], "seconds": ...}`` as JSON.
+
+Checkpoints: ``--save PATH`` writes ``{"format", "model", "config", "state_dict", "optimizer",
+"step", "args", "rng"}`` at the end (and every ``--save-every`` steps); ``--resume PATH`` rebuilds
+the model from its ``config``, restores the optimiser and the RNG, and continues to ``--steps``
+(batches are seeded per step, so a resumed run repeats the uninterrupted one).
+
+torchcell: ``--torchcell-checkpoint PATH --torchcell-config JSON`` starts from an original torchcell
+``HeteroCell`` (its ``state_dict`` or Lightning checkpoint, and its constructor arguments, see
+:meth:`stoichconv.reference.hetero_cell.HeteroCell.from_torchcell`); ``--save-torchcell PATH``
+writes the trained model back under the original's names. The checkpoint's node counts must be the
+cell graph's.
 """
 
 from __future__ import annotations
@@ -45,7 +59,8 @@ from stoichconv.data.relations import GPR, METABOLISM, PHYSICAL, REGULATORY
 from stoichconv.perturb import perturb_batch
 from stoichconv.reference.hetero_cell import nan_mse_loss
 
-__all__ = ["make_small_cell_graph", "Teacher", "build_model", "model_step", "train", "main", "parse_args"]
+__all__ = ["make_small_cell_graph", "Teacher", "build_model", "model_class", "model_step", "train", "main",
+           "parse_args", "save_checkpoint", "load_checkpoint", "read_torchcell_config"]
 
 TEACHER_DIM = 16
 
@@ -123,16 +138,23 @@ class Teacher:
 
 
 def build_model(kind: str, cell_graph: HeteroData, hidden: int, layers: int, heads: int,
-                metabolism_to_gene: bool, dropout: float = 0.0):
-    """A fresh ``reference`` or ``fast`` HeteroCell sized from ``cell_graph``."""
+                metabolism_to_gene: bool, dropout: float = 0.0, **options):
+    """A fresh ``reference`` or ``fast`` HeteroCell sized from ``cell_graph`` (``options``: the
+    models' keyword-only configuration, e.g. ``norm``, ``activation``)."""
+    cls = model_class(kind)
+    return cls.from_cell_graph(cell_graph, hidden_channels=hidden, num_layers=layers, heads=heads,
+                               dropout=dropout, metabolism_to_gene=metabolism_to_gene, **options)
+
+
+def model_class(kind: str):
+    """The HeteroCell class of ``kind``: ``"reference"`` (PyG) or ``"fast"``."""
     if kind == "reference":
         from stoichconv.reference.hetero_cell import HeteroCell
     elif kind == "fast":
         from stoichconv.models.hetero_cell import HeteroCell
     else:
         raise ValueError(f"`kind` must be 'reference' or 'fast', got {kind!r}")
-    return HeteroCell.from_cell_graph(cell_graph, hidden_channels=hidden, num_layers=layers, heads=heads,
-                                      dropout=dropout, metabolism_to_gene=metabolism_to_gene)
+    return HeteroCell
 
 
 def _compacted_batch(cell_graph: HeteroData, pert: torch.Tensor, pert_ptr: torch.Tensor) -> HeteroData:
@@ -169,12 +191,14 @@ def _from_pool(pool, batch_size: int, seed: int):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stoichconv.train", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("fast", "reference"), default="fast")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=100, help="total number of steps (a resumed run continues to it)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (split over processes)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--norm", choices=("layer", "batch", "none"), default="layer")
+    p.add_argument("--activation", default="relu", help="relu, gelu, leaky_relu, tanh or sigmoid")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
@@ -188,16 +212,129 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log", default=None, help="write the JSON loss log here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+    p.add_argument("--print-every", type=int, default=1, help="with --no-progress: a line every N steps")
+    p.add_argument("--save", default=None, help="write a checkpoint here at the end (and every --save-every steps)")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", default=None, help="continue from a --save checkpoint (its model configuration)")
+    p.add_argument("--torchcell-checkpoint", default=None,
+                   help="start from a torchcell HeteroCell state_dict or Lightning checkpoint")
+    p.add_argument("--torchcell-config", default=None,
+                   help="its torchcell constructor arguments: JSON text or a .json / .yaml file (a `model:` "
+                        "section is taken from a run configuration)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a torchcell checkpoint that needs full unpickling (torch.load weights_only=False)")
+    p.add_argument("--save-torchcell", default=None, help="write the final model as a torchcell state_dict here")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden", "layers", "heads"):
+    for name in ("steps", "batch_size", "hidden", "layers", "heads", "print_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.resume and args.torchcell_checkpoint:
+        p.error("--resume and --torchcell-checkpoint exclude each other")
+    if args.torchcell_checkpoint and not args.torchcell_config:
+        p.error("--torchcell-checkpoint needs --torchcell-config (the original's constructor arguments)")
     return args
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "stoichconv.train/1"
+
+
+def save_checkpoint(path: str, model, optimizer, step: int, kind: str, args: argparse.Namespace) -> None:
+    """``{"format", "model", "config", "state_dict", "optimizer", "step", "args", "rng"}`` (loads
+    with ``torch.load(weights_only=True)``)."""
+    record = {
+        "format": CHECKPOINT_FORMAT, "model": kind, "config": dict(model.config),
+        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "args": {k: v for k, v in vars(args).items()}, "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        record["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = f"{path}.tmp"
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a `python -m stoichconv.train --save` checkpoint")
+    return record
+
+
+def read_torchcell_config(text_or_path: str) -> dict:
+    """torchcell ``HeteroCell`` constructor arguments from JSON text or a JSON / YAML file. A
+    run configuration's ``model:`` section is used; keys the constructor does not take (e.g.
+    ``checkpoint_path``) are dropped; ``${name}`` values are replaced by the top-level ``name``
+    (the placeholders of torchcell's hydra files)."""
+    if os.path.exists(text_or_path):
+        with open(text_or_path) as f:
+            text = f.read()
+        if text_or_path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError as exc:
+                raise ValueError("reading a YAML configuration needs PyYAML (pip install pyyaml); or pass JSON") from exc
+            config = yaml.safe_load(text)
+        else:
+            config = json.loads(text)
+    else:
+        config = json.loads(text_or_path)
+    if not isinstance(config, dict):
+        raise ValueError("the torchcell configuration must be a mapping")
+    top = config
+    if isinstance(config.get("model"), dict):
+        config = config["model"]
+
+    def resolve(value):
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}") and value[2:-1] in top:
+            return resolve(top[value[2:-1]])
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        return value
+
+    accepted = ("gene_num", "reaction_num", "metabolite_num", "hidden_channels", "out_channels", "num_layers",
+                "dropout", "norm", "activation", "gene_encoder_config", "metabolism_config",
+                "prediction_head_config", "gpr_conv_config")
+    return {k: resolve(v) for k, v in config.items() if k in accepted}
+
+
+def load_torchcell_state_dict(path: str, trust: bool = False):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a Lightning checkpoint with pickled hyper-parameter objects
+        if not trust:
+            raise ValueError(f"{path} cannot be loaded with weights_only=True ({type(exc).__name__}); pass "
+                             f"--trust-checkpoint to unpickle it fully (only for files you trust)") from exc
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _check_graph_sizes(model, cell_graph: HeteroData, origin: str) -> None:
+    for node_type, n in model.num_nodes.items():
+        have = int(cell_graph[node_type].num_nodes)
+        if have != n:
+            raise ValueError(f"{origin} has {n} {node_type} nodes but this cell graph has {have}; the model "
+                             f"cannot run on it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------
+def _peak_rss_mb() -> Optional[float]:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None
+
+
 def train(args: argparse.Namespace) -> list:
-    """Run the training loop; returns the per-step global losses (mean over processes)."""
+    """Run the training loop; returns this run's per-step global losses (mean over processes).
+    Rank 0 prints per-step loss and steps/s (a progress bar, or lines with ``--no-progress``) and a
+    final summary line."""
     import torch.distributed as dist
 
     if args.threads:
@@ -214,39 +351,66 @@ def train(args: argparse.Namespace) -> list:
             torch.cuda.set_device(device)
     else:
         rank = 0
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     cell_graph = make_small_cell_graph(seed=args.seed) if args.small else load_cell_graph(seed=args.seed)
     cell_graph = cell_graph.to(device)
     num_genes = int(cell_graph["gene"].num_nodes)
     teacher = Teacher(num_genes, seed=args.teacher_seed, nan_fraction=args.nan_fraction)
-    model = build_model(args.model, cell_graph, args.hidden, args.layers, args.heads, args.metabolism_to_gene,
-                        args.dropout).to(device)
+
+    start_step, record = 0, None
+    if args.resume:
+        record = load_checkpoint(args.resume)
+        model = model_class(args.model).from_config(record["config"])
+        _check_graph_sizes(model, cell_graph, f"the checkpoint {args.resume}")
+        model.load_state_dict(record["state_dict"])
+        start_step = int(record["step"])
+        say(f"resuming {args.resume} at step {start_step} (model configuration from the checkpoint)", flush=True)
+    elif args.torchcell_checkpoint:
+        tc_kwargs = read_torchcell_config(args.torchcell_config)
+        state = load_torchcell_state_dict(args.torchcell_checkpoint, args.trust_checkpoint)
+        model = model_class(args.model).from_torchcell(state, **tc_kwargs)
+        _check_graph_sizes(model, cell_graph, f"the torchcell checkpoint {args.torchcell_checkpoint}")
+        say(f"starting from the torchcell checkpoint {args.torchcell_checkpoint}", flush=True)
+    else:
+        model = build_model(args.model, cell_graph, args.hidden, args.layers, args.heads, args.metabolism_to_gene,
+                            args.dropout, norm=None if args.norm == "none" else args.norm,
+                            activation=args.activation)
+    model = model.to(device)
+    dtype = model.gene_embedding.weight.dtype
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        everything_reaches = model.config["metabolism_to_gene"]
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=not args.metabolism_to_gene)
+                                      find_unused_parameters=not everything_reaches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if record is not None:
+        optimizer.load_state_dict(record["optimizer"])
+        torch.set_rng_state(record["rng"])
+        if "cuda_rng" in record and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(record["cuda_rng"])
 
     pool = random_perturbations(num_genes, args.pool, seed=args.seed + 17) if args.pool else None
-    steps = range(args.steps)
+    steps = range(start_step, args.steps)
     bar = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and not args.no_progress and len(steps):
         from tqdm import tqdm
 
-        bar = tqdm(steps, desc=f"train {args.model}", unit="step")
+        bar = tqdm(steps, desc=f"train {args.model}", unit="step", initial=start_step, total=args.steps)
         steps = bar
     losses, start = [], time.perf_counter()
     model.train()
     for step in steps:
+        tick = time.perf_counter()
         if args.pool:
             pert, pert_ptr = _from_pool(pool, args.batch_size, args.seed * 1_000_003 + step)
         else:
             pert, pert_ptr = random_perturbations(num_genes, args.batch_size, seed=args.seed * 1_000_003 + step)
         labels = teacher(pert, pert_ptr, step if not args.pool else 0)
         pert_s, ptr_s, rows = _shard(pert, pert_ptr, rank, world) if distributed else (pert, pert_ptr, slice(None))
-        y = labels[rows].to(device=device, dtype=model.gene_embedding.weight.dtype)
+        y = labels[rows].to(device=device, dtype=dtype)
         pred, _ = model_step(net, args.model, cell_graph, pert_s.to(device), ptr_s.to(device))
         loss = nan_mse_loss(pred, y)
         optimizer.zero_grad(set_to_none=True)
@@ -258,12 +422,35 @@ def train(args: argparse.Namespace) -> list:
             dist.all_reduce(value)
             value = value / world
         losses.append(float(value))
+        seconds = time.perf_counter() - tick
         if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", step_s=f"{seconds:.2f}")
+        elif (step + 1) % args.print_every == 0 or step + 1 == args.steps:
+            say(f"step {step + 1}/{args.steps}  loss {losses[-1]:.6f}  {1.0 / seconds:.3g} steps/s", flush=True)
+        if args.save and args.save_every and (step + 1) % args.save_every == 0 and rank == 0:
+            save_checkpoint(args.save, model, optimizer, step + 1, args.model, args)
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - start
+    if rank == 0 and args.save:
+        save_checkpoint(args.save, model, optimizer, args.steps if losses else start_step, args.model, args)
+    if rank == 0 and args.save_torchcell:
+        torch.save(model.to_torchcell_state_dict(), args.save_torchcell)
     if rank == 0 and args.log:
         with open(args.log, "w") as f:
-            json.dump({"args": vars(args), "world_size": world, "losses": losses, "seconds": seconds}, f, indent=2)
+            json.dump({"args": vars(args), "world_size": world, "start_step": start_step, "losses": losses,
+                       "seconds": seconds}, f, indent=2)
+    n = len(losses)
+    k = max(1, min(5, n // 2))
+    if n:
+        trend = f"loss {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f} (mean of the first / last {k})"
+    else:
+        trend = "nothing to do"
+    peak = _peak_rss_mb()
+    say(f"done: {args.model} model, {n} steps (to step {start_step + n}) in {seconds:.1f} s, "
+        f"{n / seconds if seconds > 0 and n else 0.0:.3g} steps/s, B = {args.batch_size}, {trend}"
+        + (f", peak RSS {peak:.0f} MB" if peak is not None else "")
+        + (f", saved {args.save}" if args.save else ""), flush=True)
     return losses
 
 

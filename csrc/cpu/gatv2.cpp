@@ -101,7 +101,7 @@ void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
       for (int64_t c = 0; c < W; ++c) o[c] = scalar_t(0);
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t a = alpha[e * H + h] / (denom[h] + scalar_t(1e-16));
+          const scalar_t a = gatv2_softmax_weight(alpha[e * H + h], denom[h]);
           alpha[e * H + h] = a;
           axpy_row(o + h * C, a, xl + src[e] * W + h * C, C);
         }
@@ -182,7 +182,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       }
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h)
-          grad_logit[e * H + h] = alpha[e * H + h] * (grad_logit[e * H + h] - dot[h]);
+          grad_logit[e * H + h] =
+              gatv2_logit_grad(alpha[e * H + h], grad_logit[e * H + h], dot[h]);
     }
   });
   // B.

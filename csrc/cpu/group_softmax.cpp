@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "stoichconv/csr_checks.h"
+#include "stoichconv/group_softmax_math.h"
 
 namespace stoichconv {
 namespace {
@@ -76,13 +77,13 @@ void shift_by_group_max(const scalar_t* logits, const bool* kept, const int64_t*
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
         const int64_t k = perm[j];
         if (kept_b && !kept_b[k]) continue;
-        for (int64_t h = 0; h < H; ++h) gmax[h] = std::max(gmax[h], l_b[k * H + h]);
+        for (int64_t h = 0; h < H; ++h) gmax[h] = group_max_update(gmax[h], l_b[k * H + h]);
       }
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j) {
         const int64_t k = perm[j];
         const bool on = !kept_b || kept_b[k];
         for (int64_t h = 0; h < H; ++h)
-          s_b[k * H + h] = on && gmax[h] != kNegInf ? l_b[k * H + h] - gmax[h] : kNegInf;
+          s_b[k * H + h] = group_shifted_logit(l_b[k * H + h], gmax[h], on);
       }
     }
   });
@@ -91,7 +92,6 @@ void shift_by_group_max(const scalar_t* logits, const bool* kept, const int64_t*
 template <typename scalar_t>
 void normalize_groups(const int64_t* ptr, const int64_t* perm, int64_t B, int64_t G, int64_t nnz,
                       int64_t H, scalar_t* alpha) {
-  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
   at::parallel_for(0, B * G, kGroupGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> denom(H);
     for (int64_t row = begin; row < end; ++row) {
@@ -100,7 +100,7 @@ void normalize_groups(const int64_t* ptr, const int64_t* perm, int64_t B, int64_
       std::fill(denom.begin(), denom.end(), scalar_t(0));
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
         for (int64_t h = 0; h < H; ++h) denom[h] += a_b[perm[j] * H + h];
-      for (int64_t h = 0; h < H; ++h) denom[h] = scalar_t(1) / std::max(denom[h], tiny);
+      for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
       for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
         for (int64_t h = 0; h < H; ++h) a_b[perm[j] * H + h] *= denom[h];
     }
@@ -127,7 +127,7 @@ void backward_kernel(const scalar_t* grad, const scalar_t* alpha, const int64_t*
         const int64_t k = perm[j];
         for (int64_t h = 0; h < H; ++h) {
           const int64_t i = off + k * H + h;
-          grad_logits[i] = alpha[i] * (grad[i] - dot[h]);
+          grad_logits[i] = softmax_grad(alpha[i], grad[i], dot[h]);
         }
       }
     }

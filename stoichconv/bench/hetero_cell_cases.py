@@ -1,17 +1,25 @@
 """HeteroCell training-step benchmark rows (op ``train_step``).
 
 Each row times one training step (perturbation batch, forward, NaN-tolerant MSE, backward,
-gradient clipping, AdamW step) on the bundled real-size cell graph with B random deletion sets:
+gradient clipping, AdamW step) on the bundled real-size cell graph with B random deletion sets,
+hidden C = 64, 3 layers:
 
 * ``reference``: the PyG reference model on a compacted batch
-  (:func:`stoichconv.train.model_step`, batch built by ``stoichconv.perturb.perturb_batch`` when
-  present, else the per-sample reference builder);
+  (:func:`stoichconv.train.model_step`, batch built by ``stoichconv.perturb.perturb_batch``);
 * ``cpu`` / ``cuda``: the fast model from ``(pert, pert_ptr)``.
+
+Rows: ``args.train_batches`` (default B = 2, 8) at 2 heads, and the original batch size B = 32 at
+2 heads and at 10 heads (the trained torchcell checkpoint's heads: every relation 10 heads, the
+gene-gene convs 10 x 6 channels projected to 64).
 
 Both models start from the same parameters, so the first step's predictions are compared.
 ``extra`` records the peak memory of one step: ``torch.cuda.max_memory_allocated`` on GPU; on CPU
-the peak-RSS growth of a fresh subprocess over one step (``ru_maxrss`` after the step minus the
-RSS before it, model and graph already loaded).
+the peak-RSS growth of a fresh subprocess over one step (``VmHWM`` after the step minus the RSS
+before it, model and graph already loaded), with that step's wall and CPU seconds (``step_s``,
+``step_cpu_s``: the CPU time does not grow when other processes share the cores). At B = 32 the reference may not fit in memory: its
+step is first run in a subprocess watched by this process, stopped when its RSS reaches 85% of
+the memory available at the start; a reference that does not fit gets no timed row, and the fast
+row of its group records how far it got (``reference_peak_rss_mb``, e.g. ``">19000 (stopped)"``).
 """
 
 from __future__ import annotations
@@ -21,24 +29,25 @@ import os
 import resource
 import subprocess
 import sys
-import warnings
+import time
 
 import torch
 
 from stoichconv.bench.core import REFERENCE, BenchCase
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 OP = "train_step"
+LARGE_BATCH = 32  # the original's batch size
+LARGE_BATCH_HEADS = (2, 10)
+LAYERS = 3
 
 
-def _setup(kind: str, batch_size: int, hidden: int, device, seed: int = 0, state=None):
+def _setup(kind: str, batch_size: int, hidden: int, device, seed: int = 0, state=None, heads: int = 2):
     from stoichconv.data import load_cell_graph, random_perturbations
     from stoichconv.train import Teacher, build_model
 
     graph = load_cell_graph(seed=0).to(device)
     torch.manual_seed(seed)
-    model = build_model(kind, graph, hidden, 3, 2, False).to(device)
+    model = build_model(kind, graph, hidden, LAYERS, heads, False).to(device)
     if state is not None:
         model.load_state_dict(state)
     num_genes = int(graph["gene"].num_nodes)
@@ -87,12 +96,32 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
-def measure_peak(kind: str, batch_size: int, hidden: int, threads: int) -> dict:
-    """Peak memory of one step of ``kind`` in *this* process (call it in a fresh one on CPU)."""
+def _status_mb(pid: int, field: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def measure_peak(kind: str, batch_size: int, hidden: int, threads: int, heads: int = 2) -> dict:
+    """Peak memory of one step of ``kind`` in *this* process (call it in a fresh one on CPU);
+    on CPU also the step's wall time (``step_s``)."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and kind.endswith("cuda") else "cpu")
     model_kind = "reference" if kind == REFERENCE else "fast"
-    args = _setup(model_kind, batch_size, hidden, device)
+    args = _setup(model_kind, batch_size, hidden, device, heads=heads)
     run = _step_fn(model_kind, *args)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -104,46 +133,89 @@ def measure_peak(kind: str, batch_size: int, hidden: int, threads: int) -> dict:
     before = _rss_mb()
     if not _reset_peak_rss():  # without it the peak may be the set-up's, not the step's
         return {"peak_rss_delta_mb": "n/a (cannot reset VmHWM)"}
+    start, cpu = time.perf_counter(), _cpu_s()
     run()
-    return {"peak_rss_delta_mb": round(_peak_rss_mb() - before, 1)}
+    return {"peak_rss_delta_mb": round(_peak_rss_mb() - before, 1), "step_s": round(time.perf_counter() - start, 2),
+            "step_cpu_s": round(_cpu_s() - cpu, 2)}
 
 
-def _peak_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "stoichconv.bench.hetero_cell_cases", kind, str(batch_size), str(hidden), str(threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        return {"peak_rss_delta_mb": f"failed: {res.stderr.strip().splitlines()[-1:]}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (all threads): a load-independent step cost."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int, heads: int = 2,
+                       limit_mb: float | None = None, timeout_s: float = 1800) -> dict:
+    """:func:`measure_peak` in a fresh process, watched: stopped when its RSS passes
+    ``limit_mb`` (default 85% of the memory available now). Returns its dict, or
+    ``{"peak_rss_mb": ">N (stopped)", "fits": False}``."""
+    limit_mb = 0.85 * _available_mb() if limit_mb is None else limit_mb
+    cmd = [sys.executable, "-m", "stoichconv.bench.hetero_cell_cases", kind, str(batch_size), str(hidden),
+           str(threads), str(heads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, start = 0.0, time.monotonic()
+    while proc.poll() is None:
+        peak = max(peak, _status_mb(proc.pid, "VmRSS"))
+        if peak > limit_mb or time.monotonic() - start > timeout_s:
+            proc.kill()
+            proc.communicate()
+            why = "stopped" if peak > limit_mb else "timed out"
+            return {"peak_rss_mb": f">{peak:.0f} ({why})", "fits": False}
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        return {"peak_rss_delta_mb": f"failed: {err.strip().splitlines()[-1:]}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure) -> BenchCase:
+    return BenchCase(op=OP, backend=backend, config=config, batch=B, run=_step_fn(kind, *setup),
+                     extra={"threads": threads}, measure_extra=measure)
 
 
 def cases(args) -> list:
-    """Training-step rows at ``args.train_batches`` (default B = 2, 8) with hidden ``args.channels``."""
+    """Training-step rows at ``args.train_batches`` (default B = 2, 8; 2 heads) and at B = 32
+    (2 and 10 heads), hidden ``args.channels``."""
     device = torch.device(getattr(args, "device", "cpu"))
     hidden = int(getattr(args, "channels", 64))
     threads = int(getattr(args, "threads", None) or torch.get_num_threads())
     batches = list(getattr(args, "train_batches", [2, 8]))
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
     wanted = set(getattr(args, "backends", None) or [REFERENCE, fast_backend])
+    groups = [(B, 2) for B in batches if B != LARGE_BATCH]
+    groups += [(LARGE_BATCH, heads) for heads in LARGE_BATCH_HEADS]
     out = []
-    for B in batches:
-        config = f"C={hidden},L=3,H=2"
-        ref_args = _setup("reference", B, hidden, device)
-        state = {k: v.clone() for k, v in ref_args[1].state_dict().items()}
-        rows = [(REFERENCE, "reference", ref_args)]
-        if fast_backend in wanted:
-            rows.append((fast_backend, "fast", _setup("fast", B, hidden, device, state=state)))
-        for backend, kind, setup in rows:
-            if backend not in wanted and backend != REFERENCE:
-                continue
+    for B, heads in groups:
+        config = f"C={hidden},L={LAYERS},H={heads}"
+
+        def measure(backend, n=B, h=heads):
             if device.type == "cuda":
-                measure = (lambda b=backend, n=B: measure_peak(b if b == REFERENCE else "cuda", n, hidden, threads))
-            else:
-                measure = (lambda b=backend, n=B: _peak_in_subprocess(b, n, hidden, threads))
-            out.append(BenchCase(op=OP, backend=backend, config=config, batch=B, run=_step_fn(kind, *setup),
-                                 extra={"threads": threads}, measure_extra=measure))
+                return measure_peak(backend if backend == REFERENCE else "cuda", n, hidden, threads, h)
+            return peak_in_subprocess(backend, n, hidden, threads, h)
+
+        reference_extra = None
+        if B == LARGE_BATCH and device.type != "cuda":
+            # probe first: the reference may not fit, and a timed row runs in this process
+            reference_extra = measure(REFERENCE)
+        ref_setup = _setup("reference", B, hidden, device, heads=heads)
+        state = {k: v.clone() for k, v in ref_setup[1].state_dict().items()}
+        note = {}
+        if reference_extra is not None and reference_extra.get("fits") is False:
+            note = {"reference_peak_rss_mb": reference_extra["peak_rss_mb"]}
+        else:
+            ref_measure = ((lambda e=reference_extra: e) if reference_extra is not None
+                           else (lambda m=measure: m(REFERENCE)))
+            out.append(_case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure))
+        if fast_backend in wanted:
+            fast_setup = _setup("fast", B, hidden, device, state=state, heads=heads)
+            out.append(_case(fast_backend, "fast", config, B, fast_setup, threads,
+                             lambda n=note, m=measure: {**m(fast_backend), **n}))
+        del ref_setup
     return out
 
 
-if __name__ == "__main__":  # python -m stoichconv.bench.hetero_cell_cases KIND B HIDDEN THREADS
+if __name__ == "__main__":  # python -m stoichconv.bench.hetero_cell_cases KIND B HIDDEN THREADS [HEADS]
     kind, B, hidden, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(measure_peak(kind, B, hidden, threads)))
+    heads = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+    print(json.dumps(measure_peak(kind, B, hidden, threads, heads)))

@@ -40,12 +40,25 @@ def stoich_conv_reference(
     edge_norm = _reciprocal_or_zero(
         torch.zeros(B, num_reactions, dtype=y.dtype, device=y.device).index_add_(1, reaction_index, degree_weight)
     )
-    w = (weight * kept.unsqueeze(-1)).unsqueeze(-1)  # [B, nnz, H, 1]
-    hidden = torch.zeros(B, num_reactions, H, C, dtype=y.dtype, device=y.device).index_add(
-        1, reaction_index, w * y[:, metabolite_index]
-    ) * edge_norm[:, :, None, None]
-    out = torch.zeros_like(y).index_add(1, metabolite_index, w * hidden[:, reaction_index])
-    return out * node_norm[:, :, None, None]
+    # Masked incidences and zero-degree rows are skipped (selected away), never multiplied by
+    # 0: an inf/NaN in a masked or zero-degree row gives 0, as on every kernel backend.
+    on = None if reaction_keep is None else reaction_keep[:, reaction_index].view(B, reaction_index.numel(), 1, 1)
+    w = weight.unsqueeze(-1)  # [B, nnz, H, 1]
+    if on is not None:  # masked factors replaced by 0 before the product (gradients 0 too)
+        w = torch.where(on, w, 0.0)
+    gathered = y[:, metabolite_index]
+    message = w * (gathered if on is None else torch.where(on, gathered, 0.0))
+    hidden = torch.zeros(B, num_reactions, H, C, dtype=y.dtype, device=y.device).index_add(1, reaction_index, message)
+    hidden = _scale_rows(hidden, edge_norm)
+    message = w * hidden[:, reaction_index]  # masked reactions' hidden rows are 0 (zero degree)
+    out = torch.zeros_like(y).index_add(1, metabolite_index, message)
+    return _scale_rows(out, node_norm)
+
+
+def _scale_rows(rows: Tensor, norm: Tensor) -> Tensor:
+    """``rows * norm`` per row, exactly 0 (whatever ``rows`` holds) where ``norm`` is 0."""
+    norm = norm[:, :, None, None]
+    return torch.where(norm != 0, rows * norm, 0.0)
 
 
 stoich_propagate_reference = stoich_conv_reference  # the name of earlier releases

@@ -1,8 +1,8 @@
 """Fast HeteroCell (stoichconv.models.hetero_cell) against the PyG reference
 (stoichconv.reference.hetero_cell), in float64: predictions, z_w, z_i, z_p and every
-parameter gradient, on small synthetic cell graphs and on the real-size one."""
-
-import warnings
+parameter gradient, on small synthetic cell graphs and on the real-size one, for this package's
+configurations (the torchcell ones: test_torchcell.py). In train mode with dropout both models run
+under the same seed: the fast model draws the reference's masks (same calls, same order)."""
 
 import pytest
 import torch
@@ -14,8 +14,6 @@ from stoichconv.types import EdgeSet
 from stoichconv.reference.hetero_cell import HeteroCell as RefHeteroCell, nan_mse_loss
 from stoichconv.reference.perturb import perturb_batch_reference
 from stoichconv.train import make_small_cell_graph
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 UNUSED_PREFIXES = ("reaction_embedding", "metabolite_embedding")
 UNUSED_RELATIONS = ("<gene___gpr___reaction>", "<metabolite___reaction___metabolite>")
@@ -44,18 +42,22 @@ def _loss(pred, latents):
 
 
 def _rel(a, b, scale=None):
-    scale = b.abs().max() if scale is None else scale
     a, b = a.detach(), b.detach()
+    scale = b.abs().max() if scale is None else scale
     return float((a - b).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
 
 
-def _compare(graph, batch_size, metabolism_to_gene, hidden, seed=0, **kwargs):
+def _compare(graph, batch_size, metabolism_to_gene, hidden, seed=0, train=True, **kwargs):
     ref, fast = _pair(graph, metabolism_to_gene, hidden, seed, **kwargs)
+    ref.train(train)
+    fast.train(train)
     num_genes = int(graph["gene"].num_nodes)
     pert, pert_ptr = random_perturbations(num_genes, batch_size, sizes=(1, 2, 3), seed=seed + 1)
     batch = perturb_batch_reference(graph, pert, pert_ptr)
+    torch.manual_seed(seed + 100)  # the same dropout masks in both models
     pred_r, lat_r = ref(graph, batch)
     _loss(pred_r, lat_r).backward()
+    torch.manual_seed(seed + 100)
     pred_f, lat_f = fast(graph, pert, pert_ptr)
     _loss(pred_f, lat_f).backward()
     assert pred_f.shape == (batch_size, 2)
@@ -78,6 +80,9 @@ def _compare(graph, batch_size, metabolism_to_gene, hidden, seed=0, **kwargs):
         # rounding noise: compare them against the global gradient scale
         scale = max(p.grad.abs().max(), 1e-6 * global_scale)
         assert _rel(q.grad, p.grad, scale) < 1e-6, name
+    fast_buffers = dict(fast.named_buffers())
+    for name, b in ref.named_buffers():  # BatchNorm running statistics
+        assert torch.allclose(fast_buffers[name], b, rtol=1e-9, atol=1e-12), name
     return ref, fast
 
 
@@ -107,6 +112,31 @@ def test_small_graph_equivalence(batch_size, metabolism_to_gene, seed):
 def test_small_graph_other_shapes():
     graph = _double_graph(make_small_cell_graph(num_genes=30, num_reactions=12, num_metabolites=10, seed=3))
     _compare(graph, 4, True, hidden=12, heads=3, num_layers=2)
+
+
+# Configurations beyond torchcell's (metabolism_to_gene lets the GPR and metabolism relations reach
+# the prediction, so their options are checked through predictions and gradients too).
+NATIVE_CONFIGS = {
+    "batch_norm_dropout": dict(hidden=8, heads=3, num_layers=2, norm="batch", dropout=0.2, activation="gelu",
+                               head_num_layers=2),
+    "gpr_self_loops": dict(hidden=10, heads=4, num_layers=2, norm="batch", dropout=0.1, gpr_add_self_loops=True,
+                           gpr_heads=2, gene_add_self_loops=True, gene_concat=False, activation="leaky_relu",
+                           head_norm=None),
+    "no_attention": dict(hidden=8, heads=2, num_layers=3, dropout=0.25, metabolism_attention=False,
+                         metabolism_gated=False, gpr_concat=False, activation="tanh", head_dropout=0.3),
+    "averaged_heads": dict(hidden=12, heads=5, num_layers=2, norm=None, metabolism_concat=False, gpr_heads=3,
+                           activation="sigmoid", head_hidden_channels=7, head_norm="batch", dropout=0.15),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_CONFIGS))
+@pytest.mark.parametrize("train", [True, False])
+def test_small_graph_configurations(name, train):
+    config = dict(NATIVE_CONFIGS[name])
+    hidden = config.pop("hidden")
+    graph = _double_graph(make_small_cell_graph(seed=2))
+    ref, fast = _compare(graph, 4, True, hidden=hidden, train=train, **config)
+    assert all(p.grad is not None for p in fast.parameters())
 
 
 @pytest.mark.parametrize("metabolism_to_gene", [False, True])
@@ -169,8 +199,13 @@ def test_bad_inputs_raise():
     fast = FastHeteroCell.from_cell_graph(graph, hidden_channels=8)
     with pytest.raises(ValueError, match="pert_ptr"):
         fast(graph, torch.tensor([1]), torch.tensor([0]))
+    FastHeteroCell.from_cell_graph(graph, hidden_channels=9, heads=2)  # 2 x 4 channels, projected to 9
     with pytest.raises(ValueError, match="hidden_channels"):
-        FastHeteroCell.from_cell_graph(graph, hidden_channels=9, heads=2)
+        FastHeteroCell.from_cell_graph(graph, hidden_channels=8, heads=9)
+    with pytest.raises(ValueError, match="norm"):
+        FastHeteroCell.from_cell_graph(graph, hidden_channels=8, norm="graph")
+    with pytest.raises(ValueError, match="activation"):
+        FastHeteroCell.from_cell_graph(graph, hidden_channels=8, activation="swish")
     with pytest.raises(ValueError, match="gene"):
         fast(make_small_cell_graph(num_genes=41), torch.tensor([1]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="pred"):

@@ -1,94 +1,182 @@
-"""The perturbation-masking operators (stoichconv.ops.pert_mask) against the
-per-sample PyG reference, opcheck, determinism, edge cases and bad input."""
+"""The perturbation-masking operators (stoichconv.ops.pert_mask: filter_edges, reaction_keep,
+filter_bipartite) on every backend of their table entries (cpu, cuda, triton for filter_edges
+on CPU through the interpreter and on the GPU, and the reference itself), against independent
+brute-force expectations written here in plain Python, the per-sample PyG references and the
+compiled CPU kernels: exact integer / bool equality, opcheck of every backend's operator,
+determinism, edge cases, torch.compile and bad input. CUDA-only checks (the real cell graph,
+device mismatches) at the end."""
 
+import dataclasses
 import sys
 
 import pytest
 import torch
 
-from stoichconv._extension import has_compiled_kernels
-from stoichconv.backends import BackendUnavailableError
+from stoichconv.backends import OPS, BackendUnavailableError, resolve
 from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
-from stoichconv.reference.perturb import (
-    filter_bipartite_reference,
-    filter_edges_reference,
-    reaction_keep_reference,
+from stoichconv.reference.pert_mask import filter_bipartite_reference, filter_edges_reference, reaction_keep_reference
+from stoichconv.testing import (
+    backend_cases,
+    backend_params,
+    device_params,
+    kernel_op,
+    random_deletions,
+    random_edge_index,
 )
 
-needs_c = pytest.mark.skipif(not has_compiled_kernels(), reason="stoichconv._C not built")
+OPS3 = ("filter_edges", "reaction_keep", "filter_bipartite")
+FE = backend_params("filter_edges", reference=True)  # cpu, cuda, triton-cpu, triton-cuda, reference-*
+FE_KERNELS = backend_params("filter_edges")
+RK = backend_params("reaction_keep", reference=True)
+RK_KERNELS = backend_params("reaction_keep")
+FB = backend_params("filter_bipartite", reference=True)
+FB_KERNELS = backend_params("filter_bipartite")
+# the backends that run all three ops
+ALL3 = [p for p in FE_KERNELS if all(p.id in {q.id for q in backend_params(op)} for op in OPS3)]
+COMPILED = [p for p in ALL3 if p.values[0] in ("cpu", "cuda")]
+CUDA = device_params(("cuda",))
+
+def index_dtypes(backend, op):
+    """The index dtypes a backend's raw operator takes: the compiled ones int64, Triton any width."""
+    if backend != "triton":
+        return (torch.int64,)
+    return (torch.int64, torch.int32)  # the fakes give int64 ids for either, as the operators do
 
 
-# --------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------- brute force
 
 
-def random_graph(num_nodes: int, num_edges: int, seed: int, isolated: int = 3) -> torch.Tensor:
-    """Edges among the first num_nodes - isolated nodes, with self-loops and
-    multi-edges forced in."""
-    g = torch.Generator().manual_seed(seed)
-    active = max(num_nodes - isolated, 1)
-    ei = torch.randint(active, (2, num_edges), generator=g)
-    if num_edges >= 4:
-        ei[1, 0] = ei[0, 0]  # self-loop
-        ei[:, 1] = ei[:, 2]  # multi-edge
-    return ei
+def brute_filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
+    """filter_edges by the definition, one sample and one edge at a time (plain Python)."""
+    edges, ptr, deleted_ids = edge_index.tolist(), pert_ptr.tolist(), pert.tolist()
+    src, dst, edge_ptr, edge_keep, node_keep, node_ptr = [], [], [0], [], [], [0]
+    offset = 0
+    for b in range(len(ptr) - 1):
+        deleted = set(deleted_ids[ptr[b]:ptr[b + 1]])
+        keep = [v not in deleted for v in range(num_nodes)]
+        rank = [sum(keep[:v]) for v in range(num_nodes)]
+        for u, v in zip(*edges):
+            kept = keep[u] and keep[v]
+            edge_keep.append(kept)
+            if kept:
+                src.append(offset + rank[u] if relabel else b * num_nodes + u)
+                dst.append(offset + rank[v] if relabel else b * num_nodes + v)
+        edge_ptr.append(len(src))
+        node_keep += keep
+        node_ptr.append(node_ptr[-1] + sum(keep))
+        offset += sum(keep) if relabel else num_nodes
+    return (torch.tensor([src, dst], dtype=torch.long).view(2, -1), torch.tensor(edge_ptr),
+            torch.tensor(edge_keep, dtype=torch.bool), torch.tensor(node_keep, dtype=torch.bool), torch.tensor(node_ptr))
 
 
-def random_perts(num_nodes: int, batch_size: int, seed: int, max_size: int = 5):
-    """Deletion sets of size 0..max_size, drawn with replacement (duplicates
-    possible), unsorted; sample 0 deletes one gene twice."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(max_size + 1, (batch_size,), generator=g)
-    pert = torch.randint(num_nodes, (int(sizes.sum()),), generator=g)
-    if batch_size > 0:
-        sizes[0] = 3
-        first = torch.randint(num_nodes, (2,), generator=g)
-        pert = torch.cat([torch.stack([first[0], first[1], first[0]]), pert[int(sizes[0]) :]])
-        pert = pert[: int(sizes.sum())]
-        if pert.numel() < int(sizes.sum()):
-            pert = torch.cat([pert, torch.randint(num_nodes, (int(sizes.sum()) - pert.numel(),), generator=g)])
-    ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-    return pert, ptr
+def brute_reaction_keep(gpr_index, num_reactions, pert, pert_ptr):
+    """Reaction r of sample b is removed iff one of its GPR genes is deleted in b."""
+    pairs, ptr, ids = gpr_index.t().tolist(), pert_ptr.tolist(), pert.tolist()
+    rows = []
+    for b in range(len(ptr) - 1):
+        deleted = set(ids[ptr[b]:ptr[b + 1]])
+        rows.append([not any(g in deleted for g, r2 in pairs if r2 == r) for r in range(num_reactions)])
+    return torch.tensor(rows, dtype=torch.bool).view(len(ptr) - 1, num_reactions)
 
 
-def assert_same(result, expected):
+def brute_filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel):
+    """filter_bipartite by the definition: each side numbered by its own kept counts."""
+    edges = edge_index.tolist()
+    sk = [[True] * num_src] * num_samples if src_keep is None else src_keep.tolist()
+    dk = [[True] * num_dst] * num_samples if dst_keep is None else dst_keep.tolist()
+    rows, cols, edge_ptr, edge_keep, edge_id = [], [], [0], [], []
+    src_offset = dst_offset = 0
+    for b in range(num_samples):
+        for e, (u, v) in enumerate(zip(*edges)):
+            kept = sk[b][u] and dk[b][v]
+            edge_keep.append(kept)
+            if kept:
+                rows.append(src_offset + sum(sk[b][:u]) if relabel else b * num_src + u)
+                cols.append(dst_offset + sum(dk[b][:v]) if relabel else b * num_dst + v)
+                edge_id.append(e)
+        edge_ptr.append(len(rows))
+        src_offset += sum(sk[b]) if relabel else num_src
+        dst_offset += sum(dk[b]) if relabel else num_dst
+    return (torch.tensor([rows, cols], dtype=torch.long).view(2, -1), torch.tensor(edge_ptr),
+            torch.tensor(edge_keep, dtype=torch.bool), torch.tensor(edge_id, dtype=torch.long))
+
+
+def assert_same(result, expected, device=None):
+    """Same length, dtypes and values (compared on the CPU); outputs on ``device`` when given."""
+    result, expected = tuple(result), tuple(expected)
     assert len(result) == len(expected)
-    for name, a, b in zip(type(expected)._fields, result, expected):
-        assert a.dtype == b.dtype, name
-        assert torch.equal(a, b), name
+    for i, (a, b) in enumerate(zip(result, expected)):
+        if device is not None:
+            assert a.device.type == torch.device(device).type, i
+        assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
+        assert torch.equal(a.cpu(), b.cpu()), i
+
+
+def to(device, *tensors):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def gpr_graph(num_genes=30, num_reactions=20, num_pairs=45, geneless=2, seed=0):
+    """GPR pairs [2, E]: the last ``geneless`` reactions have no gene, reaction 0 exactly
+    genes 3 and 7."""
+    g = torch.Generator().manual_seed(seed)
+    genes = torch.randint(num_genes, (num_pairs,), generator=g)
+    reactions = torch.randint(num_reactions - geneless, (num_pairs,), generator=g)
+    reactions[reactions == 0] = 1
+    return torch.stack([torch.cat([genes, torch.tensor([3, 7])]), torch.cat([reactions, torch.tensor([0, 0])])])
 
 
 # --------------------------------------------------------------------------- filter_edges
 
+# (num_nodes, num_edges, batch size): several samples per block and blocks per sample (the
+# Triton kernels work on blocks of 128 edges), empty relations and batches.
+FILTER_EDGES_CASES = [(50, 400, 0), (50, 400, 1), (50, 400, 3), (50, 400, 32), (12, 40, 1), (12, 40, 3),
+                      (12, 300, 3), (50, 300, 7), (40, 5000, 3), (13, 0, 4), (10, 20, 0), (30, 2048, 2)]
+INTERPRETED_FILTER_EDGES_CASES = [(50, 400, 3), (12, 40, 1), (12, 40, 3), (12, 300, 3), (13, 0, 4), (10, 20, 0),
+                                  (30, 2048, 2)]
 
-@needs_c
-@pytest.mark.parametrize("batch_size", [0, 1, 3, 32])
+
 @pytest.mark.parametrize("relabel", [True, False])
-def test_filter_edges_matches_reference(batch_size, relabel):
-    N = 50
-    ei = random_graph(N, 400, seed=batch_size)
-    pert, ptr = random_perts(N, batch_size, seed=batch_size + 1)
-    out = filter_edges(ei, N, pert, ptr, relabel=relabel, backend="cpu")
-    ref = filter_edges_reference(ei, N, pert, ptr, relabel=relabel)
-    assert_same(out, ref)
-    B = batch_size
+@pytest.mark.parametrize("backend,device,N,E,B", backend_cases(FE, FILTER_EDGES_CASES, INTERPRETED_FILTER_EDGES_CASES))
+def test_filter_edges_matches_brute_force(backend, device, N, E, B, relabel):
+    ei = random_edge_index(N, E, seed=E + B, isolated=3)
+    pert, ptr = random_deletions(N, B, seed=N + B)
+    want = brute_filter_edges(ei, N, pert, ptr, relabel)
+    out = filter_edges(*to(device, ei, N, pert, ptr), relabel=relabel, backend=backend)
+    assert_same(out, want, device)
+    assert_same(out, filter_edges_reference(ei, N, pert, ptr, relabel=relabel))
     assert out.edge_ptr.shape == (B + 1,) and out.node_ptr.shape == (B + 1,)
-    assert out.edge_keep.shape == (B * 400,) and out.node_keep.shape == (B * N,)
+    assert out.edge_keep.shape == (B * E,) and out.node_keep.shape == (B * N,)
     assert out.edge_index.size(1) == int(out.edge_keep.sum()) == int(out.edge_ptr[-1])
+    if backend != "reference":  # the raw operator, and the compiled CPU kernel's answer
+        raw = kernel_op("filter_edges", backend, device)(*to(device, ei, N, pert, ptr, relabel))
+        assert_same(raw, want, device)
+        assert_same(raw, torch.ops.stoichconv.filter_edges(ei, N, pert, ptr, relabel))
 
 
-@needs_c
-def test_filter_edges_semantics_by_hand():
+@pytest.mark.parametrize("relabel", [True, False])
+@pytest.mark.parametrize("backend,device", FE)
+def test_filter_edges_unsorted_duplicate_deletions_over_several_blocks(backend, device, relabel):
+    # E > 2 blocks of 128 edges: block offsets cross block and sample boundaries.
+    ei = random_edge_index(12, 300, seed=3)
+    pert = torch.tensor([7, 2, 7, 2, 11, 0, 5, 5, 3])  # unsorted, duplicated
+    ptr = torch.tensor([0, 4, 4, 9])
+    out = filter_edges(*to(device, ei, 12, pert, ptr), relabel=relabel, backend=backend)
+    assert_same(out, brute_filter_edges(ei, 12, pert, ptr, relabel), device)
+
+
+@pytest.mark.parametrize("backend,device", FE)
+def test_filter_edges_semantics_by_hand(backend, device):
     # nodes 0..4; edges (0,1) (1,2) (2,2) (3,4) (1,2); sample 0 deletes 2 (twice), sample 1 nothing,
     # sample 2 deletes 0 and 4.
-    ei = torch.tensor([[0, 1, 2, 3, 1], [1, 2, 2, 4, 2]])
-    pert = torch.tensor([2, 2, 4, 0])
-    ptr = torch.tensor([0, 2, 2, 4])
-    out = filter_edges(ei, 5, pert, ptr)
+    ei, pert, ptr = to(device, torch.tensor([[0, 1, 2, 3, 1], [1, 2, 2, 4, 2]]), torch.tensor([2, 2, 4, 0]),
+                       torch.tensor([0, 2, 2, 4]))
+    out = filter_edges(ei, 5, pert, ptr, backend=backend)
     # sample 0 keeps 0,1,3,4 -> ranks 0,1,2,3; edges (0,1) (3,4) -> (0,1) (2,3)
     # sample 1 keeps all (offset 4): all 5 edges + 4
     # sample 2 keeps 1,2,3 (offset 9) -> ranks 0,1,2; edges (1,2) (2,2) (1,2) -> (9,10) (10,10) (9,10)
     expected = torch.tensor([[0, 2, 4, 5, 6, 7, 5, 9, 10, 9], [1, 3, 5, 6, 6, 8, 6, 10, 10, 10]])
-    assert torch.equal(out.edge_index, expected)
+    assert torch.equal(out.edge_index.cpu(), expected)
     assert out.edge_ptr.tolist() == [0, 2, 7, 10]
     assert out.node_ptr.tolist() == [0, 4, 9, 12]
     assert out.node_keep.view(3, 5).tolist() == [
@@ -96,170 +184,240 @@ def test_filter_edges_semantics_by_hand():
         [True] * 5,
         [False, True, True, True, False],
     ]
-    full = filter_edges(ei, 5, pert, ptr, relabel=False)
+    full = filter_edges(ei, 5, pert, ptr, relabel=False, backend=backend)
     assert full.edge_index[:, :2].tolist() == [[0, 3], [1, 4]]
     assert full.edge_index[:, 7:].tolist() == [[11, 12, 11], [12, 12, 12]]
 
 
-@needs_c
 @pytest.mark.parametrize("relabel", [True, False])
-def test_filter_edges_empty_cases(relabel):
+@pytest.mark.parametrize("backend,device", FE)
+def test_filter_edges_empty_cases(backend, device, relabel):
     N = 7
-    empty_edges = torch.empty(2, 0, dtype=torch.long)
-    pert, ptr = torch.tensor([1, 6]), torch.tensor([0, 1, 1, 2])
-    out = filter_edges(empty_edges, N, pert, ptr, relabel=relabel)
+    long = dict(dtype=torch.long, device=device)
+    run = lambda ei, n, p, q: filter_edges(*to(device, ei, n, p, q), relabel=relabel, backend=backend)  # noqa: E731
+    # no edges
+    out = run(torch.empty(2, 0, dtype=torch.long), N, torch.tensor([1, 6]), torch.tensor([0, 1, 1, 2]))
     assert out.edge_index.shape == (2, 0) and out.edge_ptr.tolist() == [0, 0, 0, 0]
     assert out.edge_keep.numel() == 0 and out.node_ptr.tolist() == [0, 6, 13, 19]
+    assert out.node_keep.view(3, N).tolist() == [[True, False] + [True] * 5, [True] * 7, [True] * 6 + [False]]
     # B = 0
-    out = filter_edges(random_graph(N, 9, 0), N, torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    out = run(random_edge_index(N, 9, 0), N, torch.empty(0, **long), torch.zeros(1, **long))
     assert out.edge_index.shape == (2, 0) and out.edge_ptr.tolist() == [0] and out.node_ptr.tolist() == [0]
     assert out.edge_keep.numel() == 0 and out.node_keep.numel() == 0
     # empty deletion sets keep everything, in wildtype order
-    ei = random_graph(N, 9, 1)
-    out = filter_edges(ei, N, torch.empty(0, dtype=torch.long), torch.zeros(3, dtype=torch.long), relabel=relabel)
-    assert torch.equal(out.edge_index, torch.cat([ei, ei + N], dim=1))
+    ei = random_edge_index(N, 9, 1)
+    out = run(ei, N, torch.empty(0, **long), torch.zeros(3, **long))
+    assert torch.equal(out.edge_index.cpu(), torch.cat([ei, ei + N], dim=1))
     assert bool(out.edge_keep.all()) and bool(out.node_keep.all())
+    # a sample deleting every node loses every edge; the next one keeps the wildtype
+    ei = random_edge_index(6, 20, seed=1)
+    out = run(ei, 6, torch.arange(6), torch.tensor([0, 6, 6]))
+    assert out.edge_ptr.tolist() == [0, 0, 20] and out.node_ptr.tolist() == [0, 0, 6]
+    assert torch.equal(out.edge_index.cpu(), ei if relabel else ei + 6)
 
 
-@needs_c
-def test_filter_edges_int32_inputs_accepted():
+@pytest.mark.parametrize("backend,device", FE)
+def test_filter_edges_int32_inputs(backend, device):
     N = 20
-    ei = random_graph(N, 60, 3)
-    pert, ptr = random_perts(N, 4, 3)
-    out = filter_edges(ei.int(), N, pert.int(), ptr.int())
-    assert_same(out, filter_edges(ei, N, pert, ptr))
+    ei = random_edge_index(N, 60, 3)
+    pert, ptr = random_deletions(N, 4, 3)
+    out = filter_edges(*to(device, ei.int(), N, pert.int(), ptr.int()), backend=backend)
+    assert_same(out, filter_edges(*to(device, ei, N, pert, ptr), backend=backend), device)
+    assert_same(out, brute_filter_edges(ei, N, pert, ptr, True))
+    if backend == "triton":  # the Triton operator takes any integer width itself
+        raw = kernel_op("filter_edges", backend, device)(*to(device, ei.int(), N, pert.int(), ptr.int(), True))
+        assert_same(raw, brute_filter_edges(ei, N, pert, ptr, True), device)
+
+
+def _with_index_dtypes(op, params, values, interpreted=None):
+    """backend_cases over ``values`` x the backend's index dtypes (last argument)."""
+    cases = []
+    for param in params:
+        dtypes = index_dtypes(param.values[0], op)
+        for dtype in dtypes:
+            marks = dtype.marks if hasattr(dtype, "marks") else ()
+            value = dtype.values[0] if hasattr(dtype, "values") else dtype
+            for case in backend_cases([param], [(*v, value) for v in values],
+                                      None if interpreted is None else [(*v, value) for v in interpreted]):
+                cases.append(pytest.param(*case.values, id=case.id, marks=[*case.marks, *marks]))
+    return cases
+
+
+FE_OPCHECK = _with_index_dtypes("filter_edges", FE_KERNELS, [(B, relabel) for B in (0, 1, 4) for relabel in (True, False)],
+                                [(B, relabel) for B in (0, 3) for relabel in (True, False)])
+
+
+@pytest.mark.parametrize("backend,device,B,relabel,index_dtype", FE_OPCHECK)
+def test_filter_edges_opcheck(backend, device, B, relabel, index_dtype):
+    N = 25
+    ei = random_edge_index(N, 120, 5)
+    pert, ptr = random_deletions(N, B, seed=B)
+    op = kernel_op("filter_edges", backend, device)
+    torch.library.opcheck(op, (*to(device, ei.to(index_dtype), N, pert.to(index_dtype), ptr.to(index_dtype)), relabel))
+    no_edges = torch.empty(2, 0, dtype=index_dtype)
+    torch.library.opcheck(op, (*to(device, no_edges, N, torch.tensor([1], dtype=index_dtype),
+                                   torch.tensor([0, 1], dtype=index_dtype)), relabel))
+
+
+# (num_nodes, num_edges, batch size, max deletions): the CPU kernel's several chunks per sample,
+# the GPU's many samples; the interpreter a small graph.
+@pytest.mark.parametrize("backend,device,N,E,B,max_size", backend_cases(
+    FE_KERNELS, [(300, 200_000, 5, 40), (200, 20_000, 16, 20)], [(30, 500, 3, 5)]))
+def test_filter_edges_deterministic_across_runs_and_threads(backend, device, N, E, B, max_size):
+    ei = random_edge_index(N, E, 11)
+    pert, ptr = random_deletions(N, B, 11, max_size=max_size)
+    args = to(device, ei, N, pert, ptr)
+    threads = torch.get_num_threads()
+    try:
+        first = filter_edges(*args, backend=backend)
+        again = [filter_edges(*args, backend=backend) for _ in range(2)]
+        torch.set_num_threads(1)
+        single = filter_edges(*args, backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (*again, single):
+        assert_same(other, first, device)
+    assert_same(first, filter_edges_reference(ei, N, pert, ptr))
+
+
+@pytest.mark.parametrize("backend,device", FE_KERNELS)
+def test_filter_edges_torch_compile_fullgraph(backend, device):
+    # The fake kernel's data-dependent E_out lets dynamo trace around the operator.
+    ei = random_edge_index(10, 30, 6)
+    pert, ptr = random_deletions(10, 2, 6)
+    op = kernel_op("filter_edges", backend, device)
+    fn = torch.compile(lambda e, p, q: op(e, 10, p, q, True)[0] * 2, backend="aot_eager", fullgraph=True)
+    got = fn(*to(device, ei, pert, ptr))
+    assert torch.equal(got.cpu(), brute_filter_edges(ei, 10, pert, ptr, True)[0] * 2)
 
 
 # --------------------------------------------------------------------------- reaction_keep
 
-
-def gpr_graph(num_genes=30, num_reactions=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    genes = torch.randint(num_genes, (45,), generator=g)
-    reactions = torch.randint(num_reactions - 2, (45,), generator=g)  # the last two have no gene
-    # reaction 0 has exactly genes 3 and 7 (besides random ones elsewhere)
-    reactions[reactions == 0] = 1
-    gpr = torch.stack([torch.cat([genes, torch.tensor([3, 7])]), torch.cat([reactions, torch.tensor([0, 0])])])
-    return gpr
+# (num_genes, num_reactions, GPR pairs, reactions without genes, batch size)
+REACTION_KEEP_CASES = [(30, 20, 45, 2, B) for B in (0, 1, 3, 32)] + [(60, 45, 200, 5, B) for B in (0, 1, 9)]
 
 
-@needs_c
-@pytest.mark.parametrize("batch_size", [0, 1, 3, 32])
-def test_reaction_keep_matches_reference(batch_size):
-    gpr = gpr_graph(seed=batch_size)
-    pert, ptr = random_perts(30, batch_size, seed=batch_size + 7)
-    if batch_size > 0:  # sample b = last deletes every gene of reaction 0 (3 and 7), 7 twice
+@pytest.mark.parametrize("G,R,E,geneless,B", REACTION_KEEP_CASES)
+@pytest.mark.parametrize("backend,device", RK)
+def test_reaction_keep_matches_brute_force(backend, device, G, R, E, geneless, B):
+    gpr = gpr_graph(G, R, E, geneless, seed=B)
+    pert, ptr = random_deletions(G, B, seed=B + 7)
+    if B > 0:  # the last sample deletes every gene of reaction 0 (3 and 7), 7 twice
         pert = torch.cat([pert, torch.tensor([7, 3, 7])])
         ptr = ptr.clone()
         ptr[-1] += 3
-    out = reaction_keep(gpr, 20, pert, ptr, backend="cpu")
-    ref = reaction_keep_reference(gpr, 20, pert, ptr)
-    assert out.dtype == torch.bool and out.shape == (batch_size, 20)
-    assert torch.equal(out, ref)
-    if batch_size > 0:
+    out = reaction_keep(*to(device, gpr, R, pert, ptr), backend=backend)
+    assert out.device.type == device.type
+    assert out.dtype == torch.bool and out.shape == (B, R)
+    assert torch.equal(out.cpu(), brute_reaction_keep(gpr, R, pert, ptr))
+    assert torch.equal(out.cpu(), reaction_keep_reference(gpr, R, pert, ptr))
+    if backend != "reference":
+        raw = kernel_op("reaction_keep", backend, device)(*to(device, gpr, R, pert, ptr))
+        assert torch.equal(raw.cpu(), torch.ops.stoichconv.reaction_keep(gpr, R, pert, ptr))
+    if B > 0:
         assert not bool(out[-1, 0])
-        assert bool(out[:, 18:].all())  # no GPR gene: never removed
+        assert bool(out[:, R - geneless:].all())  # no GPR gene: never removed
         removed = gpr[1][torch.isin(gpr[0], torch.tensor([3, 7]))].unique()
-        assert not bool(out[-1, removed].any())
+        assert not bool(out[-1, removed.to(device)].any())
+
+
+@pytest.mark.parametrize("backend,device,B,index_dtype", _with_index_dtypes("reaction_keep", RK_KERNELS, [(0,), (1,), (3,), (4,)]))
+def test_reaction_keep_opcheck(backend, device, B, index_dtype):
+    gpr, pert, ptr = (t.to(index_dtype) for t in (gpr_graph(), *random_deletions(30, B, seed=B + 1)))
+    torch.library.opcheck(kernel_op("reaction_keep", backend, device), tuple(to(device, gpr, 20, pert, ptr)))
 
 
 # --------------------------------------------------------------------------- filter_bipartite
 
 
-@needs_c
-@pytest.mark.parametrize("batch_size", [0, 1, 3, 32])
-@pytest.mark.parametrize("relabel", [True, False])
+def bipartite_inputs(B, E, masks, Ns=17, Nd=11, seed=None):
+    g = torch.Generator().manual_seed(B if seed is None else seed)
+    ei = torch.stack([torch.randint(Ns, (E,), generator=g), torch.randint(Nd, (E,), generator=g)])
+    sk = torch.rand(B, Ns, generator=g) > 0.2 if masks in ("both", "src") else None
+    dk = torch.rand(B, Nd, generator=g) > 0.3 if masks in ("both", "dst") else None
+    return ei, Ns, Nd, sk, dk
+
+
 @pytest.mark.parametrize("masks", ["both", "src", "dst", "none"])
-def test_filter_bipartite_matches_reference(batch_size, relabel, masks):
-    g = torch.Generator().manual_seed(batch_size)
-    Ns, Nd = 17, 11
-    ei = torch.stack([torch.randint(Ns, (80,), generator=g), torch.randint(Nd, (80,), generator=g)])
-    sk = torch.rand(batch_size, Ns, generator=g) > 0.2 if masks in ("both", "src") else None
-    dk = torch.rand(batch_size, Nd, generator=g) > 0.3 if masks in ("both", "dst") else None
-    out = filter_bipartite(ei, Ns, Nd, batch_size, sk, dk, relabel=relabel, backend="cpu")
-    ref = filter_bipartite_reference(ei, Ns, Nd, batch_size, sk, dk, relabel=relabel)
-    assert_same(out, ref)
+@pytest.mark.parametrize("relabel", [True, False])
+@pytest.mark.parametrize("backend,device,B,E", backend_cases(FB, [(0, 80), (1, 80), (3, 80), (32, 80), (5, 3000)],
+                                                             [(0, 80), (1, 80), (3, 80)]))
+def test_filter_bipartite_matches_brute_force(backend, device, B, E, relabel, masks):
+    ei, Ns, Nd, sk, dk = bipartite_inputs(B, E, masks)
+    out = filter_bipartite(*to(device, ei, Ns, Nd, B, sk, dk), relabel=relabel, backend=backend)
+    want = brute_filter_bipartite(ei, Ns, Nd, B, sk, dk, relabel)
+    assert_same(out, want, device)
+    assert_same(out, filter_bipartite_reference(ei, Ns, Nd, B, sk, dk, relabel=relabel))
+    if backend != "reference":
+        raw = kernel_op("filter_bipartite", backend, device)(*to(device, ei, Ns, Nd, B, sk, dk, relabel))
+        assert_same(raw, torch.ops.stoichconv.filter_bipartite(ei, Ns, Nd, B, sk, dk, relabel))
     # edge_id points at the wildtype edge of each survivor
-    sample = torch.repeat_interleave(torch.arange(batch_size), out.edge_ptr.diff())
-    assert torch.equal(out.edge_keep.view(batch_size, 80)[sample, out.edge_id], torch.ones_like(out.edge_id, dtype=torch.bool))
+    out = [t.cpu() for t in out]
+    sample = torch.repeat_interleave(torch.arange(B), out[1].diff())
+    assert torch.equal(out[2].view(B, E)[sample, out[3]], torch.ones_like(out[3], dtype=torch.bool))
     if not relabel:
-        assert torch.equal(out.edge_index[0], ei[0, out.edge_id] + sample * Ns)
-        assert torch.equal(out.edge_index[1], ei[1, out.edge_id] + sample * Nd)
+        assert torch.equal(out[0][0], ei[0, out[3]] + sample * Ns)
+        assert torch.equal(out[0][1], ei[1, out[3]] + sample * Nd)
 
 
-@needs_c
-def test_filter_bipartite_empty_edges():
-    out = filter_bipartite(torch.empty(2, 0, dtype=torch.long), 4, 5, 3, None, torch.ones(3, 5, dtype=torch.bool))
+@pytest.mark.parametrize("backend,device", FB)
+def test_filter_bipartite_empty_edges(backend, device):
+    out = filter_bipartite(*to(device, torch.empty(2, 0, dtype=torch.long), 4, 5, 3, None,
+                               torch.ones(3, 5, dtype=torch.bool)), backend=backend)
     assert out.edge_index.shape == (2, 0) and out.edge_ptr.tolist() == [0, 0, 0, 0]
     assert out.edge_keep.numel() == 0 and out.edge_id.numel() == 0
 
 
-# --------------------------------------------------------------------------- opcheck, determinism
+@pytest.mark.parametrize("masks", ["both", "dst"])
+@pytest.mark.parametrize("relabel", [True, False])
+@pytest.mark.parametrize("backend,device,B,index_dtype", _with_index_dtypes(
+    "filter_bipartite", FB_KERNELS, [(0,), (1,), (4,)], [(0,), (3,)]))
+def test_filter_bipartite_opcheck(backend, device, B, index_dtype, relabel, masks):
+    ei, Ns, Nd, sk, dk = bipartite_inputs(B, 60, masks, Ns=25, Nd=9)
+    ei = ei.to(index_dtype)
+    torch.library.opcheck(kernel_op("filter_bipartite", backend, device),
+                          tuple(to(device, ei, Ns, Nd, B, sk, dk, relabel)))
 
 
-def _opcheck_cases():
-    N = 25
-    ei = random_graph(N, 120, 5)
-    cases = []
-    for B in (0, 1, 4):
-        pert, ptr = random_perts(N, B, seed=B)
-        for relabel in (True, False):
-            cases.append(("filter_edges", (ei, N, pert, ptr, relabel)))
-        cases.append(("reaction_keep", (gpr_graph(), 20, *random_perts(30, B, seed=B + 1))))
-        g = torch.Generator().manual_seed(B)
-        bip = torch.stack([torch.randint(N, (60,), generator=g), torch.randint(9, (60,), generator=g)])
-        sk = torch.rand(B, N, generator=g) > 0.3
-        dk = torch.rand(B, 9, generator=g) > 0.3
-        for relabel in (True, False):
-            cases.append(("filter_bipartite", (bip, N, 9, B, sk, dk, relabel)))
-            cases.append(("filter_bipartite", (bip, N, 9, B, None, dk, relabel)))
-    cases.append(("filter_edges", (torch.empty(2, 0, dtype=torch.long), N, torch.tensor([1]), torch.tensor([0, 1]), True)))
-    return cases
+# --------------------------------------------------------------------------- all three ops
 
 
-@needs_c
-@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
-def test_opcheck(case):
-    name, args = _opcheck_cases()[case]
-    torch.library.opcheck(getattr(torch.ops.stoichconv, name).default, args)
+@pytest.mark.parametrize("backend,device", ALL3)
+def test_torch_compile_traces_the_ops(backend, device):
+    # The fake kernels (data-dependent output sizes) let dynamo trace a full graph.
+    N = 20
+    ei = random_edge_index(N, 100, 9)
+    pert, ptr = random_deletions(N, 3, 9)
+    ops = {name: kernel_op(name, backend, device) for name in OPS3}
+
+    def pipeline(ei, pert, ptr):
+        edges, edge_ptr, edge_keep, node_keep, node_ptr = ops["filter_edges"](ei, N, pert, ptr, True)
+        rkeep = ops["reaction_keep"](ei, N, pert, ptr)
+        bip = ops["filter_bipartite"](ei, N, N, 3, node_keep.view(3, N), rkeep, True)
+        return edges.sum(0), edge_ptr + node_ptr, bip[0].float().mean(), bip[3]
+
+    compiled = torch.compile(pipeline, backend="aot_eager", fullgraph=True)
+    args = to(device, ei, pert, ptr)
+    for a, b in zip(compiled(*args), pipeline(*args)):
+        assert torch.equal(a, b)
 
 
-@needs_c
-def test_deterministic_across_runs_and_threads():
-    N = 300
-    ei = random_graph(N, 200_000, 11)  # several chunks per sample
-    pert, ptr = random_perts(N, 5, 11, max_size=40)
-    threads = torch.get_num_threads()
-    try:
-        first = filter_edges(ei, N, pert, ptr)
-        again = filter_edges(ei, N, pert, ptr)
-        torch.set_num_threads(1)
-        single = filter_edges(ei, N, pert, ptr)
-    finally:
-        torch.set_num_threads(threads)
-    assert_same(again, first)
-    assert_same(single, first)
-    assert_same(first, filter_edges_reference(ei, N, pert, ptr))
-
-
-# --------------------------------------------------------------------------- backends
-
-
-def test_reference_backend_matches_compiled_or_runs():
-    N = 30
-    ei = random_graph(N, 100, 2)
-    pert, ptr = random_perts(N, 3, 2)
-    ref = filter_edges(ei, N, pert, ptr, backend="reference")
-    assert_same(ref, filter_edges_reference(ei, N, pert, ptr))
-    assert torch.equal(reaction_keep(gpr_graph(), 20, pert, ptr, backend="reference"),
-                       reaction_keep_reference(gpr_graph(), 20, pert, ptr))
-    if has_compiled_kernels():
-        assert_same(filter_edges(ei, N, pert, ptr, backend="cpu"), ref)
+@pytest.mark.parametrize("device", device_params())
+def test_auto_runs_the_device_kernel(device, monkeypatch):
+    monkeypatch.delenv("STOICHCONV_BACKEND", raising=False)
+    for op in OPS3:
+        assert resolve(op, "auto", device) == device.type
+    N = 60
+    ei = random_edge_index(N, 500, 4)
+    pert, ptr = random_deletions(N, 8, 4)
+    assert_same(filter_edges(*to(device, ei, N, pert, ptr)), brute_filter_edges(ei, N, pert, ptr, True), device)
+    rk = reaction_keep(*to(device, gpr_graph(), 20, pert % 30, ptr))
+    assert torch.equal(rk.cpu(), brute_reaction_keep(gpr_graph(), 20, pert % 30, ptr))
 
 
 def test_triton_backend_unavailable(monkeypatch):
     N = 10
-    ei = random_graph(N, 20, 0)
+    ei = random_edge_index(N, 20, 0)
     pert, ptr = torch.tensor([1]), torch.tensor([0, 1])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="triton"):
@@ -268,34 +426,11 @@ def test_triton_backend_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "stoichconv.ops.pert_mask.triton_kernels", None)  # import fails
     with pytest.raises(BackendUnavailableError, match="triton_filter_edges"):
         filter_edges(ei, N, pert, ptr, backend="triton")
+    # an op whose table entry lists no Triton kernel
+    monkeypatch.setitem(OPS, "reaction_keep", dataclasses.replace(
+        OPS["reaction_keep"], backends=tuple(b for b in OPS["reaction_keep"].backends if b != "triton"), triton=None))
     with pytest.raises(BackendUnavailableError, match="reaction_keep has no triton kernel"):
         reaction_keep(gpr_graph(), 20, pert, ptr, backend="triton")
-
-
-def test_triton_dispatch_compacted_matches_reference(monkeypatch):
-    # Wiring of backend="triton" (the kernel itself is tested in tests/triton).
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    N = 20
-    ei = random_graph(N, 50, 8)
-    pert, ptr = random_perts(N, 3, 8)
-    out = filter_edges(ei.to(device), N, pert.to(device), ptr.to(device), relabel=True, backend="triton")
-    ref = filter_edges_reference(ei, N, pert, ptr, relabel=True)
-    assert isinstance(out, type(ref))
-    assert_same(tuple(t.cpu() for t in out), ref)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_auto_matches_cpu_reference():
-    N = 60
-    ei = random_graph(N, 500, 4)
-    pert, ptr = random_perts(N, 8, 4)
-    out = filter_edges(ei.cuda(), N, pert.cuda(), ptr.cuda())
-    assert_same(tuple(t.cpu() for t in out), filter_edges_reference(ei, N, pert, ptr))
-    rk = reaction_keep(gpr_graph().cuda(), 20, pert.cuda() % 30, ptr.cuda())
-    assert torch.equal(rk.cpu(), reaction_keep_reference(gpr_graph(), 20, pert % 30, ptr))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -374,30 +509,105 @@ def test_filter_bipartite_bad_input(kwargs, error, message):
         filter_bipartite(**args)
 
 
-@needs_c
-def test_compiled_op_checks_bypassing_python():
-    # A direct torch.ops call never reads out of bounds: the kernel checks too.
-    with pytest.raises(RuntimeError, match="`pert` has gene id 9"):
-        torch.ops.stoichconv.filter_edges(torch.tensor([[0], [1]]), 5, torch.tensor([9]), torch.tensor([0, 1]), True)
-    with pytest.raises(RuntimeError, match="`edge_index\\[1\\]` has id 6"):
-        torch.ops.stoichconv.filter_edges(torch.tensor([[0], [6]]), 5, torch.tensor([1]), torch.tensor([0, 1]), True)
-    with pytest.raises(RuntimeError, match="`pert_ptr` must end at len"):
-        torch.ops.stoichconv.reaction_keep(torch.tensor([[0], [1]]), 3, torch.tensor([1]), torch.tensor([0, 0]))
+def _filter_edges_raw_mutations(backend, device):
+    """(arguments, exception, match) of the raw filter_edges bad-input checks of one backend:
+    the compiled operators raise RuntimeError from C++ (on a GPU after the sizing sync), the
+    Triton operator the Python checks' errors."""
+    ei, pert, ptr = random_edge_index(8, 20, seed=2), torch.tensor([3, 1, 3]), torch.tensor([0, 2, 3])
+    if backend == "triton":
+        return [
+            ((ei, 8, pert + 8, ptr, True), ValueError, "`pert`"),
+            ((ei, 8, pert, ptr[:-1], True), ValueError, "`pert_ptr`"),
+            ((ei, 4, pert.clamp(max=3), ptr, True), ValueError, r"`edge_index\[0\]` has id 7 >= num_nodes = 4"),
+            ((ei.float(), 8, pert, ptr, True), TypeError, "`edge_index`"),
+            ((ei, -1, pert, ptr, True), ValueError, "`num_nodes`"),
+        ]
+    if device.type == "cpu":
+        return [
+            ((torch.tensor([[0], [1]]), 5, torch.tensor([9]), torch.tensor([0, 1]), True), RuntimeError,
+             "`pert` has gene id 9"),
+            ((torch.tensor([[0], [6]]), 5, torch.tensor([1]), torch.tensor([0, 1]), True), RuntimeError,
+             r"`edge_index\[1\]` has id 6"),
+        ]
+    ei, pert = random_edge_index(10, 30, seed=0), torch.tensor([1, 2])
+    return [
+        ((ei, 10, pert, torch.tensor([0, 1, 1]), True), RuntimeError, "`pert_ptr` must start at 0"),
+        ((ei, 10, torch.tensor([1, 12]), torch.tensor([0, 2]), True), RuntimeError, "`pert` has a gene id outside"),
+        ((torch.tensor([[0, 7], [1, 2]]), 5, pert, torch.tensor([0, 2]), True), RuntimeError,
+         r"`edge_index\[0\]` has an id outside"),  # 7 >= num_nodes = 5
+    ]
 
 
-@needs_c
-def test_torch_compile_traces_the_ops():
-    # The fake kernels (data-dependent output sizes) let dynamo trace a full graph.
-    N = 20
-    ei = random_graph(N, 100, 9)
-    pert, ptr = random_perts(N, 3, 9)
+@pytest.mark.parametrize("backend,device", FE_KERNELS)
+def test_filter_edges_raw_op_rejects_bad_input(backend, device):
+    # A direct torch.ops call never reads out of bounds: the operator checks too.
+    op = kernel_op("filter_edges", backend, device)
+    for args, error, match in _filter_edges_raw_mutations(backend, device):
+        with pytest.raises(error, match=match):
+            op(*to(device, *args))
 
-    def pipeline(ei, pert, ptr):
-        edges, edge_ptr, edge_keep, node_keep, node_ptr = torch.ops.stoichconv.filter_edges(ei, N, pert, ptr, True)
-        rkeep = torch.ops.stoichconv.reaction_keep(ei, N, pert, ptr)
-        bip = torch.ops.stoichconv.filter_bipartite(ei, N, N, 3, node_keep.view(3, N), rkeep, True)
-        return edges.sum(0), edge_ptr + node_ptr, bip[0].float().mean(), bip[3]
 
-    compiled = torch.compile(pipeline, backend="aot_eager", fullgraph=True)
-    for a, b in zip(compiled(ei, pert, ptr), pipeline(ei, pert, ptr)):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("backend,device", COMPILED)
+def test_reaction_keep_and_bipartite_raw_ops_reject_bad_input(backend, device):
+    if device.type == "cpu":
+        with pytest.raises(RuntimeError, match="`pert_ptr` must end at len"):
+            kernel_op("reaction_keep", backend, device)(torch.tensor([[0], [1]]), 3, torch.tensor([1]),
+                                                        torch.tensor([0, 0]))
+    else:
+        bad_dst = torch.tensor([[0, 1], [0, 3]], device=device)  # 3 >= num_dst = 2
+        with pytest.raises(RuntimeError, match=r"`edge_index\[1\]` has an id outside"):
+            kernel_op("filter_bipartite", backend, device)(bad_dst, 10, 2, 1, None, None, True)
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", CUDA)
+def test_cell_graph_batch_matches_cpu(device):
+    from stoichconv.data import load_cell_graph, random_perturbations
+    from stoichconv.data.relations import GPR, METABOLISM, PHYSICAL, REGULATORY
+
+    g = load_cell_graph()
+    num_genes = g["gene"].num_nodes
+    pert, pert_ptr = random_perturbations(num_genes, 32, seed=1)
+    for rel in (PHYSICAL, REGULATORY):
+        ei = g[rel].edge_index
+        for relabel in (True, False):
+            want = torch.ops.stoichconv.filter_edges(ei, num_genes, pert, pert_ptr, relabel)
+            got = torch.ops.stoichconv.filter_edges(*to(device, ei, num_genes, pert, pert_ptr, relabel))
+            assert_same(got, want, device)
+    gpr = g[GPR].edge_index
+    R = g["reaction"].num_nodes
+    keep = torch.ops.stoichconv.reaction_keep(*to(device, gpr, R, pert, pert_ptr))
+    assert_same((keep,), (torch.ops.stoichconv.reaction_keep(gpr, R, pert, pert_ptr),), device)
+    inc = g[METABOLISM].hyperedge_index
+    M = g["metabolite"].num_nodes
+    want = torch.ops.stoichconv.filter_bipartite(inc, M, R, 32, None, keep.cpu(), True)
+    got = torch.ops.stoichconv.filter_bipartite(*to(device, inc, M, R, 32, None, keep, True))
+    assert_same(got, want, device)
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_raw_ops_reject_device_mismatch(device):
+    edge_index = random_edge_index(10, 30, seed=0)
+    pert, pert_ptr = torch.tensor([1, 2]), torch.tensor([0, 2])
+    with pytest.raises(RuntimeError, match="`edge_index` must be a CUDA tensor, got cpu"):
+        torch.ops.stoichconv.filter_edges(edge_index, 10, pert.to(device), pert_ptr.to(device), True)
+    with pytest.raises(RuntimeError, match="`pert_ptr` must be a CUDA tensor, got cpu"):
+        torch.ops.stoichconv.reaction_keep(edge_index.to(device), 10, pert.to(device), pert_ptr)
+    with pytest.raises(RuntimeError, match="`src_keep` is on cpu"):
+        torch.ops.stoichconv.filter_bipartite(edge_index.to(device), 10, 10, 1, torch.ones(1, 10, dtype=torch.bool),
+                                              None, True)
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_wrappers_reject_device_mismatch(device):
+    edge_index = random_edge_index(10, 30, seed=0)
+    pert, pert_ptr = torch.tensor([1, 2], device=device), torch.tensor([0, 2], device=device)
+    with pytest.raises(ValueError, match="`edge_index` is on cpu"):
+        filter_edges(edge_index, 10, pert, pert_ptr)
+    with pytest.raises(ValueError, match="`pert_ptr` is on cpu"):
+        reaction_keep(edge_index.to(device), 10, pert, pert_ptr.cpu())
+    with pytest.raises(BackendUnavailableError):
+        filter_edges(edge_index.to(device), 10, pert, pert_ptr, backend="cpu")

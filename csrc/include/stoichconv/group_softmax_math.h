@@ -38,8 +38,7 @@ SC_INLINE scalar_t group_inverse_denominator(scalar_t denom) {
   return scalar_t(1) / (denom < tiny ? tiny : denom);
 }
 
-// The softmax backward of one entry: alpha_k (g_k - sum_{j in group} alpha_j g_j)
-// (also the GATv2 logit gradient, with dot = sum_row alpha <g, x_l>).
+// The softmax backward of one entry: alpha_k (g_k - dot), dot = sum_{j in group} alpha_j g_j.
 template <typename scalar_t>
 SC_INLINE scalar_t softmax_grad(scalar_t alpha, scalar_t grad, scalar_t dot) {
   return alpha * (grad - dot);

@@ -49,7 +49,7 @@ __all__ = ["SPEC", "EdgeSet", "gatv2_attention", "gatv2_backward", "gatv2_forwar
 
 SPEC = register_op(OpSpec(
     name="gatv2",
-    backends=("cpu", "triton", "reference"),
+    backends=("cpu", "cuda", "triton", "reference"),
     compiled="gatv2_forward",
     triton="stoichconv.ops.gatv2.triton_kernels:triton_gatv2_forward",
     compiled_backward="gatv2_backward",

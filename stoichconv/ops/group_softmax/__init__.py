@@ -43,7 +43,7 @@ __all__ = ["SPEC", "group_softmax", "register"]
 
 SPEC = register_op(OpSpec(
     name="group_softmax",
-    backends=("cpu", "triton", "reference"),
+    backends=("cpu", "cuda", "triton", "reference"),
     compiled="group_softmax",
     compiled_backward="group_softmax_backward",
     triton="stoichconv.ops.group_softmax.triton_kernels:triton_group_softmax",

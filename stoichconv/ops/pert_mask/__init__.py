@@ -51,8 +51,11 @@ trace around the ops.
 Backends (one :class:`~stoichconv.backends.OpSpec` per op: :data:`FILTER_EDGES`,
 :data:`REACTION_KEEP`, :data:`FILTER_BIPARTITE`): ``cpu`` / ``cuda`` run the
 compiled ops (``csrc/cpu/pert_mask.cpp``, ``csrc/cuda/pert_mask.cpp``),
-``triton`` (``filter_edges`` only) runs ``stoichconv::triton_filter_edges``
-(:mod:`.triton_kernels`), ``reference`` runs :mod:`stoichconv.reference.pert_mask`
+``triton`` runs ``stoichconv::triton_filter_edges`` / ``triton_reaction_keep`` /
+``triton_filter_bipartite`` (:mod:`.triton_kernels`; they take the compiled op's arguments
+plus ``validate``, which the public functions pass on: with ``validate=False`` on CUDA
+tensors no value check and no host sync beyond the output size runs), ``reference`` runs
+:mod:`stoichconv.reference.pert_mask`
 (PyG ``subgraph`` per sample and ``Batch.from_data_list``). Fake kernels:
 :mod:`.registration`.
 """
@@ -90,14 +93,16 @@ FILTER_EDGES = register_op(OpSpec(
 ))
 REACTION_KEEP = register_op(OpSpec(
     name="reaction_keep",
-    backends=("cpu", "cuda", "reference"),
+    backends=("cpu", "cuda", "triton", "reference"),
     compiled="reaction_keep",
+    triton="stoichconv.ops.pert_mask.triton_kernels:triton_reaction_keep",
     reference="stoichconv.reference.pert_mask:reaction_keep_reference",
 ))
 FILTER_BIPARTITE = register_op(OpSpec(
     name="filter_bipartite",
-    backends=("cpu", "cuda", "reference"),
+    backends=("cpu", "cuda", "triton", "reference"),
     compiled="filter_bipartite",
+    triton="stoichconv.ops.pert_mask.triton_kernels:triton_filter_bipartite",
     reference="stoichconv.reference.pert_mask:filter_bipartite_reference",
 ))
 
@@ -124,6 +129,8 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     selected = select("filter_edges", backend, pert.device)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_nodes, pert, pert_ptr, relabel=bool(relabel))
+    if selected.backend == "triton":  # no value checks of its own with validate=False on CUDA
+        return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel), bool(validate)))
     return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel)))
 
 
@@ -139,7 +146,10 @@ def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr:
     gpr_index = check_edge_index("gpr_index", gpr_index, num_genes, num_reactions, pert.device,
                                  src_name="num_genes", dst_name="num_reactions", values=validate)
     check_size_product("reaction_keep", B=pert_ptr.numel() - 1, num_reactions=num_reactions)
-    return select("reaction_keep", backend, pert.device).fn(gpr_index, num_reactions, pert, pert_ptr)
+    selected = select("reaction_keep", backend, pert.device)
+    if selected.backend == "triton":
+        return selected.fn(gpr_index, num_reactions, pert, pert_ptr, bool(validate))
+    return selected.fn(gpr_index, num_reactions, pert, pert_ptr)
 
 
 def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples: int,
@@ -165,5 +175,8 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
     selected = select("filter_bipartite", backend, device)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel=bool(relabel))
+    if selected.backend == "triton":
+        return FilteredBipartite(*selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
+                                              bool(relabel), bool(validate)))
     return FilteredBipartite(*selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
                                           bool(relabel)))

@@ -13,11 +13,11 @@ def filter_edges_fake(edge_index, num_nodes, pert, pert_ptr, relabel):
     E = edge_index.shape[1]
     n_out = torch.library.get_ctx().new_dynamic_size()
     return (
-        edge_index.new_empty(2, n_out),
-        pert_ptr.new_empty(B + 1),
+        edge_index.new_empty(2, n_out, dtype=torch.long),  # ids are int64 whatever the input width
+        edge_index.new_empty(B + 1, dtype=torch.long),
         edge_index.new_empty(B * E, dtype=torch.bool),
         edge_index.new_empty(B * num_nodes, dtype=torch.bool),
-        pert_ptr.new_empty(B + 1),
+        edge_index.new_empty(B + 1, dtype=torch.long),
     )
 
 
@@ -29,10 +29,10 @@ def filter_bipartite_fake(edge_index, num_src, num_dst, num_samples, src_keep, d
     E = edge_index.shape[1]
     n_out = torch.library.get_ctx().new_dynamic_size()
     return (
-        edge_index.new_empty(2, n_out),
-        edge_index.new_empty(num_samples + 1),
+        edge_index.new_empty(2, n_out, dtype=torch.long),
+        edge_index.new_empty(num_samples + 1, dtype=torch.long),
         edge_index.new_empty(num_samples * E, dtype=torch.bool),
-        edge_index.new_empty(n_out),
+        edge_index.new_empty(n_out, dtype=torch.long),
     )
 
 

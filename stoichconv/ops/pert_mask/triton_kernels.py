@@ -1,18 +1,31 @@
-"""Triton batched edge filter for gene deletions.
+"""Triton kernels of the pert-mask ops: the batched edge filter for gene deletions, the
+reaction keep-mask and the bipartite filter.
 
-The semantics of ``filter_edges`` are stated once, in
-:mod:`stoichconv.ops.pert_mask`; ``stoichconv::triton_filter_edges(edge_index,
-num_nodes, pert, pert, relabel)`` has the schema and outputs of the
-compiled ``stoichconv::filter_edges``: ``(edge_index_out [2, E_out] int64,
-edge_ptr [B + 1] int64, edge_keep [B*E] bool, node_keep [B*N] bool,
-node_ptr [B + 1] int64)``, ``node_ptr`` the cumulative kept-node counts in
-both layouts. It is the ``backend="triton"`` of
-:func:`stoichconv.ops.pert_mask.filter_edges`. Index values are checked here
-too (the interpreter and the GPU have no bounds protection); integer inputs
-of any width are accepted and widened to int64.
+The semantics are stated once, in :mod:`stoichconv.ops.pert_mask`. Each op has the schema
+and outputs of its compiled counterpart plus a trailing ``bool validate=True``:
 
-Kernels (one pass over the wildtype edges to count, one to write; no atomics,
-so the output is deterministic):
+* ``stoichconv::triton_filter_edges(Tensor edge_index, int num_nodes, Tensor pert,
+  Tensor pert_ptr, bool relabel, bool validate=True) -> (Tensor edge_index_out [2, E_out],
+  Tensor edge_ptr [B + 1], Tensor edge_keep [B*E], Tensor node_keep [B*N], Tensor node_ptr [B + 1])``,
+  ``node_ptr`` the cumulative kept-node counts in both layouts;
+* ``stoichconv::triton_reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert,
+  Tensor pert_ptr, bool validate=True) -> Tensor [B, num_reactions] bool``;
+* ``stoichconv::triton_filter_bipartite(Tensor edge_index, int num_src, int num_dst,
+  int num_samples, Tensor? src_keep, Tensor? dst_keep, bool relabel, bool validate=True)
+  -> (Tensor edge_index_out [2, E_out], Tensor edge_ptr [B + 1], Tensor edge_keep [B*E],
+  Tensor edge_id [E_out])``.
+
+They are the ``backend="triton"`` of the public functions of :mod:`stoichconv.ops.pert_mask`,
+which pass their own ``validate`` on. Types, shapes and devices are always checked. Index
+*values* (their host syncs) are checked when ``validate`` is True, and always on CPU tensors:
+the interpreter has no bounds protection and there the checks cost no device sync. So a
+direct ``torch.ops`` call checks values by default, and ``filter_edges(..., validate=False,
+backend="triton")`` on CUDA tensors runs no value check at all (the caller validated them;
+the one host sync left is the output size E_out of the two filters). Integer inputs of any
+width are accepted and widened to int64.
+
+Kernels of ``filter_edges`` (one pass over the wildtype edges to count, one to write; no
+atomics, so the output is deterministic):
 
 1. ``_delete_nodes_kernel``, one program per sample: stores False into
    ``node_keep`` at the sample's deleted nodes (duplicate deletions store the
@@ -26,11 +39,24 @@ so the output is deterministic):
 4. ``_edge_write_kernel``, one program per (edge block, sample): compaction
    with a within-block exclusive scan (``tl.cumsum``) of the keep flags,
    writing the (relabelled) endpoints of kept edges.
+
+``filter_bipartite`` is the same count / scan / write with a keep-mask per side
+(``_bipartite_count_kernel``, ``_bipartite_write_kernel``, which also writes ``edge_id``);
+the compacted ids of a masked side are the global ranks of its kept nodes (a ``cumsum`` of
+the flattened mask), an unmasked side is numbered ``b * N_side + v`` in both layouts.
+
+``reaction_keep`` (``_reaction_keep_kernel``) is one program per (GPR-edge block, sample):
+each edge's gene is compared with the sample's deletions in tiles of ``_BLOCK_P`` (deletions
+are few) and the edges hit store False into ``keep[b, reaction]``. Several edges may store
+that same False into one reaction: idempotent, no atomics, deterministic. Loads of ``pert``
+and stores into ``keep`` are masked to their bounds, so even unchecked values cannot reach
+outside the tensors. No host sync at all (the output size is known).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -38,9 +64,9 @@ import triton.language as tl
 from torch import Tensor
 
 from stoichconv.ops.pert_mask import registration
-from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_perturbations
+from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_keep, check_perturbations
 
-__all__ = ["triton_filter_edges"]
+__all__ = ["triton_filter_bipartite", "triton_filter_edges", "triton_reaction_keep"]
 
 _BLOCK_E = 128  # edges per program
 _BLOCK_P = 32  # deletions per loop iteration
@@ -99,24 +125,33 @@ def _edge_write_kernel(edge_index, edge_keep, offsets, new_id, out, E, N, E_out,
     tl.store(out + E_out + pos, dst, mask=wm)
 
 
-def _check_args(edge_index, num_nodes, pert, pert_ptr) -> None:
-    """The checks of the public :func:`~stoichconv.ops.pert_mask.filter_edges` (index values
-    included: the interpreter and the GPU have no bounds protection)."""
+def check_values(device: torch.device, validate: bool) -> bool:
+    """Whether a Triton pert-mask op checks index values: when asked to, and always on CPU
+    tensors (the interpreter has no bounds protection; the checks cost no device sync there)."""
+    return bool(validate) or device.type != "cuda"
+
+
+def _check_args(edge_index, num_nodes, pert, pert_ptr, values: bool = True) -> None:
+    """The checks of the public :func:`~stoichconv.ops.pert_mask.filter_edges`; index values
+    only with ``values`` (see :func:`check_values`)."""
     check_count("num_nodes", num_nodes)
-    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes)
-    check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device)
+    pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=values)
+    check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=values)
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op("stoichconv::triton_filter_edges", mutates_args=())
 def triton_filter_edges(
-    edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Tensor, relabel: bool
+    edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Tensor, relabel: bool, validate: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton batched edge filter: ``(edge_index_out, edge_ptr, edge_keep, node_keep, node_ptr)``
     (semantics in the module docstring)."""
-    _check_args(edge_index, num_nodes, pert, pert_ptr)
-    device = edge_index.device
-    # Triton launches on the current CUDA device: make it the tensors' one.
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    _check_args(edge_index, num_nodes, pert, pert_ptr, values=check_values(edge_index.device, validate))
+    with _device_guard(edge_index.device):
         return _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel)
 
 
@@ -162,4 +197,173 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
     return out, edge_ptr, edge_keep, node_keep, node_ptr
 
 
-triton_filter_edges.register_fake(registration.filter_edges_fake)
+triton_filter_edges.register_fake(
+    lambda edge_index, num_nodes, pert, pert_ptr, relabel, validate=True:
+    registration.filter_edges_fake(edge_index, num_nodes, pert, pert_ptr, relabel))
+
+
+# --------------------------------------------------------------------------
+# reaction_keep
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _reaction_keep_kernel(gpr_index, pert, pert_ptr, keep, E, P, R,
+                          BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = e < E
+    gene = tl.load(gpr_index + e, mask=m, other=-1)
+    reaction = tl.load(gpr_index + E + e, mask=m, other=0)
+    start = tl.load(pert_ptr + b)
+    end = tl.minimum(tl.load(pert_ptr + b + 1), P)
+    offs = tl.arange(0, BLOCK_P)
+    hit = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + offs
+        pm = (p < end) & (p >= 0)
+        deleted = tl.load(pert + p, mask=pm, other=-1)
+        match = (gene[:, None] == deleted[None, :]) & pm[None, :]
+        hit = tl.maximum(hit, tl.max(match.to(tl.int32), axis=1))
+    write = m & (hit != 0) & (reaction >= 0) & (reaction < R)
+    tl.store(keep + b * R + reaction, tl.zeros([BLOCK_E], dtype=keep.dtype.element_ty), mask=write)
+
+
+@torch.library.custom_op("stoichconv::triton_reaction_keep", mutates_args=())
+def triton_reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr: Tensor,
+                         validate: bool = True) -> Tensor:
+    """Triton reaction keep-mask [B, num_reactions] bool (semantics in :mod:`stoichconv.ops.pert_mask`)."""
+    check_count("num_reactions", num_reactions)
+    values = check_values(pert.device if isinstance(pert, Tensor) else torch.device("cpu"), validate)
+    pert, pert_ptr = check_perturbations(pert, pert_ptr, None, values=values)
+    gpr_index = check_edge_index("gpr_index", gpr_index, None, num_reactions, pert.device,
+                                 src_name="num_genes", dst_name="num_reactions", values=values)
+    B, E, R, P = pert_ptr.numel() - 1, gpr_index.size(1), num_reactions, pert.numel()
+    keep = torch.ones(B, R, dtype=torch.bool, device=pert.device)
+    if B * R == 0 or E == 0 or P == 0:
+        return keep
+    with _device_guard(pert.device):
+        _reaction_keep_kernel[(triton.cdiv(E, _BLOCK_E), B)](
+            gpr_index, pert, pert_ptr, keep.view(torch.uint8), E, P, R, BLOCK_E=_BLOCK_E, BLOCK_P=_BLOCK_P,
+        )
+    return keep
+
+
+triton_reaction_keep.register_fake(
+    lambda gpr_index, num_reactions, pert, pert_ptr, validate=True:
+    registration.reaction_keep_fake(gpr_index, num_reactions, pert, pert_ptr))
+
+
+# --------------------------------------------------------------------------
+# filter_bipartite
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _bipartite_count_kernel(edge_index, src_keep, dst_keep, edge_keep, counts, E, num_src, num_dst,
+                            num_blocks, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr, BLOCK_E: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = e < E
+    kept = m
+    if HAS_SRC:
+        u = tl.load(edge_index + e, mask=m, other=0)
+        kept = kept & (tl.load(src_keep + b * num_src + u, mask=m, other=0) != 0)
+    if HAS_DST:
+        v = tl.load(edge_index + E + e, mask=m, other=0)
+        kept = kept & (tl.load(dst_keep + b * num_dst + v, mask=m, other=0) != 0)
+    tl.store(edge_keep + b * E + e, kept.to(edge_keep.dtype.element_ty), mask=m)
+    tl.store(counts + b * num_blocks + blk, tl.sum(kept.to(tl.int64), axis=0))
+
+
+@triton.jit
+def _bipartite_write_kernel(edge_index, edge_keep, offsets, src_id, dst_id, out, edge_id, E, num_src, num_dst,
+                            E_out, num_blocks, SRC_RELABEL: tl.constexpr, DST_RELABEL: tl.constexpr,
+                            BLOCK_E: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    m = e < E
+    kept = tl.load(edge_keep + b * E + e, mask=m, other=0).to(tl.int64)
+    rank = tl.cumsum(kept, axis=0) - kept  # exclusive scan within the block
+    pos = tl.load(offsets + b * num_blocks + blk) + rank
+    wm = m & (kept != 0)
+    u = tl.load(edge_index + e, mask=wm, other=0)
+    v = tl.load(edge_index + E + e, mask=wm, other=0)
+    if SRC_RELABEL:
+        u = tl.load(src_id + b * num_src + u, mask=wm, other=0)
+    else:
+        u = b * num_src + u
+    if DST_RELABEL:
+        v = tl.load(dst_id + b * num_dst + v, mask=wm, other=0)
+    else:
+        v = b * num_dst + v
+    tl.store(out + pos, u, mask=wm)
+    tl.store(out + E_out + pos, v, mask=wm)
+    tl.store(edge_id + pos, e, mask=wm)
+
+
+@torch.library.custom_op("stoichconv::triton_filter_bipartite", mutates_args=())
+def triton_filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples: int,
+                            src_keep: Optional[Tensor], dst_keep: Optional[Tensor], relabel: bool,
+                            validate: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton bipartite filter: ``(edge_index_out, edge_ptr, edge_keep, edge_id)`` (semantics in
+    :mod:`stoichconv.ops.pert_mask`)."""
+    for name, value in (("num_src", num_src), ("num_dst", num_dst), ("num_samples", num_samples)):
+        check_count(name, value)
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"`edge_index` must be a torch.Tensor, got {type(edge_index).__name__}")
+    device = edge_index.device
+    edge_index = check_edge_index("edge_index", edge_index, num_src, num_dst, device, src_name="num_src",
+                                  dst_name="num_dst", values=check_values(device, validate))
+    src_keep = check_keep("src_keep", src_keep, num_samples, num_src, device)
+    dst_keep = check_keep("dst_keep", dst_keep, num_samples, num_dst, device)
+    with _device_guard(device):
+        return _filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel)
+
+
+def _global_ranks(keep: Tensor) -> Tensor:
+    """Compacted ids [B * N]: the rank of each kept node among all kept nodes in sample-major
+    order (the PyG collate numbering); removed nodes are never read."""
+    return torch.cumsum(keep.reshape(-1).to(torch.int64), 0) - 1
+
+
+def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel):
+    device = edge_index.device
+    E = edge_index.size(1)
+    edge_keep = torch.zeros(B * E, dtype=torch.bool, device=device)
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    num_blocks = triton.cdiv(E, _BLOCK_E)
+    if B == 0 or num_blocks == 0:
+        return (edge_index.new_empty(2, 0), torch.zeros(B + 1, dtype=torch.int64, device=device), edge_keep,
+                edge_index.new_empty(0))
+    counts = torch.empty(B * num_blocks, dtype=torch.int64, device=device)
+    src_bytes = src_keep.view(torch.uint8) if src_keep is not None else counts
+    dst_bytes = dst_keep.view(torch.uint8) if dst_keep is not None else counts
+    _bipartite_count_kernel[(num_blocks, B)](
+        edge_index, src_bytes, dst_bytes, edge_keep.view(torch.uint8), counts, E, num_src, num_dst, num_blocks,
+        HAS_SRC=src_keep is not None, HAS_DST=dst_keep is not None, BLOCK_E=_BLOCK_E,
+    )
+    inclusive = torch.cumsum(counts, 0)
+    offsets = inclusive - counts
+    edge_ptr = torch.cat([zero, inclusive.view(B, num_blocks)[:, -1]])
+    E_out = int(edge_ptr[-1])  # the one host sync: the output size
+    out = torch.empty(2, E_out, dtype=torch.int64, device=device)
+    edge_id = torch.empty(E_out, dtype=torch.int64, device=device)
+    if E_out > 0:
+        src_relabel = bool(relabel) and src_keep is not None
+        dst_relabel = bool(relabel) and dst_keep is not None
+        _bipartite_write_kernel[(num_blocks, B)](
+            edge_index, edge_keep.view(torch.uint8), offsets,
+            _global_ranks(src_keep) if src_relabel else zero, _global_ranks(dst_keep) if dst_relabel else zero,
+            out, edge_id, E, num_src, num_dst, E_out, num_blocks,
+            SRC_RELABEL=src_relabel, DST_RELABEL=dst_relabel, BLOCK_E=_BLOCK_E,
+        )
+    return out, edge_ptr, edge_keep, edge_id
+
+
+triton_filter_bipartite.register_fake(
+    lambda edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel, validate=True:
+    registration.filter_bipartite_fake(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel))

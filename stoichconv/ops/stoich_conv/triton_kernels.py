@@ -9,6 +9,10 @@ that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv.cpp``:
   ``dst[b, r, h, :] = init[b, r, h, :] + row_norm(b, r) * sum_{j in CSR row r}
   coef(b, k_j, h) * src[b, other(k_j), h, :]`` with
   ``coef = w[b, k, h] * kept(b, k) * (coef_norm[b', idx(k)] or 1)``.
+  Masked incidences are skipped, not multiplied by 0 (their ``w`` and ``src`` rows are
+  not loaded), and a row whose degree norm is 0 writes exactly 0 (a select, not
+  ``acc * 0``), so an inf/NaN in a masked or zero-degree row never becomes NaN: the
+  CPU and CUDA kernels' and the reference's behaviour.
   In the forward the row's degree norm (``edge_norm`` in stage 1 over the
   reaction CSR, ``node_norm`` in stage 2 over the metabolite CSR: ``1 / sum``
   of ``|s_k|`` over the row's kept incidences, 0 for an empty or fully masked
@@ -107,26 +111,29 @@ def _segment_reduce_kernel(
         m = j < end
         k = tl.load(perm + j, mask=m, other=0)
         other = tl.load(other_index + k, mask=m, other=0)
-        m2 = m[:, None] & hcmask[None, :]
-        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
+        # Masked incidences (and, with a coefficient norm, those whose norm is 0) are skipped,
+        # never multiplied by 0: their rows are not even loaded, so an inf/NaN there cannot
+        # leak into the sum (as in the CPU and CUDA kernels).
+        on = m
         if HAS_KEEP:
             e = tl.load(reaction_index + k, mask=m, other=0)
-            kept = tl.load(keep + b * M + e, mask=m, other=0)
-            coef = tl.where(kept[:, None] != 0, coef, 0.0)
+            on = on & (tl.load(keep + b * M + e, mask=m, other=0) != 0)
         if ROW_NORM:
-            a = tl.load(abs_stoich + k, mask=m, other=0.0)
-            if HAS_KEEP:
-                a = tl.where(kept != 0, a, 0.0)
-            deg += a
+            deg += tl.load(abs_stoich + k, mask=on, other=0.0)
         if HAS_COEF_NORM:
-            ci = tl.load(coef_norm_index + k, mask=m, other=0)
-            coef = coef * tl.load(coef_norm + nb * coef_norm_len + ci, mask=m, other=0.0)[:, None]
+            ci = tl.load(coef_norm_index + k, mask=on, other=0)
+            cn = tl.load(coef_norm + nb * coef_norm_len + ci, mask=on, other=0.0)
+            on = on & (cn != 0)
+        m2 = on[:, None] & hcmask[None, :]
+        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
+        if HAS_COEF_NORM:
+            coef = coef * cn[:, None]
         vals = tl.load(src + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0)
         acc += tl.sum(coef * vals, axis=0)
     if ROW_NORM:
         total = tl.sum(deg, axis=0)
         norm = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
-        acc = acc * norm
+        acc = tl.where(total > 0, acc * norm, 0.0)  # a zero-degree row is skipped: exactly 0
         tl.store(row_norm + nb * rows + r, norm, mask=(tb == 0) & (nb == b))
     out_off = (b * rows + r) * HC + hc
     if HAS_INIT:
@@ -155,22 +162,26 @@ def _weight_grad_kernel(
     e = tl.load(reaction_index + k, mask=m, other=0)
     v_row = ((b * N + v) * H + h) * C
     e_row = ((b * M + e) * H + h) * C
+    ld = m  # the incidences whose rows are read (a masked one's are not)
+    if HAS_KEEP:
+        kept = tl.load(keep + b * M + e, mask=m, other=0)
+        ld = ld & (kept != 0)
     dot_gh = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
     dot_ry = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        m2 = m[:, None] & (c < C)[None, :]
+        m2 = ld[:, None] & (c < C)[None, :]
         g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0)
         hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0)
         rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0)
         yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0)
         dot_gh += tl.sum(g * hd, axis=1)
         dot_ry += tl.sum(rg * yy, axis=1)
-    dn = tl.load(node_norm + nb * N + v, mask=m, other=0.0)
-    en = tl.load(edge_norm + nb * M + e, mask=m, other=0.0)
-    gw = dn * dot_gh + en * dot_ry
+    dn = tl.load(node_norm + nb * N + v, mask=ld, other=0.0)
+    en = tl.load(edge_norm + nb * M + e, mask=ld, other=0.0)
+    # skip (select, never multiply by 0) the terms of zero-degree rows and masked incidences
+    gw = tl.where(dn != 0, dn * dot_gh, 0.0) + tl.where(en != 0, en * dot_ry, 0.0)
     if HAS_KEEP:
-        kept = tl.load(keep + b * M + e, mask=m, other=0)
         gw = tl.where(kept != 0, gw, 0.0)
     tl.store(grad_weight + (b * nnz + k) * H + h, gw, mask=m)
 
@@ -208,9 +219,10 @@ def _degree_norm_torch(ptr, perm, abs_stoich, ri, keep, Bn, rows) -> Tensor:
     """Degree norms [Bn, rows] in torch, only for the degenerate launches
     (B = 0 or H * C = 0) where no kernel program runs."""
     row_of = torch.repeat_interleave(torch.arange(rows, device=ptr.device), ptr.diff())
-    a = abs_stoich[perm].expand(Bn, -1)
+    nnz = perm.numel()
+    a = abs_stoich.index_select(0, perm).view(1, nnz).expand(Bn, nnz)
     if keep is not None:
-        a = a * keep.bool()[:, ri[perm]]
+        a = a * keep.bool().index_select(1, ri.index_select(0, perm))
     total = torch.zeros(Bn, rows, dtype=abs_stoich.dtype, device=ptr.device).index_add_(1, row_of, a)
     return torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
 

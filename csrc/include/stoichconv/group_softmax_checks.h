@@ -1,0 +1,82 @@
+// Argument checks of the grouped softmax (semantics: stoichconv.ops.group_softmax
+// docstring) for its CUDA launcher (csrc/cuda/group_softmax.cpp), written to
+// give the errors of the CPU launcher (csrc/cpu/group_softmax.cpp) word for
+// word, the device named ("CPU" there, "CUDA" here): the structural checks
+// below, then the value checks, which for CUDA tensors run on the device
+// (launch_validate_groups) and report the first bad value through the same
+// host functions (check_row_pointer of csr_checks.h, check_group_perm_values).
+// The CPU launcher can call these too, to keep one copy of every message.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "stoichconv/csr_checks.h"
+
+namespace stoichconv {
+
+inline const char* device_type_name(at::DeviceType type) {
+  return type == at::kCUDA ? "CUDA" : "CPU";
+}
+
+inline bool on_device_of(const at::Tensor& t, const at::Tensor& like, at::DeviceType type) {
+  return t.device().type() == type && t.device() == like.device();
+}
+
+// values (logits or alpha) [B, nnz, H] float32/float64, group_ptr [G + 1] and
+// group_perm [nnz] 1-D int64, all on `type` (one device).
+inline void check_group_structure(const char* op, const at::Tensor& values,
+                                  const at::Tensor& group_ptr, const at::Tensor& group_perm,
+                                  at::DeviceType type) {
+  const char* dev = device_type_name(type);
+  TORCH_CHECK(values.device().type() == type, op, ": tensors must be on ",
+              type == at::kCUDA ? "a CUDA device" : "the CPU");
+  TORCH_CHECK(values.dim() == 3, op, ": `logits` must be [B, nnz, H], got ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble, op,
+              ": float32 or float64 expected, got ", values.scalar_type());
+  for (const auto* t : {&group_ptr, &group_perm})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && on_device_of(*t, values, type),
+                op, ": `group_ptr` and `group_perm` must be 1-D int64 ", dev, " tensors",
+                type == at::kCUDA ? " on the device of `logits`" : "");
+  const int64_t nnz = values.size(1), G = group_ptr.size(0) - 1;
+  TORCH_CHECK(G >= 0, op, ": `group_ptr` must have length num_groups + 1 >= 1");
+  TORCH_CHECK(group_perm.size(0) == nnz, op, ": `group_perm` must have length nnz = ", nnz,
+              ", got ", group_perm.size(0));
+}
+
+// group_perm q [n] (host) must hold ids in [0, nnz), none twice (n = nnz: a
+// permutation).  The CPU launcher's loop; the CUDA launcher calls it on the
+// first bad entry found on the device (and, for a repeat, its id twice).
+inline void check_group_perm_values(const char* op, const int64_t* q, int64_t n, int64_t nnz) {
+  std::vector<char> seen(static_cast<size_t>(nnz), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK(q[j] >= 0 && q[j] < nnz, op, ": `group_perm` has id ", q[j], " outside [0, ", nnz,
+                ")");
+    TORCH_CHECK(!seen[q[j]], op, ": `group_perm` must be a permutation of [0, nnz); id ", q[j],
+                " repeats");
+    seen[q[j]] = 1;
+  }
+}
+
+// kept: an optional bool [B, nnz] on the device of the logits.
+inline void check_group_kept(const char* op, const std::optional<at::Tensor>& kept,
+                             const at::Tensor& logits, at::DeviceType type) {
+  if (!kept.has_value()) return;
+  const int64_t B = logits.size(0), nnz = logits.size(1);
+  TORCH_CHECK(kept->scalar_type() == at::kBool && on_device_of(*kept, logits, type), op,
+              ": `kept` must be a bool ", device_type_name(type), " tensor",
+              type == at::kCUDA ? " on the device of `logits`" : "");
+  TORCH_CHECK(kept->dim() == 2 && kept->size(0) == B && kept->size(1) == nnz, op,
+              ": `kept` must be [B, nnz] = [", B, ", ", nnz, "], got ", kept->sizes());
+}
+
+// The backward's grad against alpha.
+inline void check_group_grad(const char* op, const at::Tensor& grad, const at::Tensor& alpha) {
+  TORCH_CHECK(grad.sizes() == alpha.sizes() && grad.scalar_type() == alpha.scalar_type() &&
+                  grad.device() == alpha.device(),
+              op, ": `grad` must match `alpha` in shape, dtype and device");
+}
+
+}  // namespace stoichconv
