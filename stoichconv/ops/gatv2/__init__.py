@@ -23,8 +23,9 @@ pushed through the leaky ReLU (pre-activations recomputed, never stored).
 
 :func:`gatv2_attention` is the differentiable op on an
 :class:`~stoichconv.types.EdgeSet` (``src``, ``dst``, ``crow``), used by the fast
-HeteroCell. Backends (:data:`SPEC`): ``cpu`` runs the two compiled ops
-(``csrc/cpu/gatv2.cpp``), deterministic for any thread count (every output row
+HeteroCell. Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the two compiled ops
+(``csrc/cpu/gatv2.cpp``, ``csrc/cuda/gatv2.cpp``; on CUDA a team of threads owns each
+(row, head), the groupings by a stable sort), deterministic for any thread count (every output row
 written by one thread, sums in a fixed order, ``grad_att`` summed over fixed
 blocks of source rows; no atomics); ``triton`` runs
 ``stoichconv::triton_gatv2_forward`` / ``_backward`` (:mod:`.triton_kernels`, the same
@@ -32,8 +33,7 @@ row-owned structure, the per-source and per-destination groupings by a stable so
 launcher); ``reference`` runs the edge-chunked pure-PyTorch forward and backward of
 :func:`stoichconv.reference.gatv2.gatv2_attention_reference`. Both kernel backends go
 through one autograd function (``_CompiledGATv2``, given the backend's forward and backward
-ops). There is no CUDA kernel yet: on GPUs ``"auto"`` runs the Triton one where triton is
-installed, else the reference.
+ops).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ a :class:`~stoichconv.ops.StoichPlan` holds both orderings), and an optional
 
 The backward is ``dL/dl_k = alpha_k (g_k - sum_{j in g} alpha_j g_j)``.
 
-Backends (:data:`SPEC`): ``cpu`` runs the compiled ``stoichconv::group_softmax``
-(and its ``_backward``, ``csrc/cpu/group_softmax.cpp``): one task per (sample,
-group), sums in the CSR order, so results are bit-identical for any thread
+Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the compiled ``stoichconv::group_softmax``
+(and its ``_backward``, ``csrc/cpu/group_softmax.cpp``, ``csrc/cuda/group_softmax.cpp``):
+one task (on CUDA a team of threads) per (sample, group), sums in the CSR order, so results are bit-identical for any thread
 count (no atomics). ``reference`` runs
 :func:`stoichconv.reference.group_softmax.group_softmax_reference`, scatter and
 index ops on any device. ``triton`` runs ``stoichconv::triton_group_softmax`` (and its
