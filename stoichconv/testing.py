@@ -25,7 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -40,6 +39,7 @@ __all__ = [
     "SpecTestVector",
     "assert_close",
     "INTERPRETED",
+    "is_interpreted",
     "ROUNDINGS",
     "backend_cases",
     "backend_devices",
@@ -297,6 +297,11 @@ def backend_params(op: str, *, reference: bool = False, devices: Sequence[str] =
 
 
 INTERPRETED = "triton-cpu"  # the id of the one param that runs kernels through the Triton interpreter
+
+
+def is_interpreted(backend: str, device) -> bool:
+    """Whether ``backend`` on ``device`` runs through the Triton interpreter (size tests for it)."""
+    return backend == "triton" and torch.device(device).type == "cpu"
 
 
 def _value_id(value) -> str:

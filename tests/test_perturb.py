@@ -6,17 +6,13 @@ import pytest
 import torch
 from torch_geometric.data import HeteroData
 
-from stoichconv._extension import has_compiled_kernels
 from stoichconv.data import load_cell_graph, random_perturbations
+from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REGULATORY
 from stoichconv.ops.stoich_conv import build_stoich_plan, stoich_propagate
 from stoichconv.perturb import perturb_batch
 from stoichconv.reference.perturb import perturb_batch_reference
+from stoichconv.testing import random_cell_graph, random_deletions
 
-PHYSICAL = ("gene", "physical_interaction", "gene")
-REGULATORY = ("gene", "regulatory_interaction", "gene")
-GPR = ("gene", "gpr", "reaction")
-METABOLISM = ("metabolite", "reaction", "metabolite")
-NODE_TYPES = ("gene", "reaction", "metabolite")
 NODE_FIELDS = ("num_nodes", "n_id", "batch", "ptr", "node_keep")
 EDGE_FIELDS = ("edge_index", "edge_ptr", "edge_keep")
 INCIDENCE_FIELDS = ("hyperedge_index", "stoichiometry", "num_edges", "edge_ptr", "edge_keep")
@@ -25,45 +21,16 @@ INCIDENCE_FIELDS = ("hyperedge_index", "stoichiometry", "num_edges", "edge_ptr",
 # --------------------------------------------------------------------------- inputs
 
 
-def small_cell_graph(seed: int, num_genes=40, num_reactions=25, num_metabolites=30) -> HeteroData:
-    """A random cell graph with self-loops, multi-edges, isolated genes, reactions
-    without genes, reactions with several genes and metabolites without incidences."""
-    g = torch.Generator().manual_seed(seed)
-    data = HeteroData()
-    data["gene"].num_nodes = num_genes
-    data["reaction"].num_nodes = num_reactions
-    data["metabolite"].num_nodes = num_metabolites
-    phys = torch.randint(num_genes - 4, (2, 120), generator=g)  # genes >= N-4 isolated
-    phys[1, :5] = phys[0, :5]  # self-loops
-    phys[:, 5] = phys[:, 6]  # multi-edge
-    data[PHYSICAL].edge_index = phys
-    data[REGULATORY].edge_index = torch.randint(num_genes, (2, 60), generator=g)
-    gpr = torch.stack([torch.randint(num_genes, (40,), generator=g),
-                       torch.randint(num_reactions - 3, (40,), generator=g)])  # last 3 reactions: no gene
-    data[GPR].edge_index = torch.cat([gpr, torch.tensor([[1, 2], [0, 0]])], dim=1)  # reaction 0 has genes 1, 2
-    inc = torch.stack([torch.randint(num_metabolites - 2, (90,), generator=g),
-                       torch.randint(num_reactions, (90,), generator=g)])
-    data[METABOLISM].hyperedge_index = inc
-    data[METABOLISM].stoichiometry = torch.randn(90, generator=g)
-    data[METABOLISM].num_edges = num_reactions
-    return data
-
-
 def deletions(num_genes: int, batch_size: int, seed: int, all_genes_of=None):
-    """Sizes 0..5, ids with replacement, unsorted; sample 0 deletes a gene twice and,
-    when given, every gene of the reaction ``all_genes_of = (gene ids)``."""
-    g = torch.Generator().manual_seed(seed)
-    sets = []
-    for b in range(batch_size):
-        ids = torch.randint(num_genes, (int(torch.randint(6, (1,), generator=g)),), generator=g)
-        sets.append(ids)
-    if batch_size > 0:
-        first = torch.randint(num_genes, (1,), generator=g)
-        extra = torch.as_tensor(all_genes_of if all_genes_of is not None else [], dtype=torch.long)
-        sets[0] = torch.cat([first, extra, first])
-    sizes = torch.tensor([len(s) for s in sets], dtype=torch.long)
-    pert = torch.cat(sets) if sets else torch.empty(0, dtype=torch.long)
-    return pert, torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    """The toolkit's deletion batch (sizes 0..5, unsorted; sample 0 deletes a gene twice, sample
+    1 nothing when B >= 3) with, when given, every gene of one reaction (``all_genes_of``) also
+    deleted in sample 0."""
+    pert, ptr = random_deletions(num_genes, batch_size, seed)
+    if batch_size > 0 and all_genes_of is not None:
+        extra = torch.as_tensor(all_genes_of, dtype=torch.long)
+        pert = torch.cat([pert[: ptr[1]], extra, pert[ptr[1]:]])
+        ptr = torch.cat([ptr[:1], ptr[1:] + extra.numel()])
+    return pert, ptr
 
 
 def _equal(a, b):
@@ -128,7 +95,7 @@ def assert_full_layout(full, ref, cell_graph):
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_both_layouts_match_reference_small(batch_size, seed):
-    graph = small_cell_graph(seed)
+    graph = random_cell_graph(seed)
     pert, ptr = deletions(40, batch_size, seed + 10, all_genes_of=[1, 2])
     ref = perturb_batch_reference(graph, pert, ptr)
     compacted = perturb_batch(graph, pert, ptr, layout="compacted")
@@ -141,7 +108,7 @@ def test_both_layouts_match_reference_small(batch_size, seed):
 
 
 def test_reaction_row_offset_by_reaction_counts():
-    graph = small_cell_graph(3)
+    graph = random_cell_graph(3)
     pert, ptr = deletions(40, 4, 3, all_genes_of=[1, 2])
     out = perturb_batch(graph, pert, ptr)
     inc = out[METABOLISM]
@@ -155,9 +122,7 @@ def test_reaction_row_offset_by_reaction_counts():
 
 @pytest.mark.parametrize("layout", ["compacted", "full"])
 def test_reference_backend_matches_compiled(layout):
-    if not has_compiled_kernels():
-        pytest.skip("stoichconv._C not built")
-    graph = small_cell_graph(4)
+    graph = random_cell_graph(4)
     pert, ptr = deletions(40, 5, 4)
     a = perturb_batch(graph, pert, ptr, layout=layout, backend="cpu")
     b = perturb_batch(graph, pert, ptr, layout=layout, backend="reference")
@@ -166,7 +131,7 @@ def test_reference_backend_matches_compiled(layout):
 
 @pytest.mark.parametrize("layout", ["compacted", "full"])
 def test_empty_batch_and_empty_sets(layout):
-    graph = small_cell_graph(5)
+    graph = random_cell_graph(5)
     out = perturb_batch(graph, torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.long), layout=layout)
     assert out.num_samples == 0 and out.reaction_keep.shape == (0, 25)
     for t in NODE_TYPES:
@@ -183,7 +148,7 @@ def test_empty_batch_and_empty_sets(layout):
 
 
 def test_perturb_batch_bad_input():
-    graph = small_cell_graph(6)
+    graph = random_cell_graph(6)
     pert, ptr = torch.tensor([3]), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="`layout` must be one of"):
         perturb_batch(graph, pert, ptr, layout="dense")
@@ -195,14 +160,14 @@ def test_perturb_batch_bad_input():
         perturb_batch(graph, pert, torch.tensor([1, 1]))
     with pytest.raises(TypeError, match="`pert` must hold integer indices"):
         perturb_batch(graph, pert.float(), ptr)
-    broken = small_cell_graph(6)
+    broken = random_cell_graph(6)
     broken[GPR].edge_index = broken[GPR].edge_index.clone()
     broken[GPR].edge_index[1, 0] = 25
     with pytest.raises(ValueError, match=r"`cell_graph\[\('gene', 'gpr', 'reaction'\)\].edge_index\[1\]` has id 25 >= num_reactions = 25"):
         perturb_batch(broken, pert, ptr)
-    if has_compiled_kernels():  # without the Python value checks the kernel still refuses
-        with pytest.raises(RuntimeError, match="has id 25 outside"):
-            perturb_batch(broken, pert, ptr, backend="cpu", validate_graph=False)
+    # without the Python value checks the kernel still refuses
+    with pytest.raises(RuntimeError, match="has id 25 outside"):
+        perturb_batch(broken, pert, ptr, backend="cpu", validate_graph=False)
 
 
 # --------------------------------------------------------------------------- real cell graph

@@ -20,7 +20,7 @@ Tier 1 (budget 6 minutes from a bare machine, build included; hard deadline 560 
    ``build/gpu-check-build.json`` records a build of the same sources for this torch and the
    extension imports with its CUDA kernels (a rerun on a warm machine);
 3. ``gpu_tests`` (``pytest tests/gpu``: real-size CUDA/Triton checks) and ``kernel_tests``
-   (``pytest tests -m cuda --ignore=tests/gpu``, with ``-n 4`` where pytest-xdist is installed),
+   (``pytest tests -m cuda --ignore=tests/gpu``, with ``-n 6`` where pytest-xdist is installed),
    run concurrently;
 4. ``bench``: ``benchmarks/gpu_bench.py --quick``; its table is printed last.
 
@@ -42,7 +42,8 @@ same folder as ``.tmp-*`` files (at most 5 at once, removed when merged). The dr
 Dry run (``DRY_RUN=1`` or ``--dry-run``; no GPU needed, < 30 s): checks that the scripts parse
 (``bash -n``, byte-compiling), that every path a step names exists, collects every pytest step
 (in this process, ``--collect-only``) and fails a step that selects no test, builds and calls
-every benchmark case on the CPU (``gpu_bench.dry_run``), and prints the plan with an estimate per
+every benchmark case on the CPU (``gpu_bench.py --dry-run``, in a second process while the
+collections run), and prints the plan with an estimate per
 step and per tier; it fails when a tier's estimate exceeds its budget.
 
 Estimates: seconds on the lent machine from the counts collected here (constants below). They
@@ -77,8 +78,8 @@ DEADLINE_S = {1: 560, 2: 330}
 TIER_NAMES = {1: "make gpu-check", 2: "make gpu-sanitize"}
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 STEP_LOG_HEAD, STEP_LOG_TAIL = 1 * 2**20, 3 * 2**20
-XDIST_WORKERS = 4
-XDIST_EFFICIENCY = 0.75  # 4 workers on one GPU and 8 cores do not give 4x
+XDIST_WORKERS = 6
+XDIST_EFFICIENCY = 0.7  # 6 workers on one GPU sharing 8 of the 16 cores with gpu_tests do not give 6x
 BUILD_ESTIMATE_S = 170  # the CUDA extension for sm_90 only at MAX_JOBS=16: ~2-3 min (recorded)
 SANITIZER_REFUSED = re.compile(r"device not supported|not supported on this|unsupported (device|gpu)|"
                                r"no supported device|is not supported", re.IGNORECASE)
@@ -126,7 +127,7 @@ STEPS = [
     # Triton compiles and start-up
     Step("kernel_tests", 1, "pytest", "the CUDA/Triton unit tests (-m cuda) outside tests/gpu",
          pytest_args=("tests", "-m", "cuda", "--ignore=tests/gpu"), group="tests", base_s=40, per_test_s=0.25,
-         cap_s=240, threads=2, xdist=True),
+         cap_s=240, threads=1, xdist=True),
     Step("bench", 1, "bench", "benchmarks/gpu_bench.py --quick (table printed last)", cap_s=120),
     Step("env", 2, "env", "report Python/torch/GPU/compute-sanitizer; fail without a GPU", base_s=10, cap_s=60),
     Step("probe", 2, "probe", "compute-sanitizer present and accepting the device (else: skipped, reported)",
@@ -253,7 +254,8 @@ class Proc:
         self.start = time.monotonic()
         self.timed_out = False
         self.file = open(log_path, "ab")
-        self.file.write(("$ " + " ".join(self.cmd) + "\n").encode())
+        shown = [c if len(c) <= 160 else c[:60].replace("\n", " ") + " ..." for c in self.cmd]
+        self.file.write(("$ " + " ".join(shown) + "\n").encode())
         self.file.flush()
         self.popen = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self.file, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
@@ -429,6 +431,9 @@ def build(py: str, env: dict, log_path: Path, cap_s: float) -> tuple:
         scratch_env = dict(env, PYTHONPATH=env.get("PYTHONPATH", ""))
         proc_cmd = ["bash", "-c", f"cd {scratch} && {py} setup.py build_ext --inplace"]
         rc, timed_out = run_cmd(proc_cmd, log_path, scratch_env, deadline - time.monotonic())
+        for name in ("csrc", "stoichconv"):  # the links only, never what they point to
+            (scratch / name).unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
         note = "pip install -e . failed; built with setup.py build_ext --inplace"
     if rc == 0:
         rc, timed_out = run_cmd([py, "-c", CHECK_BUILD], log_path, env, max(deadline - time.monotonic(), 30))
@@ -556,8 +561,8 @@ def real_run(tier: int, py: str, out: Out) -> int:
         notes = []
         if info.get("setuptools") and int(info["setuptools"].split(".")[0]) < 77:
             notes.append(f"setuptools {info['setuptools']} < 77: pip install -e may fail on pyproject; fallback build")
-        if not info.get("pytest-xdist"):
-            notes.append("pytest-xdist missing: kernel_tests run serially (estimate assumes -n 4)")
+        if tier == 1 and not info.get("pytest-xdist"):
+            notes.append(f"pytest-xdist missing: kernel_tests run serially (estimate assumes -n {XDIST_WORKERS})")
         if not info.get("triton"):
             notes.append("triton missing: the Triton cases fail")
         if not info.get("torch"):
@@ -714,6 +719,8 @@ def real_run(tier: int, py: str, out: Out) -> int:
             records[step.name]["started_at_s"] = round(time.monotonic() - started, 1)
             if step.group:
                 group = [s for s in steps[i:] if s.group == step.group]
+                for s in group:
+                    records[s.name]["started_at_s"] = records[step.name]["started_at_s"]
                 run_pytest_group(group)
                 i += len(group)
                 continue
@@ -780,14 +787,6 @@ def collect(args) -> tuple:
     return collector.items, errors, int(rc)
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("_gpu_check_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def dry_run(tiers, out_dir: Path, py: str) -> int:
     start = time.monotonic()
     problems = []
@@ -804,6 +803,15 @@ def dry_run(tiers, out_dir: Path, py: str) -> int:
             compile(path.read_text(), str(path), "exec")
         except SyntaxError as error:
             problems.append(f"{path.relative_to(ROOT)} does not compile: {error}")
+    # the benchmark's dry run in a second process, concurrently with the collections below
+    bench_json = out_dir / ".tmp-bench-dry-run.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench_proc = None
+    if any(s.kind == "bench" for t in tiers for s in tier_steps(t)) and (ROOT / "benchmarks" / "gpu_bench.py").exists():
+        bench_proc = subprocess.Popen([py, str(ROOT / "benchmarks" / "gpu_bench.py"), "--dry-run", "--quick", "--json",
+                                       str(bench_json)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                          [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))))
     # 2. this Python
     import torch
 
@@ -836,8 +844,19 @@ def dry_run(tiers, out_dir: Path, py: str) -> int:
                     problems.append("benchmarks/gpu_bench.py is missing")
                     est = 0.0
                 else:
-                    bench = _load_bench()
-                    result = bench.dry_run(quick=True)
+                    if bench_proc is not None and bench_proc.returncode is None:
+                        try:
+                            bench_out, _ = bench_proc.communicate(timeout=240)
+                        except subprocess.TimeoutExpired:
+                            bench_proc.kill()
+                            bench_out, _ = bench_proc.communicate()
+                        bench_result = json.loads(bench_json.read_text()) if bench_json.exists() else {
+                            "rows": [], "checked": [], "estimate_s": 0.0,
+                            "problems": [f"gpu_bench.py --dry-run failed (rc {bench_proc.returncode}): "
+                                         f"{(bench_out or '').strip().splitlines()[-3:]}"]}
+                        with contextlib.suppress(FileNotFoundError):
+                            bench_json.unlink()
+                    result = bench_result
                     est = float(result["estimate_s"])
                     entry.update(command="benchmarks/gpu_bench.py --quick", selected=len(result["rows"]),
                                  cases_checked=len(result["checked"]), bench_problems=result["problems"],

@@ -19,7 +19,8 @@ before it, model and graph already loaded), with that step's wall and CPU second
 ``step_cpu_s``: the CPU time does not grow when other processes share the cores). At B = 32 the reference may not fit in memory: its
 step is first run in a subprocess watched by this process, stopped when its RSS reaches 85% of
 the memory available at the start; a reference that does not fit gets no timed row, and the fast
-row of its group records how far it got (``reference_peak_rss_mb``, e.g. ``">19000 (stopped)"``).
+row of its group records how far it got (``reference_peak_rss_mb``, e.g. ``">19000 (stopped)"``);
+when the 2-head reference does not fit, the 10-head one (which needs more) is not tried.
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def cases(args) -> list:
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
     wanted = set(getattr(args, "backends", None) or [REFERENCE, fast_backend])
     groups = [(B, 2) for B in batches if B != LARGE_BATCH]
-    groups += [(LARGE_BATCH, heads) for heads in LARGE_BATCH_HEADS]
-    out = []
+    groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
+    out, too_big = [], None
     for B, heads in groups:
         config = f"C={hidden},L={LAYERS},H={heads}"
 
@@ -196,8 +197,14 @@ def cases(args) -> list:
 
         reference_extra = None
         if B == LARGE_BATCH and device.type != "cuda":
-            # probe first: the reference may not fit, and a timed row runs in this process
-            reference_extra = measure(REFERENCE)
+            # probe first: the reference may not fit, and a timed row runs in this process; more
+            # heads need more memory, so one that did not fit stops the probes of larger ones
+            if too_big is not None:
+                reference_extra = {"peak_rss_mb": f"not run (H={too_big} did not fit)", "fits": False}
+            else:
+                reference_extra = measure(REFERENCE)
+                if reference_extra.get("fits") is False:
+                    too_big = heads
         ref_setup = _setup("reference", B, hidden, device, heads=heads)
         state = {k: v.clone() for k, v in ref_setup[1].state_dict().items()}
         note = {}

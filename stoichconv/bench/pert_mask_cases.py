@@ -3,7 +3,8 @@ physical gene-gene relation and ``perturb_batch`` on the whole cell graph,
 1-3 deletions per sample. Rows:
 
 * ``reference``: the per-sample pipeline the seed used (PyG ``subgraph`` per
-  sample, then collation; :mod:`stoichconv.reference.perturb`);
+  sample, then collation; :mod:`stoichconv.reference.pert_mask` and
+  :mod:`stoichconv.reference.perturb`, the baselines the tests compare against);
 * ``padded-table``: the seed's later vectorised mask from a padded gene ->
   incident-edge table (:mod:`stoichconv.reference.padded_mask`; the table is
   built once per graph, outside the timing);
@@ -18,6 +19,7 @@ import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
 from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REGULATORY
+from stoichconv.testing import random_perturbations
 
 RELATIONS = (PHYSICAL, REGULATORY, GPR)
 
@@ -31,10 +33,11 @@ def batch_tensors(batch) -> tuple:
 
 def cases(args) -> list:
     from stoichconv.backends import available_backends
-    from stoichconv.data import load_cell_graph, random_perturbations
+    from stoichconv.data import load_cell_graph
     from stoichconv.perturb import filter_edges, perturb_batch
     from stoichconv.reference.padded_mask import PaddedIncidenceTable, PaddedPerturber, filter_edges_padded
-    from stoichconv.reference.perturb import filter_edges_reference, perturb_batch_reference
+    from stoichconv.reference.pert_mask import filter_edges_reference
+    from stoichconv.reference.perturb import perturb_batch_reference
 
     device = torch.device(args.device)
     graph = load_cell_graph(seed=0)

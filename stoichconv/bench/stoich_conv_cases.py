@@ -3,8 +3,9 @@
 Each row times one forward + backward (w.r.t. the input and every parameter)
 of a StoichHypergraphConv on a perturbation batch of B samples:
 
-* ``reference``: the seed's PyG layer (``stoichconv.reference``) on the
-  compacted block-diagonal batch (what the original model ran);
+* ``reference``: the seed's PyG layer (``stoichconv.reference``, the one the tests compare
+  against) on the compacted block-diagonal batch (what the original model ran; compaction by
+  :func:`stoichconv.testing.compact_metabolic_batch`, the tests' helper);
 * ``torch.sparse`` (plain config only): what a user would write with
   ``torch.sparse`` CSR SpMM: ``D S B Sᵀ X Θ + b`` as two block-diagonal CSR products;
 * ``cpu`` / ``cuda`` / ``triton``: the drop-in layer (``stoichconv.nn``) on the
@@ -20,6 +21,7 @@ from functools import partial
 import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
+from stoichconv.testing import compact_metabolic_batch, random_perturbations
 
 CONFIGS = {
     "plain": dict(is_stoich_gated=False, use_attention=False, heads=1),
@@ -46,22 +48,8 @@ class MetabolicBatch:
         return self.x.size(0)
 
 
-def compact_metabolic_batch(edge_index, stoich, reaction_keep, num_metabolites):
-    """Block-diagonal compaction of the shared-topology batch: sample b's kept
-    incidences, metabolites offset by b·N, reactions renumbered by the kept
-    reaction counts (the spec's collation fix). Returns (edge_index, stoich,
-    kept reaction wildtype ids)."""
-    B, M = reaction_keep.shape
-    incidence_keep = reaction_keep[:, edge_index[1]]  # [B, nnz]
-    sample, k = incidence_keep.nonzero(as_tuple=True)  # sample-major, wildtype order within
-    new_reaction = torch.cumsum(reaction_keep.reshape(-1).long(), 0) - 1
-    compact = torch.stack([edge_index[0, k] + sample * num_metabolites, new_reaction[sample * M + edge_index[1, k]]])
-    kept_reactions = reaction_keep.nonzero(as_tuple=True)[1]
-    return compact, stoich[k], kept_reactions
-
-
 def make_batch(batch_size: int, channels: int, device, dtype=torch.float32, seed: int = 0) -> MetabolicBatch:
-    from stoichconv.data import load_cell_graph, random_perturbations
+    from stoichconv.data import load_cell_graph
     from stoichconv.perturb import reaction_keep as reaction_keep_op
 
     graph = load_cell_graph(seed=0)

@@ -66,25 +66,23 @@ torchcell checkpoints
 :meth:`HeteroCell.from_torchcell` takes a torchcell ``HeteroCell`` ``state_dict`` and that
 model's constructor arguments (their meaning and defaults); :meth:`HeteroCell.to_torchcell_state_dict`
 is its inverse (loads strictly into the original); :meth:`HeteroCell.torchcell_kwargs` gives the
-constructor arguments. Configuration (torchcell keyword -> this constructor):
+constructor arguments. Configuration (torchcell keyword (its default) -> this constructor):
 
-=========================================================  ========================================
-``gene_num``, ``reaction_num``, ``metabolite_num``         ``num_genes``, ``num_reactions``,
-                                                           ``num_metabolites``
-``hidden_channels``, ``num_layers``, ``dropout`` (0.1),     same names (``dropout`` default here 0)
-``norm`` ("layer"), ``activation`` ("relu")
-``gene_encoder_config``: ``heads`` (1), ``concat`` (True),  ``heads``, ``gene_concat``,
-``add_self_loops`` (False)                                 ``gene_add_self_loops``
-``gpr_conv_config``: ``heads`` (1), ``concat`` (False),     ``gpr_heads``, ``gpr_concat``,
-``add_self_loops`` (False)                                 ``gpr_add_self_loops``
-``metabolism_config``: ``is_stoich_gated`` (False),         ``metabolism_gated``,
-``use_attention`` (True), ``heads`` (1), ``concat`` (True)  ``metabolism_attention``,
-                                                           ``metabolism_heads``, ``metabolism_concat``
-``prediction_head_config``: ``head_num_layers`` (1),        ``head_num_layers``,
-``hidden_channels`` (C), ``head_norm`` (norm),              ``head_hidden_channels``, ``head_norm``,
-``activation``, ``dropout`` (the model's)                  ``head_activation``, ``head_dropout``
-``out_channels``; ``residual``; ``bias``, ``share_weights``  never read by the original: ignored
-=========================================================  ========================================
+* ``gene_num``, ``reaction_num``, ``metabolite_num`` -> ``num_genes``, ``num_reactions``,
+  ``num_metabolites``; ``hidden_channels``, ``num_layers``, ``dropout`` (0.1), ``norm``
+  ("layer"), ``activation`` ("relu") -> the same names;
+* ``gene_encoder_config`` (required): ``heads`` (1), ``concat`` (True), ``add_self_loops``
+  (False) -> ``heads``, ``gene_concat``, ``gene_add_self_loops``;
+* ``gpr_conv_config``: ``heads`` (1), ``concat`` (False), ``add_self_loops`` (False) ->
+  ``gpr_heads``, ``gpr_concat``, ``gpr_add_self_loops``;
+* ``metabolism_config`` (required): ``is_stoich_gated`` (False), ``use_attention`` (True),
+  ``heads`` (1), ``concat`` (True) -> ``metabolism_gated``, ``metabolism_attention``,
+  ``metabolism_heads``, ``metabolism_concat``;
+* ``prediction_head_config``: ``head_num_layers`` (1), ``hidden_channels`` (C), ``head_norm``
+  (``norm``; None: no norm), ``activation``, ``dropout`` (the model's) -> ``head_num_layers``,
+  ``head_hidden_channels``, ``head_norm``, ``head_activation``, ``head_dropout``;
+* never read by the original, so ignored: ``out_channels``, ``residual`` (head),
+  ``bias`` and ``share_weights`` (gene encoder); other unknown keys warn.
 
 Parameter names (this model -> torchcell; everything not listed is named alike):
 

@@ -3,8 +3,8 @@ suite's ``pythonpath`` being ``tests``).
 
 Tolerances: :func:`bound` gives the relative error allowed for a result of ``dtype`` whose
 longest chain of sums has ``reduction_length`` terms. It is ``stoichconv.testing.tolerance``
-when that module exists (normalised to one relative factor: ``rtol + atol`` of a dict or pair,
-or the number itself), else the local bound
+when that module exists (its ``(rtol, atol)`` normalised to one relative factor, the larger of
+the two), else the same derivation locally:
 ``ROUNDINGS * u(dtype) + reduction_length * u(accumulation dtype)`` with ``u = eps / 2``: each
 rounding of a stored value to ``dtype`` along the chain (the degree norms, ``hidden``, the
 reaction-side gradient, the result: at most ``ROUNDINGS``) costs ``u(dtype)`` relative to the
@@ -43,9 +43,9 @@ def bound(dtype: torch.dtype, reduction_length: int) -> float:
     if shared is not None:
         tol = shared(dtype, reduction_length)
         if isinstance(tol, dict):
-            return float(tol.get("rtol", 0.0)) + float(tol.get("atol", 0.0))
+            return max(float(tol.get("rtol", 0.0)), float(tol.get("atol", 0.0)))
         if isinstance(tol, (tuple, list)):
-            return float(sum(tol))
+            return max(float(t) for t in tol)
         return float(tol)
     u = torch.finfo(dtype).eps / 2
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32

@@ -43,7 +43,7 @@ def _loss(pred, latents):
 
 def _rel(a, b, scale=None):
     a, b = a.detach(), b.detach()
-    scale = b.abs().max() if scale is None else scale
+    scale = b.abs().max() if scale is None else torch.as_tensor(scale).detach()
     return float((a - b).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
 
 

@@ -1,18 +1,21 @@
-"""The drop-in layer against the reference PyG layer with shared weights."""
+"""The drop-in layer against the reference PyG layer with shared weights, on every backend of
+the stoich conv's table entry and device (the layer passes ``backend`` down to its ops; Triton on
+CPU tensors is left to tests/ops/test_triton_gpu_path.py, the option matrix would take minutes
+through the interpreter)."""
 
 import itertools
 
 import pytest
 import torch
-from hypergraphs import random_hypergraph, random_keep
 from torch_geometric.nn import HeteroConv
 
-import stoichconv
+from stoichconv.data.relations import METABOLISM
 from stoichconv.nn import StoichHypergraphConv as FastConv
 from stoichconv.reference import StoichHypergraphConv as ReferenceConv
+from stoichconv.testing import backend_params, compact_metabolic_batch, random_hypergraph, random_keep
 
 N, M, NNZ, F_IN, C = 9, 7, 30, 5, 4
-BACKENDS = ["cpu", "reference"] if stoichconv.has_compiled_kernels() else ["reference"]
+BACKENDS = backend_params("stoich_conv", reference=True, exclude=("triton-cpu",))
 OPTIONS = [
     dict(is_stoich_gated=gate, use_attention=mode is not None, attention_mode=mode or "node", heads=heads, concat=concat)
     for gate, mode, heads, concat in itertools.product([False, True], [None, "node", "edge"], [1, 2, 10], [True, False])
@@ -24,20 +27,22 @@ def option_id(o):
     return f"gate{int(o['is_stoich_gated'])}-{att}-h{o['heads']}-{'cat' if o['concat'] else 'mean'}"
 
 
-def paired_layers(options, backend="cpu", seed=0):
+def paired_layers(options, backend="cpu", seed=0, device="cpu"):
     torch.manual_seed(seed)
     reference = ReferenceConv(F_IN, C, **options).double()
     if reference.bias is not None:
         torch.nn.init.normal_(reference.bias)
     fast = FastConv(F_IN, C, backend=backend, **options).double()
     fast.load_state_dict(reference.state_dict())
-    return reference, fast
+    return reference.to(device), fast.to(device)
 
 
-def graph(seed=0):
+def graph(seed=0, device="cpu"):
     edge_index, stoich = random_hypergraph(N, M, NNZ, seed=seed)
     gen = torch.Generator().manual_seed(seed + 10)
-    return edge_index, stoich, torch.randn(N, F_IN, generator=gen, dtype=torch.float64), torch.randn(M, F_IN, generator=gen, dtype=torch.float64)
+    x = torch.randn(N, F_IN, generator=gen, dtype=torch.float64)
+    attr = torch.randn(M, F_IN, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device) for t in (edge_index, stoich, x, attr))
 
 
 def assert_same_forward_backward(reference, fast, ref_args, fast_args, ref_x, fast_x, reshape=lambda t: t):
@@ -54,31 +59,29 @@ def assert_same_forward_backward(reference, fast, ref_args, fast_args, ref_x, fa
         torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=option_id)
-def test_layer_matches_reference(options, backend):
-    reference, fast = paired_layers(options, backend)
-    edge_index, stoich, x, attr = graph()
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_layer_matches_reference(backend, device, options):
+    reference, fast = paired_layers(options, backend, device=device)
+    edge_index, stoich, x, attr = graph(device=device)
     args = (edge_index, stoich, attr, M)
     assert_same_forward_backward(reference, fast, args, args, x, x)
 
 
 @pytest.mark.parametrize("options", [o for o in OPTIONS if o["heads"] in (1, 2)], ids=option_id)
-def test_shared_topology_batch_matches_compacted_reference(options):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_shared_topology_batch_matches_compacted_reference(backend, device, options):
     """x [B, N, F] + reaction_keep equals the reference on the filtered,
     compacted block-diagonal graph (masked incidences also leave the softmax)."""
     B = 3
-    reference, fast = paired_layers(options, BACKENDS[0])
-    edge_index, stoich, _, attr = graph(seed=1)
-    x = torch.randn(B, N, F_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    keep = random_keep(B, M, seed=7)
-    sample, k = keep[:, edge_index[1]].nonzero(as_tuple=True)
-    new_reaction = torch.cumsum(keep.reshape(-1).long(), 0) - 1
-    compact = torch.stack([edge_index[0, k] + sample * N, new_reaction[sample * M + edge_index[1, k]]])
-    compact_attr = attr[keep.nonzero(as_tuple=True)[1]]
+    reference, fast = paired_layers(options, backend, device=device)
+    edge_index, stoich, _, attr = graph(seed=1, device=device)
+    x = torch.randn(B, N, F_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(device)
+    keep = random_keep(B, M, seed=7, device=device)
+    compact, compact_stoich, kept_reactions = compact_metabolic_batch(edge_index, stoich, keep, N)
     assert_same_forward_backward(
         reference, fast,
-        (compact, stoich[k], compact_attr, int(keep.sum())),
+        (compact, compact_stoich, attr[kept_reactions], int(keep.sum())),
         (edge_index, stoich, attr, M, keep),
         x.reshape(B * N, F_IN), x,
         reshape=lambda t: t.reshape(B * N, -1),
@@ -111,9 +114,9 @@ def test_empty_graph_returns_bias():
 
 def test_inside_hetero_conv_with_extra_dicts():
     options = dict(is_stoich_gated=True, use_attention=True, heads=2)
-    reference, fast = paired_layers(options, BACKENDS[0])
+    reference, fast = paired_layers(options, "cpu")
     edge_index, stoich, x, attr = graph()
-    rel = ("metabolite", "reaction", "metabolite")
+    rel = METABOLISM
     outs = []
     for layer in (reference, fast):
         conv = HeteroConv({rel: layer}, aggr="sum")

@@ -1,15 +1,18 @@
-"""The fused GATv2 forward and backward kernels (stoichconv.ops.gatv2) against the
-edge-chunked pure-PyTorch path of stoichconv.models.hetero_cell.gatv2_attention."""
+"""The fused GATv2 forward and backward kernels (stoichconv.ops.gatv2) on every kernel backend
+of its table entry against the edge-chunked pure-PyTorch reference
+(stoichconv.reference.gatv2): forward and hand-written backward, softmax rows, gradcheck,
+opcheck in both dtypes, determinism and empty edge sets, bad input of the compiled kernels."""
 
 import pytest
 import torch
 
-import stoichconv
 from stoichconv.backends import available_backends
 from stoichconv.ops.gatv2 import gatv2_attention, gatv2_backward, gatv2_forward
+from stoichconv.testing import backend_cases, backend_params, is_interpreted, kernel_op
 from stoichconv.types import EdgeSet
 
-pytestmark = pytest.mark.skipif(not stoichconv.has_compiled_kernels(), reason="stoichconv._C not built")
+OP = "gatv2"
+KERNELS = backend_params(OP)
 
 
 def random_edges(num_src=30, num_dst=20, num_rows=25, num_edges=150, seed=0, empty_rows=(3, 7)):
@@ -25,25 +28,35 @@ def random_edges(num_src=30, num_dst=20, num_rows=25, num_edges=150, seed=0, emp
     return EdgeSet(src, dst, row, crow, num_rows)
 
 
-def features(edges, H=2, C=5, dtype=torch.float64, seed=1):
+# a smaller edge set for the Triton interpreter (it runs every program in numpy); rows 3 and 7 empty
+SMALL = dict(num_src=12, num_dst=10, num_rows=10, num_edges=40)
+
+
+def on(device, edges):
+    return EdgeSet(edges.src.to(device), edges.dst.to(device), edges.row.to(device), edges.crow.to(device),
+                   edges.num_rows)
+
+
+def features(edges, H=2, C=5, dtype=torch.float64, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x_l = torch.randn(int(edges.src.max()) + 3, H, C, generator=g, dtype=dtype).requires_grad_(True)
-    x_r = torch.randn(int(edges.dst.max()) + 2, H, C, generator=g, dtype=dtype).requires_grad_(True)
-    att = torch.randn(H, C, generator=g, dtype=dtype).requires_grad_(True)
+    x_l = torch.randn(int(edges.src.max()) + 3, H, C, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    x_r = torch.randn(int(edges.dst.max()) + 2, H, C, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    att = torch.randn(H, C, generator=g, dtype=dtype).to(device).requires_grad_(True)
     return x_l, x_r, att
 
 
-def test_available_on_cpu_only():
-    assert "cpu" in available_backends(torch.device("cpu"), "gatv2")["gatv2"]
-    assert "cpu" not in available_backends(torch.device("meta"), "gatv2")["gatv2"]
+def test_available_backends():
+    assert "cpu" in available_backends(torch.device("cpu"), OP)[OP]
+    assert "cpu" not in available_backends(torch.device("meta"), OP)[OP]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("H,C", [(1, 7), (2, 5), (2, 32)])
-def test_kernel_matches_chunked_pytorch(dtype, tol, H, C):
-    edges = random_edges(seed=H * C)
-    x_l, x_r, att = features(edges, H, C, dtype)
-    got = gatv2_attention(x_l, x_r, att, edges, 0.2)
+@pytest.mark.parametrize("backend,device,H,C", backend_cases(KERNELS, [(1, 7), (2, 5), (2, 32)], [(1, 7), (2, 5)]))
+def test_kernel_matches_chunked_pytorch(backend, device, H, C, dtype, tol):
+    edges = random_edges(seed=H * C, **(SMALL if is_interpreted(backend, device) else {}))
+    x_l, x_r, att = features(edges, H, C, dtype, device=device)
+    edges = on(device, edges)
+    got = gatv2_attention(x_l, x_r, att, edges, 0.2, backend=backend)
     want = gatv2_attention(x_l, x_r, att, edges, 0.2, backend="reference")
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert torch.all(got[3] == 0) and torch.all(got[7] == 0)
@@ -53,17 +66,21 @@ def test_kernel_matches_chunked_pytorch(dtype, tol, H, C):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(dtype, tol):
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(backend, device, dtype, tol):
     # dst == output row (the per-sample layout: the kernel takes the rows as the
     # destination grouping), and rows of zeros so that some pre-activations are
     # exactly 0 (where the derivative must be the slope, as in torch).
-    edges = random_edges(num_src=40, num_dst=25, num_rows=25, num_edges=200, seed=21)
+    size = dict(num_src=15, num_dst=10, num_rows=10, num_edges=50) if is_interpreted(backend, device) else \
+        dict(num_src=40, num_dst=25, num_rows=25, num_edges=200)
+    edges = random_edges(seed=21, **size)
     edges = EdgeSet(edges.src, edges.row.clone(), edges.row, edges.crow, edges.num_rows)
-    x_l, x_r, att = features(edges, H=2, C=6, dtype=dtype)
+    x_l, x_r, att = features(edges, H=2, C=6, dtype=dtype, device=device)
+    edges = on(device, edges)
     with torch.no_grad():
         x_l[:5] = 0
         x_r[:5] = 0
-    got = gatv2_attention(x_l, x_r, att, edges, 0.2)
+    got = gatv2_attention(x_l, x_r, att, edges, 0.2, backend=backend)
     want = gatv2_attention(x_l, x_r, att, edges, 0.2, backend="reference")
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     grad = torch.randn_like(got)
@@ -71,64 +88,74 @@ def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(dtype
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_backward_is_deterministic_across_threads():
-    edges = random_edges(num_rows=2000, num_edges=20000, num_src=500, num_dst=400, seed=19)
-    x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32))
-    out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow)
-    grad = torch.randn_like(out)
+# (rows, edges, sources, destinations): a real-size edge set; the interpreter a small one
+DETERMINISM = backend_cases(KERNELS, [(2000, 20000, 500, 400)], [(12, 60, 10, 8)])
+
+
+def raw_ops(backend, device):
+    return kernel_op(OP, backend, device), kernel_op(OP, backend, device, name="backward")
+
+
+@pytest.mark.parametrize("backend,device,rows,E,S,D", DETERMINISM)
+def test_deterministic_across_runs_and_threads_and_empty_edge_set(backend, device, rows, E, S, D):
+    forward, backward = raw_ops(backend, device)
+    edges = random_edges(num_rows=rows, num_edges=E, num_src=S, num_dst=D, seed=9)
+    x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32, device=device))
+    edges = on(device, edges)
+    args = (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
+    grad = torch.randn(rows, 2, 32, generator=torch.Generator().manual_seed(0)).to(device)
     threads = torch.get_num_threads()
+    results = []
     try:
-        first = gatv2_backward(grad, x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow)
-        torch.set_num_threads(1)
-        single = gatv2_backward(grad, x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow)
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            out, alpha = forward(*args)
+            results.append((out, alpha, *backward(grad, *args[:3], alpha, *args[3:])))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(first, single))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    out, alpha = forward(x_l, x_r, att, empty, empty, torch.zeros(4, dtype=torch.long, device=device), 0.2)
+    assert out.shape == (3, 2, 32) and torch.all(out == 0) and alpha.shape == (0, 2)
 
 
-def test_alpha_is_a_softmax_per_row():
-    edges = random_edges(seed=3)
-    x_l, x_r, att = (t.detach() for t in features(edges))
-    out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
-    sums = torch.zeros(edges.num_rows, alpha.size(1), dtype=alpha.dtype).index_add_(0, edges.row, alpha)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_alpha_is_a_softmax_per_row(backend, device):
+    edges = random_edges(seed=3, **(SMALL if is_interpreted(backend, device) else {}))
+    x_l, x_r, att = (t.detach() for t in features(edges, device=device))
+    edges = on(device, edges)
+    out, alpha = raw_ops(backend, device)[0](x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
+    sums = torch.zeros(edges.num_rows, alpha.size(1), dtype=alpha.dtype, device=device).index_add_(0, edges.row, alpha)
     has_edges = edges.crow[1:] > edges.crow[:-1]
     torch.testing.assert_close(sums[has_edges], torch.ones_like(sums[has_edges]))
     assert out.shape == (edges.num_rows, *x_l.shape[1:])
 
 
-def test_gradcheck_through_the_kernel_forward():
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_gradcheck_through_the_kernel_forward(backend, device):
     edges = random_edges(num_src=6, num_dst=5, num_rows=5, num_edges=14, seed=5, empty_rows=(2,))
-    x_l, x_r, att = features(edges, H=2, C=3)
-    assert torch.autograd.gradcheck(lambda a, b, c: gatv2_attention(a, b, c, edges, 0.2), (x_l, x_r, att))
+    x_l, x_r, att = features(edges, H=2, C=3, device=device)
+    edges = on(device, edges)
+    fn = lambda a, b, c: gatv2_attention(a, b, c, edges, 0.2, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x_l, x_r, att), fast_mode=backend == "triton")
 
 
-def test_deterministic_across_threads_and_empty_edge_set():
-    edges = random_edges(num_rows=2000, num_edges=20000, num_src=500, num_dst=400, seed=9)
-    x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32))
-    threads = torch.get_num_threads()
-    try:
-        first = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow)
-        torch.set_num_threads(1)
-        single = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow)
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(first, single))
-    empty = torch.zeros(0, dtype=torch.long)
-    out, alpha = gatv2_forward(x_l, x_r, att, empty, empty, torch.zeros(4, dtype=torch.long))
-    assert out.shape == (3, 2, 32) and torch.all(out == 0) and alpha.shape == (0, 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_opcheck(backend, device, dtype):
+    forward, backward = raw_ops(backend, device)
+    tiny = dict(num_src=5, num_dst=4, num_rows=4, num_edges=10, empty_rows=(2,))  # opcheck calls the op often
+    interpreted = is_interpreted(backend, device)
+    edges = random_edges(seed=11, **(tiny if interpreted else {}))
+    x_l, x_r, att = (t.detach() for t in features(edges, C=3 if interpreted else 5, dtype=dtype, device=device))
+    edges = on(device, edges)
+    torch.library.opcheck(forward, (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2))
+    out, alpha = forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
+    torch.library.opcheck(backward, (torch.randn_like(out), x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow, 0.2))
 
 
-def test_opcheck():
-    edges = random_edges(seed=11)
-    x_l, x_r, att = (t.detach() for t in features(edges))
-    torch.library.opcheck(torch.ops.stoichconv.gatv2_forward.default,
-                          (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2))
-    out, alpha = gatv2_forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
-    torch.library.opcheck(torch.ops.stoichconv.gatv2_backward.default,
-                          (torch.randn_like(out), x_l, x_r, att, alpha, edges.src, edges.dst, edges.crow, 0.2))
-
-
-def test_bad_input():
+def test_compiled_kernels_reject_bad_input():
     edges = random_edges(seed=12)
     x_l, x_r, att = (t.detach() for t in features(edges))
     args = [x_l, x_r, att, edges.src, edges.dst, edges.crow]

@@ -10,7 +10,7 @@ from stoichconv.backends import available_backends
 from stoichconv.ops import build_stoich_plan
 from stoichconv.ops.group_softmax import group_softmax
 from stoichconv.reference.group_softmax import group_softmax_reference
-from stoichconv.testing import backend_params, kernel_op, random_hypergraph, random_keep
+from stoichconv.testing import backend_cases, backend_params, is_interpreted, kernel_op, random_hypergraph, random_keep
 
 OP = "group_softmax"
 KERNELS = backend_params(OP)
@@ -40,12 +40,11 @@ def test_available_backends():
     assert "cpu" not in available_backends(torch.device("meta"), OP)[OP]
 
 
-@pytest.mark.parametrize("H", [1, 3])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("mode", ["node", "edge"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("backend,device", KERNELS)
-def test_matches_reference_forward_and_backward(backend, device, dtype, tol, mode, masked, H):
+@pytest.mark.parametrize("backend,device,H", backend_cases(KERNELS, [(1,), (3,)], [(3,)]))
+def test_matches_reference_forward_and_backward(backend, device, H, dtype, tol, mode, masked):
     logits, kept, (group, G, ptr, perm) = setup(H=H, dtype=dtype, masked=masked, mode=mode, device=device)
     got = group_softmax(logits, ptr, perm, kept, backend=backend)
     want = group_softmax_reference(logits, group, G, kept)
@@ -88,7 +87,8 @@ def test_gradcheck(backend, device, masked):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_opcheck(backend, device, dtype, masked):
-    logits, kept, (_, _, ptr, perm) = setup(B=2, dtype=dtype, masked=masked, device=device)
+    B = 1 if is_interpreted(backend, device) else 2  # opcheck runs the operators a dozen times
+    logits, kept, (_, _, ptr, perm) = setup(B=B, dtype=dtype, masked=masked, device=device)
     forward, backward = kernel_op(OP, backend, device), kernel_op(OP, backend, device, name="backward")
     torch.library.opcheck(forward, (logits, kept, ptr, perm))
     alpha = group_softmax(logits, ptr, perm, kept, backend=backend).detach()
@@ -144,4 +144,4 @@ def test_compiled_kernel_rejects_bad_input():
     with pytest.raises(RuntimeError, match=r"`kept` must be \[B, nnz\]"):
         group_softmax(logits, ptr, perm, kept[:, :-1], backend="cpu")
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        group_softmax(logits.detach().to(torch.int32).float().half() if False else logits.detach().long().double().to(torch.complex64).real.to(torch.int8).to(torch.float16) if False else logits.detach().half(), ptr, perm, kept, backend="cpu")
+        group_softmax(logits.detach().half(), ptr, perm, kept, backend="cpu")

@@ -9,16 +9,12 @@ import torch.nn.functional as F
 
 from stoichconv.reference.dense import dense_stoich_conv
 from stoichconv.reference.stoich_hypergraph_conv import StoichHypergraphConv
+from stoichconv.testing import spec_test_vector
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
-# The test vector of shared/spec/stoich_conv.md.
-SPEC_X = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
-SPEC_EDGE_INDEX = torch.tensor([[0, 1, 2], [0, 0, 0]])
-SPEC_STOICH = torch.tensor([-1.0, -2.0, 1.0])
-SPEC_OUT = torch.tensor(
-    [[0.25, 0.5, -0.25], [0.25, 0.5, -0.25], [-0.25, -0.5, 0.25], [0.0, 0.0, 0.0]]
-)
+# The hand-computed test vector (float32, the layer's default dtype).
+SPEC_X, SPEC_EDGE_INDEX, SPEC_STOICH, _, _, SPEC_OUT = spec_test_vector(torch.float32)
 
 # Every option combination: gate × attention × heads × concat.
 ATTENTION = [None, "node", "edge"]

@@ -3,17 +3,18 @@
 The semantics are stated once, in :mod:`stoichconv.ops.gatv2`; this module computes exactly
 that with the row-owned structure of the C++ CPU kernels (``csrc/cpu/gatv2.cpp``):
 
-* ``_forward_kernel``, one program per (output row, head): the row's edges in tiles of
-  ``BLOCK_E`` (``x_l[src]`` and ``x_r[dst]`` rows of C channels gathered per tile), the logits
+* ``_forward_kernel``, one program per (output row, block of up to 16 heads): the row's
+  edges in tiles of ``BLOCK_E`` x ``BLOCK_H`` x ``BLOCK_C`` (the ``x_l[src]`` and ``x_r[dst]``
+  feature rows of the block's heads gathered per tile), the logits
   ``<att_h, leaky_relu(x_l[src] + x_r[dst])>``, the running max and softmax denominator and the
   running aggregation ``sum exp(a - max) x_l[src]`` in one pass (online rescaling), then
   ``out = acc / (denom + 1e-16)``; the raw logits go to ``alpha`` and a second, light pass
   (after a CTA barrier) rewrites them as ``exp(a - max) / (denom + 1e-16)``.
 * backward (``dL/da_e = alpha_e (<g_row, x_l[src_e]> - sum_{e' in row} alpha_e' <g_row, x_l[src_e']>)``):
-  ``_row_grad_kernel`` per (output row, head) gives the logit gradients ``gl`` [E, H];
-  ``_source_grad_kernel`` per (block of ``_SRC_BLOCK`` source rows, head) writes
+  ``_row_grad_kernel`` per (output row, head block) gives the logit gradients ``gl`` [E, H];
+  ``_source_grad_kernel`` per (block of ``_SRC_BLOCK`` source rows, head block) writes
   ``grad_x_l`` rows from the edges grouped by source and the block's partial ``grad_att``;
-  ``_destination_grad_kernel`` per (destination row, head) writes ``grad_x_r`` from the
+  ``_destination_grad_kernel`` per (destination row, head block) writes ``grad_x_r`` from the
   edges grouped by destination; ``_sum_blocks_kernel`` adds the ``grad_att`` partials over
   the blocks in order. The groupings are a stable counting sort done in the launcher with
   torch ops (``argsort(stable=True)`` + ``searchsorted``; no host sync).
@@ -52,8 +53,9 @@ from stoichconv.ops.gatv2 import _backward_fake, _forward_fake
 
 __all__ = ["triton_gatv2_backward", "triton_gatv2_forward"]
 
-_MAX_TILE = 2048  # BLOCK_E * BLOCK_C elements per gathered tile
+_MAX_TILE = 4096  # BLOCK_E * BLOCK_H * BLOCK_C elements per gathered tile
 _MAX_BLOCK_E = 32
+_MAX_BLOCK_H = 16  # heads per program (grid axis 1 runs over head blocks beyond)
 _SRC_BLOCK = 16  # source rows per program of the x_l / att pass
 
 
@@ -64,147 +66,166 @@ def _lrelu(x, slope):
 
 @triton.jit
 def _forward_kernel(xl, xr, att, src, dst, crow, slope_ptr, out, alpha, H, C,
-                    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+                    ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program per (output row, head block); tiles [BLOCK_E edges, BLOCK_H heads, BLOCK_C channels].
     i = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    W = H * C
-    slope = tl.load(slope_ptr).to(ACC)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    a_h = tl.load(att + h * C + c, mask=cm, other=0.0).to(ACC)
+    W = H * C
+    hc = h[:, None] * C + c[None, :]  # [BLOCK_H, BLOCK_C] offsets within a feature row
+    hcm = (h < H)[:, None] & (c < C)[None, :]
+    hm = h < H
+    slope = tl.load(slope_ptr).to(ACC)
+    a_h = tl.load(att + hc, mask=hcm, other=0.0).to(ACC)
     e0 = tl.load(crow + i)
     e1 = tl.load(crow + i + 1)
     offs = tl.arange(0, BLOCK_E)
-    run_max = tl.max(tl.full([BLOCK_E], float("-inf"), ACC), axis=0)
-    run_sum = tl.sum(tl.zeros([BLOCK_E], ACC), axis=0)
-    acc = tl.zeros([BLOCK_C], ACC)
+    run_max = tl.full([BLOCK_H], float("-inf"), ACC)
+    run_sum = tl.zeros([BLOCK_H], ACC)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], ACC)
     for t in range(e0, e1, BLOCK_E):
         e = t + offs
         em = e < e1
         s = tl.load(src + e, mask=em, other=0)
         d = tl.load(dst + e, mask=em, other=0)
-        m2 = em[:, None] & cm[None, :]
-        xs = tl.load(xl + s[:, None] * W + h * C + c[None, :], mask=m2, other=0.0).to(ACC)
-        xd = tl.load(xr + d[:, None] * W + h * C + c[None, :], mask=m2, other=0.0).to(ACC)
-        logit = tl.sum(_lrelu(xs + xd, slope) * a_h[None, :], axis=1)
-        logit = tl.where(em, logit, float("-inf"))
-        tl.store(alpha + e * H + h, logit.to(alpha.dtype.element_ty), mask=em)
+        m3 = em[:, None, None] & hcm[None, :, :]
+        xs = tl.load(xl + s[:, None, None] * W + hc[None, :, :], mask=m3, other=0.0).to(ACC)
+        xd = tl.load(xr + d[:, None, None] * W + hc[None, :, :], mask=m3, other=0.0).to(ACC)
+        logit = tl.sum(_lrelu(xs + xd, slope) * a_h[None, :, :], axis=2)  # [BLOCK_E, BLOCK_H]
+        m2 = em[:, None] & hm[None, :]
+        logit = tl.where(m2, logit, float("-inf"))
+        tl.store(alpha + e[:, None] * H + h[None, :], logit.to(alpha.dtype.element_ty), mask=m2)
         new_max = tl.maximum(run_max, tl.max(logit, axis=0))
         scale = tl.exp(run_max - new_max)
-        p = tl.where(em, tl.exp(logit - new_max), 0.0)
+        p = tl.where(m2, tl.exp(logit - new_max[None, :]), 0.0)
         run_sum = run_sum * scale + tl.sum(p, axis=0)
-        acc = acc * scale + tl.sum(p[:, None] * xs, axis=0)
+        acc = acc * scale[:, None] + tl.sum(p[:, :, None] * xs, axis=0)
         run_max = new_max
     denom = run_sum + 1e-16
-    tl.store(out + i * W + h * C + c, (acc / denom).to(out.dtype.element_ty), mask=cm)
+    tl.store(out + i * W + hc, (acc / denom[:, None]).to(out.dtype.element_ty), mask=hcm)
     tl.debug_barrier()  # the logits stored above are read back by other lanes
     for t in range(e0, e1, BLOCK_E):
         e = t + offs
-        em = e < e1
-        logit = tl.load(alpha + e * H + h, mask=em, other=0.0).to(ACC)
-        tl.store(alpha + e * H + h, (tl.exp(logit - run_max) / denom).to(alpha.dtype.element_ty), mask=em)
+        m2 = (e < e1)[:, None] & hm[None, :]
+        off = e[:, None] * H + h[None, :]
+        logit = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
+        tl.store(alpha + off, (tl.exp(logit - run_max[None, :]) / denom[None, :]).to(alpha.dtype.element_ty),
+                 mask=m2)
 
 
 @triton.jit
 def _row_grad_kernel(g, xl, alpha, src, crow, gl, H, C,
-                     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
     # gl_e = alpha_e (ga_e - sum_{e' in row} alpha_e' ga_e'), ga_e = <g_row, x_l[src_e]>
     i = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    W = H * C
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    g_i = tl.load(g + i * W + h * C + c, mask=cm, other=0.0).to(ACC)
+    W = H * C
+    hc = h[:, None] * C + c[None, :]
+    hcm = (h < H)[:, None] & (c < C)[None, :]
+    hm = h < H
+    g_i = tl.load(g + i * W + hc, mask=hcm, other=0.0).to(ACC)
     e0 = tl.load(crow + i)
     e1 = tl.load(crow + i + 1)
     offs = tl.arange(0, BLOCK_E)
-    dot = tl.sum(tl.zeros([BLOCK_E], ACC), axis=0)
+    dot = tl.zeros([BLOCK_H], ACC)
     for t in range(e0, e1, BLOCK_E):
         e = t + offs
         em = e < e1
         s = tl.load(src + e, mask=em, other=0)
-        xs = tl.load(xl + s[:, None] * W + h * C + c[None, :], mask=em[:, None] & cm[None, :], other=0.0).to(ACC)
-        ga = tl.sum(xs * g_i[None, :], axis=1)
-        a = tl.load(alpha + e * H + h, mask=em, other=0.0).to(ACC)
+        xs = tl.load(xl + s[:, None, None] * W + hc[None, :, :], mask=em[:, None, None] & hcm[None, :, :],
+                     other=0.0).to(ACC)
+        ga = tl.sum(xs * g_i[None, :, :], axis=2)  # [BLOCK_E, BLOCK_H]
+        m2 = em[:, None] & hm[None, :]
+        off = e[:, None] * H + h[None, :]
+        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
         dot += tl.sum(a * ga, axis=0)
-        tl.store(gl + e * H + h, ga, mask=em)
+        tl.store(gl + off, ga, mask=m2)
     tl.debug_barrier()  # ga stored above is read back by other lanes
     for t in range(e0, e1, BLOCK_E):
         e = t + offs
-        em = e < e1
-        ga = tl.load(gl + e * H + h, mask=em, other=0.0)
-        a = tl.load(alpha + e * H + h, mask=em, other=0.0).to(ACC)
-        tl.store(gl + e * H + h, a * (ga - dot), mask=em)
+        m2 = (e < e1)[:, None] & hm[None, :]
+        off = e[:, None] * H + h[None, :]
+        ga = tl.load(gl + off, mask=m2, other=0.0)
+        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
+        tl.store(gl + off, a * (ga - dot[None, :]), mask=m2)
 
 
 @triton.jit
 def _source_grad_kernel(g, xl, xr, att, alpha, gl, dst, row_of, by_src, src_ptr, slope_ptr,
                         grad_xl, att_partial, Ns, H, C,
                         ACC: tl.constexpr, SRC_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
     # grad_x_l[s] = sum_{e: src_e = s} alpha_e g_{row_e} + gl_e att * lrelu'(pre_e);
     # att_partial[blk] = sum over the block's edges of gl_e lrelu(pre_e)
     blk = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    W = H * C
-    slope = tl.load(slope_ptr).to(ACC)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    a_h = tl.load(att + h * C + c, mask=cm, other=0.0).to(ACC)
+    W = H * C
+    hc = h[:, None] * C + c[None, :]
+    hcm = (h < H)[:, None] & (c < C)[None, :]
+    hm = h < H
+    slope = tl.load(slope_ptr).to(ACC)
+    a_h = tl.load(att + hc, mask=hcm, other=0.0).to(ACC)
     offs = tl.arange(0, BLOCK_E)
-    part = tl.zeros([BLOCK_C], ACC)
+    part = tl.zeros([BLOCK_H, BLOCK_C], ACC)
     s0 = blk * SRC_BLOCK
     s1 = tl.minimum(s0 + SRC_BLOCK, Ns)
     for s in range(s0, s1):
-        xs = tl.load(xl + s * W + h * C + c, mask=cm, other=0.0).to(ACC)
+        xs = tl.load(xl + s * W + hc, mask=hcm, other=0.0).to(ACC)
         j0 = tl.load(src_ptr + s)
         j1 = tl.load(src_ptr + s + 1)
-        acc = tl.zeros([BLOCK_C], ACC)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], ACC)
         for t in range(j0, j1, BLOCK_E):
             j = t + offs
             jm = j < j1
             e = tl.load(by_src + j, mask=jm, other=0)
             d = tl.load(dst + e, mask=jm, other=0)
             r = tl.load(row_of + e, mask=jm, other=0)
-            m2 = jm[:, None] & cm[None, :]
-            a = tl.load(alpha + e * H + h, mask=jm, other=0.0).to(ACC)
-            gle = tl.load(gl + e * H + h, mask=jm, other=0.0)
-            gr = tl.load(g + r[:, None] * W + h * C + c[None, :], mask=m2, other=0.0).to(ACC)
-            xd = tl.load(xr + d[:, None] * W + h * C + c[None, :], mask=m2, other=0.0).to(ACC)
-            pre = xs[None, :] + xd
+            m2 = jm[:, None] & hm[None, :]
+            m3 = jm[:, None, None] & hcm[None, :, :]
+            a = tl.load(alpha + e[:, None] * H + h[None, :], mask=m2, other=0.0).to(ACC)
+            gle = tl.load(gl + e[:, None] * H + h[None, :], mask=m2, other=0.0)
+            gr = tl.load(g + r[:, None, None] * W + hc[None, :, :], mask=m3, other=0.0).to(ACC)
+            xd = tl.load(xr + d[:, None, None] * W + hc[None, :, :], mask=m3, other=0.0).to(ACC)
+            pre = xs[None, :, :] + xd
             grad_pre = tl.where(pre > 0, 1.0, slope)
-            acc += tl.sum(a[:, None] * gr + gle[:, None] * a_h[None, :] * grad_pre, axis=0)
-            part += tl.sum(tl.where(m2, gle[:, None] * _lrelu(pre, slope), 0.0), axis=0)
-        tl.store(grad_xl + s * W + h * C + c, acc.to(grad_xl.dtype.element_ty), mask=cm)
-    tl.store(att_partial + blk * W + h * C + c, part, mask=cm)
+            acc += tl.sum(a[:, :, None] * gr + gle[:, :, None] * a_h[None, :, :] * grad_pre, axis=0)
+            part += tl.sum(tl.where(m3, gle[:, :, None] * _lrelu(pre, slope), 0.0), axis=0)
+        tl.store(grad_xl + s * W + hc, acc.to(grad_xl.dtype.element_ty), mask=hcm)
+    tl.store(att_partial + blk * W + hc, part, mask=hcm)
 
 
 @triton.jit
 def _destination_grad_kernel(xl, xr, att, gl, src, by_dst, dst_ptr, slope_ptr, grad_xr, H, C,
-                             ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+                             ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
     # grad_x_r[d] = sum_{e: dst_e = d} gl_e att * lrelu'(x_l[src_e] + x_r[d])
     d = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    W = H * C
-    slope = tl.load(slope_ptr).to(ACC)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    a_h = tl.load(att + h * C + c, mask=cm, other=0.0).to(ACC)
-    xd = tl.load(xr + d * W + h * C + c, mask=cm, other=0.0).to(ACC)
+    W = H * C
+    hc = h[:, None] * C + c[None, :]
+    hcm = (h < H)[:, None] & (c < C)[None, :]
+    hm = h < H
+    slope = tl.load(slope_ptr).to(ACC)
+    a_h = tl.load(att + hc, mask=hcm, other=0.0).to(ACC)
+    xd = tl.load(xr + d * W + hc, mask=hcm, other=0.0).to(ACC)
     j0 = tl.load(dst_ptr + d)
     j1 = tl.load(dst_ptr + d + 1)
     offs = tl.arange(0, BLOCK_E)
-    acc = tl.zeros([BLOCK_C], ACC)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], ACC)
     for t in range(j0, j1, BLOCK_E):
         j = t + offs
         jm = j < j1
         e = tl.load(by_dst + j, mask=jm, other=0)
         s = tl.load(src + e, mask=jm, other=0)
-        gle = tl.load(gl + e * H + h, mask=jm, other=0.0)
-        xs = tl.load(xl + s[:, None] * W + h * C + c[None, :], mask=jm[:, None] & cm[None, :], other=0.0).to(ACC)
-        grad_pre = tl.where(xs + xd[None, :] > 0, 1.0, slope)
-        acc += tl.sum(gle[:, None] * a_h[None, :] * grad_pre, axis=0)
-    tl.store(grad_xr + d * W + h * C + c, acc.to(grad_xr.dtype.element_ty), mask=cm)
+        gle = tl.load(gl + e[:, None] * H + h[None, :], mask=jm[:, None] & hm[None, :], other=0.0)
+        xs = tl.load(xl + s[:, None, None] * W + hc[None, :, :], mask=jm[:, None, None] & hcm[None, :, :],
+                     other=0.0).to(ACC)
+        grad_pre = tl.where(xs + xd[None, :, :] > 0, 1.0, slope)
+        acc += tl.sum(gle[:, :, None] * a_h[None, :, :] * grad_pre, axis=0)
+    tl.store(grad_xr + d * W + hc, acc.to(grad_xr.dtype.element_ty), mask=hcm)
 
 
 @triton.jit
@@ -233,10 +254,13 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _blocks(C: int) -> tuple[int, int]:
+def _blocks(H: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_E, BLOCK_H, BLOCK_C): every channel of a head in one tile, up to ``_MAX_BLOCK_H``
+    heads per program, as many edges as fit ``_MAX_TILE`` elements."""
     block_c = triton.next_power_of_2(max(C, 1))
-    block_e = max(1, min(_MAX_BLOCK_E, _MAX_TILE // block_c))
-    return block_e, block_c
+    block_h = min(triton.next_power_of_2(max(H, 1)), _MAX_BLOCK_H)
+    block_e = max(1, min(_MAX_BLOCK_E, _MAX_TILE // (block_h * block_c)))
+    return block_e, block_h, block_c
 
 
 def _check_args(op: str, x_l, x_r, att, src, dst, crow) -> None:
@@ -294,11 +318,11 @@ def triton_gatv2_forward(x_l: Tensor, x_r: Tensor, att: Tensor, src: Tensor, dst
     if R * H == 0:
         return out, alpha  # E = 0 (crow ends at E) or nothing to write
     acc, _ = _acc_dtype(x_l.dtype)
-    block_e, block_c = _blocks(C)
+    block_e, block_h, block_c = _blocks(H, C)
     with _device_guard(x_l.device):
-        _forward_kernel[(R, H)](
+        _forward_kernel[(R, triton.cdiv(H, block_h))](
             x_l, x_r, att, src, dst, crow, _slope(negative_slope, x_l.dtype, x_l.device), out, alpha, H, C,
-            ACC=acc, BLOCK_E=block_e, BLOCK_C=block_c,
+            ACC=acc, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_C=block_c,
         )
     return out, alpha
 
@@ -331,7 +355,9 @@ def triton_gatv2_backward(grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tenso
     g, x_l, x_r, att, alpha = (t.contiguous() for t in (grad_out, x_l, x_r, att, alpha))
     src, dst, crow = src.contiguous(), dst.contiguous(), crow.contiguous()
     acc, acc_torch = _acc_dtype(x_l.dtype)
-    block_e, block_c = _blocks(C)
+    block_e, block_h, block_c = _blocks(H, C)
+    head_blocks = triton.cdiv(H, block_h)
+    blocks = dict(ACC=acc, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_C=block_c)
     slope = _slope(negative_slope, x_l.dtype, x_l.device)
     row_of = torch.repeat_interleave(torch.arange(R, device=crow.device), crow.diff(), output_size=E)
     by_src, src_ptr = _group(src, Ns)
@@ -340,13 +366,13 @@ def triton_gatv2_backward(grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tenso
     num_blocks = triton.cdiv(Ns, _SRC_BLOCK)
     att_partial = torch.empty(num_blocks, H * C, dtype=acc_torch, device=x_l.device)
     with _device_guard(x_l.device):
-        _row_grad_kernel[(R, H)](g, x_l, alpha, src, crow, gl, H, C, ACC=acc, BLOCK_E=block_e, BLOCK_C=block_c)
-        _source_grad_kernel[(num_blocks, H)](
+        _row_grad_kernel[(R, head_blocks)](g, x_l, alpha, src, crow, gl, H, C, **blocks)
+        _source_grad_kernel[(num_blocks, head_blocks)](
             g, x_l, x_r, att, alpha, gl, dst, row_of, by_src, src_ptr, slope, grad_x_l, att_partial, Ns, H, C,
-            ACC=acc, SRC_BLOCK=_SRC_BLOCK, BLOCK_E=block_e, BLOCK_C=block_c,
+            SRC_BLOCK=_SRC_BLOCK, **blocks,
         )
-        _destination_grad_kernel[(Nd, H)](
-            x_l, x_r, att, gl, src, by_dst, dst_ptr, slope, grad_x_r, H, C, ACC=acc, BLOCK_E=block_e, BLOCK_C=block_c,
+        _destination_grad_kernel[(Nd, head_blocks)](
+            x_l, x_r, att, gl, src, by_dst, dst_ptr, slope, grad_x_r, H, C, **blocks,
         )
         W = H * C
         block = min(triton.next_power_of_2(W), 1024)
