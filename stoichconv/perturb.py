@@ -98,8 +98,8 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
             and ``(metabolite, reaction, metabolite)`` (``hyperedge_index``, ``stoichiometry``).
         pert, pert_ptr: CSR gene deletions (sample b deletes ``pert[pert_ptr[b]:pert_ptr[b+1]]``).
         layout: ``"compacted"`` (PyG-collate numbering) or ``"full"`` (``b * N + v``).
-        backend: see :mod:`stoichconv.backends` (``"triton"`` applies to the gene-gene
-            filters; the other ops then run on ``"auto"``).
+        backend: see :mod:`stoichconv.backends`; every op of the pass (``filter_edges``,
+            ``reaction_keep``, ``filter_bipartite``) runs on it.
         validate_graph: check the wildtype index values (host syncs on GPU); pass False
             for a graph already checked (the compiled kernels still check bounds).
 
@@ -114,7 +114,6 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
     num_genes, num_reactions, num_metabolites = (_num_nodes(cell_graph, t) for t in NODE_TYPES)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes)
     B = pert_ptr.numel() - 1
-    other_backend = "auto" if backend == "triton" else backend
     device = pert.device
     # Everything is validated once here; the ops below skip their host-syncing value checks.
     indices = {}
@@ -141,7 +140,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         store.edge_keep = filtered.edge_keep
         gene_keep, node_ptr = filtered.node_keep, filtered.node_ptr
     gpr_index = indices[GPR]
-    rkeep = reaction_keep(gpr_index, num_reactions, pert, pert_ptr, backend=other_backend, validate=False)
+    rkeep = reaction_keep(gpr_index, num_reactions, pert, pert_ptr, backend=backend, validate=False)
 
     _set_nodes(out["gene"], gene_keep, B, num_genes, compacted, node_ptr)
     _set_nodes(out["reaction"], rkeep.view(-1), B, num_reactions, compacted)
@@ -149,7 +148,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
                num_metabolites, compacted, all_kept=True)
 
     gpr = filter_bipartite(gpr_index, num_genes, num_reactions, B, gene_keep.view(B, num_genes), rkeep,
-                           relabel=compacted, backend=other_backend, validate=False)
+                           relabel=compacted, backend=backend, validate=False)
     out[GPR].edge_index = gpr.edge_index
     out[GPR].edge_ptr = gpr.edge_ptr
     out[GPR].edge_keep = gpr.edge_keep
@@ -160,7 +159,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         raise ValueError(f"`cell_graph[{METABOLISM!r}].stoichiometry` must be a float tensor [nnz] = [{nnz}] "
                          f"(one coefficient per incidence), got {stoichiometry.dtype} {tuple(stoichiometry.shape)}")
     inc = filter_bipartite(indices[METABOLISM], num_metabolites, num_reactions, B, None, rkeep,
-                           relabel=compacted, backend=other_backend, validate=False)
+                           relabel=compacted, backend=backend, validate=False)
     store = out[METABOLISM]
     store.hyperedge_index = inc.edge_index
     store.stoichiometry = stoichiometry.to(device)[inc.edge_id]

@@ -11,7 +11,7 @@ from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REG
 from stoichconv.ops.stoich_conv import build_stoich_plan, stoich_propagate
 from stoichconv.perturb import perturb_batch
 from stoichconv.reference.perturb import perturb_batch_reference
-from stoichconv.testing import random_cell_graph, random_deletions
+from stoichconv.testing import random_cell_graph, random_deletions, skip_reason
 
 NODE_FIELDS = ("num_nodes", "n_id", "batch", "ptr", "node_keep")
 EDGE_FIELDS = ("edge_index", "edge_ptr", "edge_keep")
@@ -120,12 +120,15 @@ def test_reaction_row_offset_by_reaction_counts():
     assert torch.equal(out["metabolite"].batch[rows[0]], inc_batch)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    skip_reason("triton", "cpu") is not None, reason=str(skip_reason("triton", "cpu"))))])
 @pytest.mark.parametrize("layout", ["compacted", "full"])
-def test_reference_backend_matches_compiled(layout):
+def test_every_backend_matches_compiled(layout, backend):
+    """Every op of the pass runs on the backend asked for (Triton included); same batch."""
     graph = random_cell_graph(4)
     pert, ptr = deletions(40, 5, 4)
     a = perturb_batch(graph, pert, ptr, layout=layout, backend="cpu")
-    b = perturb_batch(graph, pert, ptr, layout=layout, backend="reference")
+    b = perturb_batch(graph, pert, ptr, layout=layout, backend=backend)
     assert_batches_equal(a, b)
 
 

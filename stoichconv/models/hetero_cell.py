@@ -53,6 +53,7 @@ from torch_geometric.data import HeteroData
 from torch_geometric.nn import BatchNorm as GraphBatchNorm
 from torch_geometric.nn import LayerNorm as GraphLayerNorm
 
+from stoichconv._tensor_key import TensorsKey, cacheable
 from stoichconv.backends import check_backend_name, resolve
 from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE_TYPES, REV_GPR
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
@@ -337,12 +338,24 @@ class HeteroCell(ReferenceHeteroCell):
         self.backend = check_backend_name(backend)
         for conv in self.convs:
             conv.convs[METABOLISM].conv.backend = backend
-        self._plan_key = None
-        self._plan: Optional[CellGraphPlan] = None
-        self._wildtype_key = None
-        self._wildtype: Optional[Tensor] = None
+        self._clear_caches()
 
     # -- caches ---------------------------------------------------------------------------
+    def _clear_caches(self) -> None:
+        """The plan of the last cell graph and the inference wildtype embedding, each with its
+        :class:`~stoichconv._tensor_key.TensorsKey` (identity + version of what it was made from)."""
+        self._plan_key: Optional[TensorsKey] = None
+        self._plan: Optional[CellGraphPlan] = None
+        self._wildtype_key: Optional[TensorsKey] = None
+        self._wildtype: Optional[Tensor] = None
+
+    def __getstate__(self) -> dict:
+        """Pickled, deep-copied and ``torch.save``d without the caches (a copy rebuilds them)."""
+        state = dict(super().__getstate__())
+        for name in ("_plan_key", "_plan", "_wildtype_key", "_wildtype"):
+            state[name] = None
+        return state
+
     def train(self, mode: bool = True):
         self._wildtype_key, self._wildtype = None, None
         return super().train(mode)
@@ -350,13 +363,14 @@ class HeteroCell(ReferenceHeteroCell):
     def _get_plan(self, cell_graph: HeteroData, device, dtype) -> CellGraphPlan:
         tensors = [cell_graph[rel].edge_index for rel in GENE_GENE_RELATIONS + (GPR,)]
         tensors += [cell_graph[METABOLISM].hyperedge_index, cell_graph[METABOLISM].stoichiometry]
-        key = (tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), str(device), dtype,
-               tuple(int(cell_graph[t].num_nodes) for t in NODE_TYPES))
-        if self._plan is None or key != self._plan_key:
-            self._plan = build_cell_graph_plan(cell_graph, device, dtype,
-                                               gene_self_loops=self.config["gene_add_self_loops"])
-            self._plan_key = key
-        return self._plan
+        extra = (str(device), dtype, tuple(int(cell_graph[t].num_nodes) for t in NODE_TYPES),
+                 self.config["gene_add_self_loops"])
+        if self._plan is not None and self._plan_key is not None and self._plan_key.matches(tensors, extra):
+            return self._plan
+        plan = build_cell_graph_plan(cell_graph, device, dtype, gene_self_loops=self.config["gene_add_self_loops"])
+        self._plan, self._plan_key = plan, (TensorsKey(tensors, extra) if cacheable(tensors) else None)
+        self._wildtype_key, self._wildtype = None, None  # made with the previous plan
+        return plan
 
     def _check_sizes(self, cell_graph: HeteroData) -> None:
         for t, n in self.num_nodes.items():
@@ -491,13 +505,15 @@ class HeteroCell(ReferenceHeteroCell):
         if self.training or torch.is_grad_enabled():
             self._wildtype_key, self._wildtype = None, None
             return self._pool(self._encode(plan, _Batch(1, None, None, {})), 1, None)
-        key = (tuple((id(p), p._version, p.dtype, str(p.device)) for p in itertools.chain(self.parameters(),
-                                                                                           self.buffers())),
-               self._plan_key)
-        if self._wildtype is None or key != self._wildtype_key:
-            self._wildtype = self._pool(self._encode(plan, _Batch(1, None, None, {})), 1, None)
-            self._wildtype_key = key
-        return self._wildtype
+        tensors = list(itertools.chain(self.parameters(), self.buffers()))
+        extra = tuple((t.dtype, str(t.device)) for t in tensors)  # the plan: cleared when it is rebuilt
+        if self._wildtype is not None and self._wildtype_key is not None and plan is self._plan \
+                and self._wildtype_key.matches(tensors, extra):
+            return self._wildtype
+        wildtype = self._pool(self._encode(plan, _Batch(1, None, None, {})), 1, None)
+        cache = cacheable(tensors) and plan is self._plan and self._plan_key is not None
+        self._wildtype, self._wildtype_key = (wildtype, TensorsKey(tensors, extra)) if cache else (None, None)
+        return wildtype
 
     def forward(self, cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor) -> tuple[Tensor, dict]:
         """``(predictions [B, 2], {"z_w", "z_i", "z_p", "fitness", "gene_interaction"})`` for the
