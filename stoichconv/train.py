@@ -36,6 +36,12 @@ Checkpoints: ``--save PATH`` writes ``{"format", "model", "config", "state_dict"
 the model from its ``config``, restores the optimiser and the RNG, and continues to ``--steps``
 (batches are seeded per step, so a resumed run repeats the uninterrupted one).
 
+Precision: ``--precision`` takes the names Lightning users know: ``32`` (float32, default),
+``bf16-mixed`` (parameters and optimiser in float32, the forward under
+``torch.autocast(device, torch.bfloat16)``) and ``16-mixed`` (the same with float16 plus a
+``torch.amp.GradScaler`` that scales the loss and skips steps whose gradients overflow). The loss
+is computed in float32 in every mode.
+
 torchcell: ``--torchcell-checkpoint PATH --torchcell-config JSON`` starts from an original torchcell
 ``HeteroCell`` (its ``state_dict`` or Lightning checkpoint, and its constructor arguments, see
 :meth:`stoichconv.reference.hetero_cell.HeteroCell.from_torchcell`); ``--save-torchcell PATH``
@@ -63,6 +69,8 @@ __all__ = ["make_small_cell_graph", "Teacher", "build_model", "model_class", "mo
            "parse_args", "save_checkpoint", "load_checkpoint", "read_torchcell_config"]
 
 TEACHER_DIM = 16
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+AUTOCAST_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def make_small_cell_graph(num_genes: int = 40, num_reactions: int = 24, num_metabolites: int = 18,
@@ -199,6 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--norm", choices=("layer", "batch", "none"), default="layer")
     p.add_argument("--activation", default="relu", help="relu, gelu, leaky_relu, tanh or sigmoid")
+    p.add_argument("--precision", choices=PRECISIONS, default="32",
+                   help="32 (float32), bf16-mixed or 16-mixed (autocast; 16-mixed with a GradScaler)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm")
@@ -392,6 +402,9 @@ def train(args: argparse.Namespace) -> list:
         if "cuda_rng" in record and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(record["cuda_rng"])
 
+    autocast_dtype = AUTOCAST_DTYPES[args.precision]
+    # fp16 gradients underflow without loss scaling; with it disabled the scaler is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
     pool = random_perturbations(num_genes, args.pool, seed=args.seed + 17) if args.pool else None
     steps = range(start_step, args.steps)
     bar = None
@@ -411,12 +424,15 @@ def train(args: argparse.Namespace) -> list:
         labels = teacher(pert, pert_ptr, step if not args.pool else 0)
         pert_s, ptr_s, rows = _shard(pert, pert_ptr, rank, world) if distributed else (pert, pert_ptr, slice(None))
         y = labels[rows].to(device=device, dtype=dtype)
-        pred, _ = model_step(net, args.model, cell_graph, pert_s.to(device), ptr_s.to(device))
-        loss = nan_mse_loss(pred, y)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            pred, _ = model_step(net, args.model, cell_graph, pert_s.to(device), ptr_s.to(device))
+        loss = nan_mse_loss(pred.float(), y.float())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         value = loss.detach()
         if distributed:
             dist.all_reduce(value)
@@ -448,7 +464,8 @@ def train(args: argparse.Namespace) -> list:
         trend = "nothing to do"
     peak = _peak_rss_mb()
     say(f"done: {args.model} model, {n} steps (to step {start_step + n}) in {seconds:.1f} s, "
-        f"{n / seconds if seconds > 0 and n else 0.0:.3g} steps/s, B = {args.batch_size}, {trend}"
+        f"{n / seconds if seconds > 0 and n else 0.0:.3g} steps/s, B = {args.batch_size}, "
+        f"precision {args.precision}, {trend}"
         + (f", peak RSS {peak:.0f} MB" if peak is not None else "")
         + (f", saved {args.save}" if args.save else ""), flush=True)
     return losses

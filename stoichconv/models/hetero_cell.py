@@ -59,6 +59,8 @@ from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
 from stoichconv.ops.gatv2 import gatv2_attention
 from stoichconv.ops.pert_mask import filter_edges, reaction_keep
+from stoichconv.ops.pert_mask.validation import check_perturbations
+from stoichconv.ops.stoich_conv.validation import require
 from stoichconv.reference.hetero_cell import HeteroCell as ReferenceHeteroCell
 from stoichconv.types import EdgeSet
 
@@ -87,7 +89,8 @@ class CellGraphPlan:
     gpr_reaction: Tensor  # [E_gpr] reaction of each wildtype GPR pair
     incidence: Tensor
     stoich: Tensor
-    summary_matrix: Tensor  # CSR [N_r, N_m]: B_e * s_k (metabolism_to_gene)
+    summary_matrix: Optional[Tensor]  # CSR [N_r, N_m]: B_e * s_k (metabolism_to_gene); None in a compiled graph
+    summary_values: Tensor  # [nnz] B_e * s_k per incidence (the summary's values, incidence order)
     num_nodes: dict
     # gene-gene relation -> wildtype positions of its non-loop edges when the relation's edges are
     # "non-loop edges, then one self-loop per gene" (``add_self_loops``); absent otherwise
@@ -125,21 +128,34 @@ def build_cell_graph_plan(cell_graph: HeteroData, device: torch.device, dtype: t
     inv = torch.zeros(Nr, dtype=dtype, device=device).index_add_(0, incidence[1].long(), s.abs()).reciprocal()
     inv = inv.masked_fill(torch.isinf(inv), 0.0)
     values = inv[incidence[1].long()] * s
-    order = torch.sort(incidence[1], stable=True).indices
-    crow = torch.zeros(Nr + 1, dtype=torch.long, device=device)
-    crow[1:] = torch.cumsum(torch.bincount(incidence[1].long(), minlength=Nr), 0)
-    with warnings.catch_warnings():  # PyTorch flags every CSR construction as beta; this one is ours
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        summary = torch.sparse_csr_tensor(crow, incidence[0, order].long(), values[order], (Nr, Nm),
-                                          check_invariants=False)
-    return CellGraphPlan(relations, gene_edges, gpr, gpr[1].contiguous(), incidence, stoich, summary,
+    summary = None
+    if not torch.compiler.is_compiling():  # sparse CSR does not trace: see _summary
+        order = torch.sort(incidence[1], stable=True).indices
+        crow = _csr_rows(incidence[1, order].long(), Nr)
+        with warnings.catch_warnings():  # PyTorch flags every CSR construction as beta; this one is ours
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            summary = torch.sparse_csr_tensor(crow, incidence[0, order].long(), values[order], (Nr, Nm),
+                                              check_invariants=False)
+    return CellGraphPlan(relations, gene_edges, gpr, gpr[1].contiguous(), incidence, stoich, summary, values,
                          {"gene": Ng, "reaction": Nr, "metabolite": Nm}, loop_free)
 
 
+def _summary(plan: CellGraphPlan, m: Tensor) -> Tensor:
+    """``S @ m`` for the reaction summary ``S`` [N_r, N_m] (``B_e * s_k`` per incidence) and
+    ``m`` [N_m, K]: a CSR SpMM eagerly, a gather + ``index_add_`` inside a ``torch.compile`` graph
+    (the same sums; the SpMM is deterministic on every device)."""
+    if plan.summary_matrix is not None:
+        return plan.summary_matrix @ m
+    met, rxn = plan.incidence[0].long(), plan.incidence[1].long()
+    return m.new_zeros(plan.num_nodes["reaction"], m.size(1)).index_add_(
+        0, rxn, plan.summary_values.to(m.dtype).unsqueeze(1) * m.index_select(0, met))
+
+
 def _csr_rows(row: Tensor, num_rows: int) -> Tensor:
-    crow = torch.zeros(num_rows + 1, dtype=torch.long, device=row.device)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_rows), 0)
-    return crow
+    """CSR pointer [num_rows + 1] of the non-decreasing ``row``: ``crow[i]`` = #entries < i (a
+    fixed-size result, unlike ``bincount``, so it traces with ``fullgraph=True``)."""
+    bounds = torch.arange(num_rows + 1, dtype=row.dtype, device=row.device)
+    return torch.searchsorted(row, bounds, side="left")
 
 
 def _edge_set(rel: _SortedRelation, keep: Optional[Tensor], num_samples: int, shared_src: bool,
@@ -319,6 +335,17 @@ class _MetabolismConv(FastStoichHypergraphConv):
         return _scatter_rows(F.dropout(flat.index_select(0, rows), p, True), rows, flat.size(0)).view_as(alpha)
 
 
+def _check_perturbation_values(pert: Tensor, pert_ptr: Tensor, num_genes: int) -> None:
+    """The value checks of :func:`stoichconv.ops.pert_mask.validation.check_perturbations`, once
+    per forward, as in-graph assertions under ``torch.compile`` (no graph break, no host sync)."""
+    require(pert_ptr[0] == 0, ValueError, "`pert_ptr` must start at 0")
+    require((pert_ptr[1:] >= pert_ptr[:-1]).all(), ValueError, "`pert_ptr` must be non-decreasing")
+    require(pert_ptr[-1] == pert.numel(), ValueError, f"`pert_ptr` must end at len(pert) = {pert.numel()}")
+    if pert.numel() > 0:
+        require(pert.min() >= 0, ValueError, "`pert` has a negative gene id")
+        require(pert.max() < num_genes, ValueError, f"`pert` has a gene id outside [0, num_nodes={num_genes})")
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -365,6 +392,8 @@ class HeteroCell(ReferenceHeteroCell):
         tensors += [cell_graph[METABOLISM].hyperedge_index, cell_graph[METABOLISM].stoichiometry]
         extra = (str(device), dtype, tuple(int(cell_graph[t].num_nodes) for t in NODE_TYPES),
                  self.config["gene_add_self_loops"])
+        if torch.compiler.is_compiling():  # built inside the graph (as the layer's plan is): no cache guards
+            return build_cell_graph_plan(cell_graph, device, dtype, gene_self_loops=self.config["gene_add_self_loops"])
         if self._plan is not None and self._plan_key is not None and self._plan_key.matches(tensors, extra):
             return self._plan
         plan = build_cell_graph_plan(cell_graph, device, dtype, gene_self_loops=self.config["gene_add_self_loops"])
@@ -384,13 +413,13 @@ class HeteroCell(ReferenceHeteroCell):
         edge_keep, gene_keep = {}, None
         for rel in GENE_GENE_RELATIONS:
             ei = plan.gene_edge_index[rel]
-            res = filter_edges(ei, Ng, pert, pert_ptr, relabel=False,
+            res = filter_edges(ei, Ng, pert, pert_ptr, relabel=False, validate=False,  # checked in forward
                                backend=resolve("filter_edges", self.backend, pert.device, strict=False))
             edge_keep[rel] = res.edge_keep.view(B, ei.size(1))
             gene_keep = res.node_keep
         for rel, kept in plan.loop_free.items():  # non-loop edges, then one loop per kept gene
             edge_keep[rel] = torch.cat([edge_keep[rel][:, kept], gene_keep.view(B, Ng)], dim=1)
-        rkeep = reaction_keep(plan.gpr_index, Nr, pert, pert_ptr,
+        rkeep = reaction_keep(plan.gpr_index, Nr, pert, pert_ptr, validate=False,
                               backend=resolve("reaction_keep", self.backend, pert.device, strict=False))
         gpr_keep = rkeep[:, plan.gpr_reaction]  # a GPR pair survives iff its reaction does
         edge_keep[GPR] = gpr_keep
@@ -477,7 +506,7 @@ class HeteroCell(ReferenceHeteroCell):
             met_out = post(w, met.reshape(B * Nm, met.size(-1)), None, "metabolite")
             if self.metabolism_to_gene:
                 m = met_out.view(B, Nm, C).permute(1, 0, 2).reshape(Nm, B * C)
-                summary = (plan.summary_matrix @ m).view(Nr, B, C).permute(1, 0, 2).reshape(B * Nr, C)
+                summary = _summary(plan, m).view(Nr, B, C).permute(1, 0, 2).reshape(B * Nr, C)
                 w = self.rev_gpr_convs[layer]
                 out = post(w, gat(w, reaction_out + summary, x_gene, edges(REV_GPR, False, gene_shared)),
                            gene_keep, "gene")
@@ -526,7 +555,8 @@ class HeteroCell(ReferenceHeteroCell):
             raise TypeError("`pert` and `pert_ptr` must be tensors")
         if pert_ptr.dim() != 1 or pert_ptr.numel() < 2:
             raise ValueError(f"`pert_ptr` must be [B + 1] with B >= 1, got shape {tuple(pert_ptr.shape)}")
-        pert, pert_ptr = pert.to(device), pert_ptr.to(device)
+        pert, pert_ptr = check_perturbations(pert.to(device), pert_ptr.to(device), values=False)
+        _check_perturbation_values(pert, pert_ptr, self.num_nodes["gene"])
         plan = self._get_plan(cell_graph, device, dtype)
         batch = self.perturbation_masks(plan, pert, pert_ptr)
         z_w = self._wildtype_embedding(plan)
