@@ -25,13 +25,16 @@ def _train(argv):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("model", ["fast", "reference"])
-def test_loss_falls_on_small_graph(tmp_path, model):
+@pytest.mark.parametrize("model,precision", [("fast", "32"), ("reference", "32"), ("fast", "bf16-mixed"),
+                                             ("reference", "bf16-mixed"), ("fast", "16-mixed")])
+def test_loss_falls_on_small_graph(tmp_path, model, precision):
+    """Also under autocast (bf16-mixed; 16-mixed with its GradScaler), on the CPU."""
     log = tmp_path / "log.json"
     steps = 40 if model == "fast" else 25
     args = train_mod.parse_args(["--small", "--model", model, "--steps", str(steps), "--batch-size", "8",
                                  "--hidden", "16", "--layers", "2", "--lr", "1e-2", "--pool", "8",
-                                 "--nan-fraction", "0.1", "--log", str(log), "--no-progress", "--threads", "1"])
+                                 "--nan-fraction", "0.1", "--log", str(log), "--no-progress", "--threads", "1",
+                                 "--precision", precision])
     threads = torch.get_num_threads()
     try:
         losses = train_mod.train(args)

@@ -23,7 +23,7 @@ builds everything else on the device:
   over the kept rows (incidences) of all samples in sample-major order, scattered into the full
   layout. With the same seed both models draw the same masks (tested in train mode).
 * **Gene-gene and GPR relations**: :func:`stoichconv.ops.gatv2_attention` (GATv2 attention and
-  aggregation, fused forward and backward kernels on CPU, the edge-chunked reference elsewhere)
+  aggregation, fused forward and backward kernels on every backend)
   over per-batch :class:`~stoichconv.types.EdgeSet` s built from the keep-masks; the GPR sources
   are the genes with a GPR pair only (``lin_l`` runs on those rows). ``add_self_loops`` follows
   PyG on the compacted batch: gene-gene loops for every kept gene; GPR "loops" pair compacted
@@ -33,7 +33,15 @@ builds everything else on the device:
   structure), ``hyperedge_attr`` = the layer-0 reaction embeddings (the original's quirk).
 * **Wildtype pass**: computed once per forward; when not training it is cached, keyed on the
   parameters' and buffers' version counters, the cell graph's tensors, dtype and device
-  (``train()``, ``load_state_dict`` or any in-place parameter update invalidates it).
+  (``train()``, ``load_state_dict`` or any in-place parameter update invalidates it). The plan of
+  the cell graph is cached likewise, on the graph tensors' identity and version (never their
+  addresses); both caches are dropped when the model is pickled, deep-copied or ``torch.save``\ d.
+* **torch.compile**: the forward and backward trace as one graph (``fullgraph=True``): the
+  perturbation checks are in-graph assertions, the plan is built inside the graph, and the
+  per-batch edge sets have data-dependent (unbacked) sizes, which Dynamo captures with
+  ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (set it, or use
+  ``torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)`` around the first call;
+  without it the compile falls back to one graph break per edge set).
 
 By default the fast model computes everything the reference computes (the GPR and metabolism
 relations included, although in the original design they never reach the prediction).
