@@ -38,18 +38,19 @@ TORCH_LIBRARY(stoichconv, m) {
       "reaction_keep(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr) "
       "-> Tensor");
   // Fused GATv2 attention + aggregation forward over row-sorted edges:
-  // (out [num_rows, H, C], alpha [E, H]).  CPU only; semantics: the
-  // stoichconv.ops.gatv2 docstring.
+  // (out [num_rows, H, C], alpha [E, H]).  CPU and CUDA kernels; semantics
+  // and dtypes: the stoichconv.ops.gatv2 docstring.
   m.def(
       "gatv2_forward(Tensor x_l, Tensor x_r, Tensor att, Tensor src, Tensor dst, Tensor crow, "
       "float negative_slope) -> (Tensor, Tensor)");
-  // Its backward from the saved alpha: (grad_x_l, grad_x_r, grad_att).  CPU only.
+  // Its backward from the saved alpha: (grad_x_l, grad_x_r, grad_att).  CPU and CUDA.
   m.def(
       "gatv2_backward(Tensor grad_out, Tensor x_l, Tensor x_r, Tensor att, Tensor alpha, "
       "Tensor src, Tensor dst, Tensor crow, float negative_slope) -> (Tensor, Tensor, Tensor)");
   // Softmax of logits [B, nnz, H] over the incidences of each group (a CSR
   // ordering: group_ptr [G+1], group_perm [nnz]); incidences with kept [B, nnz]
-  // False weigh 0.  CPU only; semantics: stoichconv.ops.group_softmax docstring.
+  // False weigh 0.  CPU and CUDA kernels; semantics and dtypes:
+  // stoichconv.ops.group_softmax docstring.
   m.def("group_softmax(Tensor logits, Tensor? kept, Tensor group_ptr, Tensor group_perm) -> Tensor");
   // Its backward: grad_logits = alpha * (grad - sum_group alpha * grad).
   m.def(

@@ -1,11 +1,16 @@
 // C++ CPU kernels of the fused GATv2 attention + aggregation, forward and
-// backward (semantics: stoichconv.ops.gatv2 docstring).
+// backward (semantics and dtypes: stoichconv.ops.gatv2 docstring).
 //
 // Edges come sorted by output row (CSR `crow`): one pass over the rows computes
 // the logits, the row's softmax and the aggregation; nothing per edge is kept
 // but alpha [E, H] (the backward recomputes the pre-activations).
 // Every row is written by one thread with sums in a fixed order: bit-identical
-// for any thread count, no atomics.
+// for any thread count, no atomics.  Storage types float16, bfloat16, float32,
+// float64; logits, softmax statistics and every sum are in acc_t =
+// acc_type<scalar_t> (float for the reduced-precision types, the type itself
+// otherwise): a row accumulated for the output is an acc_t scratch row of its
+// thread (the output row itself when acc_t is scalar_t), rounded to scalar_t
+// once, on store.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,21 +19,23 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "stoichconv/accumulate_type.h"
 #include "stoichconv/csr_checks.h"
+#include "stoichconv/gatv2_checks.h"
 #include "stoichconv/gatv2_math.h"
 #include "stoichconv/size_checks.h"
-#include "stoichconv/stoich_conv_math.h"  // axpy_row
 
 namespace stoichconv {
 namespace {
 
 constexpr int64_t kRowGrain = 64;  // rows per task
 
-// Lanes of the channel reductions (one 32-byte register).
-template <typename scalar_t>
-constexpr int kLanes = 32 / sizeof(scalar_t);
+// Lanes of the channel reductions (one 32-byte register of the accumulation type).
+template <typename acc_t>
+constexpr int kLanes = 32 / sizeof(acc_t);
 
 // The edges of one call, contiguous and kept alive (the kernels and the value
 // checks read them through raw pointers).
@@ -36,75 +43,78 @@ struct Edges {
   at::Tensor src, dst, crow;
 };
 
-// Checks every argument (the edge values included) and returns the edges
-// contiguous.
+// Checks every argument (gatv2_checks.h; the edge values included) and
+// returns the edges contiguous.
 Edges check_args(const at::Tensor& x_l, const at::Tensor& x_r, const at::Tensor& att,
                  const at::Tensor& src_in, const at::Tensor& dst_in, const at::Tensor& crow_in) {
-  const char* op = "gatv2";
-  TORCH_CHECK(x_l.device().is_cpu() && x_r.device().is_cpu() && att.device().is_cpu(), op,
-              ": tensors must be on the CPU");
-  TORCH_CHECK(x_l.dim() == 3 && x_r.dim() == 3 && x_l.size(1) == x_r.size(1) &&
-                  x_l.size(2) == x_r.size(2),
-              op, ": `x_l` [N_src, H, C] and `x_r` [N_dst, H, C] must agree in H, C; got ",
-              x_l.sizes(), " and ", x_r.sizes());
-  TORCH_CHECK(att.dim() == 2 && att.size(0) == x_l.size(1) && att.size(1) == x_l.size(2), op,
-              ": `att` must be [H, C] = [", x_l.size(1), ", ", x_l.size(2), "], got ", att.sizes());
-  TORCH_CHECK(x_l.scalar_type() == x_r.scalar_type() && x_l.scalar_type() == att.scalar_type(),
-              op, ": `x_l`, `x_r` and `att` must share one dtype");
-  TORCH_CHECK(x_l.scalar_type() == at::kFloat || x_l.scalar_type() == at::kDouble, op,
-              ": float32 or float64 features expected, got ", x_l.scalar_type());
-  for (const auto* t : {&src_in, &dst_in, &crow_in}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->device().is_cpu(), op,
-                ": `src`, `dst` and `crow` must be 1-D int64 CPU tensors");
-  }
-  TORCH_CHECK(src_in.size(0) == dst_in.size(0), op, ": `src` and `dst` must have the same length");
-  TORCH_CHECK(crow_in.size(0) >= 1, op, ": `crow` must have length num_rows + 1 >= 1");
+  check_gatv2_structure(x_l, x_r, att, src_in, dst_in, crow_in, at::kCPU);
   Edges edges{src_in.contiguous(), dst_in.contiguous(), crow_in.contiguous()};
-  const at::Tensor &src = edges.src, &dst = edges.dst, &crow = edges.crow;
-  const int64_t E = src.size(0), Ns = x_l.size(0), Nd = x_r.size(0), R = crow.size(0) - 1;
-  const int64_t* s = src.data_ptr<int64_t>();
-  const int64_t* d = dst.data_ptr<int64_t>();
-  const int64_t* p = crow.data_ptr<int64_t>();
-  check_row_pointer(op, "crow", p, R, E, "E");
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(s[e] >= 0 && s[e] < Ns, op, ": `src` has id ", s[e], " outside [0, ", Ns, ")");
-    TORCH_CHECK(d[e] >= 0 && d[e] < Nd, op, ": `dst` has id ", d[e], " outside [0, ", Nd, ")");
-  }
+  const int64_t E = edges.src.size(0), R = edges.crow.size(0) - 1;
+  check_row_pointer("gatv2", "crow", edges.crow.data_ptr<int64_t>(), R, E, "E");
+  check_edge_ids(edges.src.data_ptr<int64_t>(), edges.dst.data_ptr<int64_t>(), E, x_l.size(0),
+                 x_r.size(0));
   return edges;
+}
+
+// The acc_t row of n entries that an output row `out` is accumulated in: `out`
+// itself when scalar_t is acc_t, else `scratch` (a buffer of the thread).
+template <typename acc_t, typename scalar_t>
+acc_t* accumulator_for(scalar_t* out, std::vector<acc_t>& scratch, int64_t n) {
+  if constexpr (std::is_same<acc_t, scalar_t>::value) {
+    return out;
+  } else {
+    scratch.resize(static_cast<size_t>(n));
+    return scratch.data();
+  }
+}
+
+// Stores the accumulated row into `out` (rounded once; nothing to do when the
+// row was accumulated in `out` itself).
+template <typename acc_t, typename scalar_t>
+void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
+  if constexpr (!std::is_same<acc_t, scalar_t>::value) {
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+  }
 }
 
 template <typename scalar_t>
 void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                     const int64_t* src, const int64_t* dst, const int64_t* crow, int64_t R,
-                    int64_t H, int64_t C, scalar_t slope, scalar_t* out, scalar_t* alpha) {
+                    int64_t H, int64_t C, acc_type<scalar_t> slope, scalar_t* out,
+                    scalar_t* alpha) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
   at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> row_max(H), denom(H);
+    std::vector<acc_t> row_max(H), denom(H), weight_scratch, out_scratch;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e0 = crow[i], e1 = crow[i + 1];
-      for (int64_t h = 0; h < H; ++h) row_max[h] = -std::numeric_limits<scalar_t>::infinity();
+      // The row's logits, then exps, then softmax weights [e1 - e0, H].
+      acc_t* w = accumulator_for(alpha + e0 * H, weight_scratch, (e1 - e0) * H);
+      for (int64_t h = 0; h < H; ++h) row_max[h] = -std::numeric_limits<acc_t>::infinity();
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t a = gatv2_logit<kLanes<scalar_t>>(att + h * C, xl + src[e] * W + h * C,
-                                         xr + dst[e] * W + h * C, slope, C);
-          alpha[e * H + h] = a;
+          const acc_t a = gatv2_logit<kLanes<acc_t>>(att + h * C, xl + src[e] * W + h * C,
+                                                     xr + dst[e] * W + h * C, slope, C);
+          w[(e - e0) * H + h] = a;
           row_max[h] = std::max(row_max[h], a);
         }
-      for (int64_t h = 0; h < H; ++h) denom[h] = scalar_t(0);
+      for (int64_t h = 0; h < H; ++h) denom[h] = acc_t(0);
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t x = std::exp(alpha[e * H + h] - row_max[h]);
-          alpha[e * H + h] = x;
+          const acc_t x = std::exp(w[(e - e0) * H + h] - row_max[h]);
+          w[(e - e0) * H + h] = x;
           denom[h] += x;
         }
-      scalar_t* o = out + i * W;
-      for (int64_t c = 0; c < W; ++c) o[c] = scalar_t(0);
+      acc_t* o = accumulator_for(out + i * W, out_scratch, W);
+      for (int64_t c = 0; c < W; ++c) o[c] = acc_t(0);
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t a = gatv2_softmax_weight(alpha[e * H + h], denom[h]);
-          alpha[e * H + h] = a;
-          axpy_row(o + h * C, a, xl + src[e] * W + h * C, C);
+          const acc_t a = gatv2_softmax_weight(w[(e - e0) * H + h], denom[h]);
+          w[(e - e0) * H + h] = a;
+          gatv2_aggregate_row(o + h * C, a, xl + src[e] * W + h * C, C);
         }
+      store_row(alpha + e0 * H, w, (e1 - e0) * H);
+      store_row(out + i * W, o, W);
     }
   });
 }
@@ -123,12 +133,13 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
   const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l.size(1), C = x_l.size(2);
   auto out = allocate(op, "out", {R, H, C}, x_l.options());
   auto alpha = allocate(op, "alpha", {E, H}, x_l.options());
-  AT_DISPATCH_FLOATING_TYPES(x_l.scalar_type(), "gatv2_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_l.scalar_type(),
+                                  "gatv2_forward_cpu", [&] {
     forward_kernel<scalar_t>(x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
                              att.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
                              dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, H, C,
-                             static_cast<scalar_t>(negative_slope), out.data_ptr<scalar_t>(),
-                             alpha.data_ptr<scalar_t>());
+                             static_cast<acc_type<scalar_t>>(negative_slope),
+                             out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>());
   });
   return {out, alpha};
 }
@@ -150,7 +161,7 @@ void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector
 constexpr int64_t kSrcBlock = 64;
 
 // The backward of forward_kernel, in three passes (every output row written
-// by one thread, sums in a fixed order):
+// by one thread, sums in a fixed order, all in acc_t):
 //  A. per output row i (row-local softmax backward):
 //       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e')
 //  B. per source row s, over its edges (grouped by src):
@@ -162,42 +173,44 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                      const scalar_t* alpha, const int64_t* src, const int64_t* dst,
                      const int64_t* crow, int64_t R, int64_t E, int64_t Ns, int64_t Nd, int64_t H,
-                     int64_t C, scalar_t slope, scalar_t* gxl, scalar_t* gxr, scalar_t* gatt) {
+                     int64_t C, acc_type<scalar_t> slope, scalar_t* gxl, scalar_t* gxr,
+                     scalar_t* gatt) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
-  std::vector<scalar_t> grad_logit(static_cast<size_t>(E * H));
+  std::vector<acc_t> grad_logit(static_cast<size_t>(E * H));
   std::vector<int64_t> row_of(static_cast<size_t>(E));
   // A.
   at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> dot(H);
+    std::vector<acc_t> dot(H);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e0 = crow[i], e1 = crow[i + 1];
-      for (int64_t h = 0; h < H; ++h) dot[h] = scalar_t(0);
+      for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
       for (int64_t e = e0; e < e1; ++e) {
         row_of[e] = i;
         for (int64_t h = 0; h < H; ++h) {
-          const scalar_t ga = dot_row<kLanes<scalar_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
+          const acc_t ga = gatv2_dot<kLanes<acc_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
           grad_logit[e * H + h] = ga;
-          dot[h] += alpha[e * H + h] * ga;
+          dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
         }
       }
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h)
-          grad_logit[e * H + h] =
-              gatv2_logit_grad(alpha[e * H + h], grad_logit[e * H + h], dot[h]);
+          grad_logit[e * H + h] = gatv2_logit_grad(static_cast<acc_t>(alpha[e * H + h]),
+                                                   grad_logit[e * H + h], dot[h]);
     }
   });
   // B.
   std::vector<int64_t> src_ptr, by_src;
   group_edges_by(src, E, Ns, src_ptr, by_src);
   const int64_t num_blocks = (Ns + kSrcBlock - 1) / kSrcBlock;
-  std::vector<scalar_t> att_partial(static_cast<size_t>(num_blocks * W), scalar_t(0));
+  std::vector<acc_t> att_partial(static_cast<size_t>(num_blocks * W), acc_t(0));
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> pre(W);
+    std::vector<acc_t> scratch;
     for (int64_t blk = begin; blk < end; ++blk) {
-      scalar_t* part = att_partial.data() + blk * W;
+      acc_t* part = att_partial.data() + blk * W;
       for (int64_t s = blk * kSrcBlock; s < std::min(Ns, (blk + 1) * kSrcBlock); ++s) {
-        scalar_t* acc = gxl + s * W;
-        for (int64_t c = 0; c < W; ++c) acc[c] = scalar_t(0);
+        acc_t* acc = accumulator_for(gxl + s * W, scratch, W);
+        for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
         const scalar_t* xs = xl + s * W;
         for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
           const int64_t e = by_src[j];
@@ -205,16 +218,20 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
           const scalar_t* gr = g + row_of[e] * W;
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * C;
-            gatv2_source_grad_row(acc + o, part + o, alpha[e * H + h], gr + o,
+            gatv2_source_grad_row(acc + o, part + o, static_cast<acc_t>(alpha[e * H + h]), gr + o,
                                   grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
           }
         }
+        store_row(gxl + s * W, acc, W);
       }
     }
   });
-  for (int64_t c = 0; c < W; ++c) gatt[c] = scalar_t(0);
+  std::vector<acc_t> gatt_scratch;
+  acc_t* gatt_acc = accumulator_for(gatt, gatt_scratch, W);
+  for (int64_t c = 0; c < W; ++c) gatt_acc[c] = acc_t(0);
   for (int64_t blk = 0; blk < num_blocks; ++blk)
-    for (int64_t c = 0; c < W; ++c) gatt[c] += att_partial[blk * W + c];
+    for (int64_t c = 0; c < W; ++c) gatt_acc[c] += att_partial[blk * W + c];
+  store_row(gatt, gatt_acc, W);
   // C.
   bool dst_is_row = Nd == R;
   for (int64_t e = 0; dst_is_row && e < E; ++e) dst_is_row = dst[e] == row_of[e];
@@ -223,9 +240,10 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
   const int64_t* dst_ptr = dst_is_row ? crow : dst_ptr_v.data();
   const int64_t* by_dst = dst_is_row ? nullptr : by_dst_v.data();
   at::parallel_for(0, Nd, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;
     for (int64_t d = begin; d < end; ++d) {
-      scalar_t* acc = gxr + d * W;
-      for (int64_t c = 0; c < W; ++c) acc[c] = scalar_t(0);
+      acc_t* acc = accumulator_for(gxr + d * W, scratch, W);
+      for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xd = xr + d * W;
       for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
         const int64_t e = by_dst ? by_dst[j] : j;
@@ -236,6 +254,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
                                      slope, C);
         }
       }
+      store_row(gxr + d * W, acc, W);
     }
   });
 }
@@ -247,28 +266,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
   const Edges edges = check_args(x_l_in, x_r_in, att_in, src_in, dst_in, crow_in);
   const at::Tensor &src = edges.src, &dst = edges.dst, &crow = edges.crow;
   const int64_t R = crow.size(0) - 1, E = src.size(0), H = x_l_in.size(1), C = x_l_in.size(2);
-  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == R && grad_out_in.size(1) == H &&
-                  grad_out_in.size(2) == C && grad_out_in.scalar_type() == x_l_in.scalar_type() &&
-                  grad_out_in.device().is_cpu(),
-              "gatv2_backward: `grad_out` must be a CPU tensor [num_rows, H, C] = [", R, ", ", H,
-              ", ", C, "] of the dtype of `x_l`");
-  TORCH_CHECK(alpha_in.dim() == 2 && alpha_in.size(0) == E && alpha_in.size(1) == H &&
-                  alpha_in.scalar_type() == x_l_in.scalar_type() && alpha_in.device().is_cpu(),
-              "gatv2_backward: `alpha` must be a CPU tensor [E, H] = [", E, ", ", H,
-              "] of the dtype of `x_l`");
+  check_gatv2_backward_args(grad_out_in, alpha_in, x_l_in, R, E, at::kCPU);
   const auto grad_out = grad_out_in.contiguous(), x_l = x_l_in.contiguous(),
              x_r = x_r_in.contiguous(), att = att_in.contiguous(), alpha = alpha_in.contiguous();
   auto grad_x_l = at::empty_like(x_l);
   auto grad_x_r = at::empty_like(x_r);
   auto grad_att = at::empty_like(att);
-  AT_DISPATCH_FLOATING_TYPES(x_l.scalar_type(), "gatv2_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_l.scalar_type(),
+                                  "gatv2_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), x_l.data_ptr<scalar_t>(),
                               x_r.data_ptr<scalar_t>(), att.data_ptr<scalar_t>(),
                               alpha.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
                               dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, E,
                               x_l.size(0), x_r.size(0), H, C,
-                              static_cast<scalar_t>(negative_slope), grad_x_l.data_ptr<scalar_t>(),
-                              grad_x_r.data_ptr<scalar_t>(), grad_att.data_ptr<scalar_t>());
+                              static_cast<acc_type<scalar_t>>(negative_slope),
+                              grad_x_l.data_ptr<scalar_t>(), grad_x_r.data_ptr<scalar_t>(),
+                              grad_att.data_ptr<scalar_t>());
   });
   return {grad_x_l, grad_x_r, grad_att};
 }

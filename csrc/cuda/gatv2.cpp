@@ -17,6 +17,7 @@
 
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "stoichconv/csr_checks.h"
 #include "stoichconv/gatv2_checks.h"
@@ -31,10 +32,12 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // The one dtype dispatch of this file (the storage types instantiated in
-// gatv2_kernels.cu; check_gatv2_structure admits the same).
+// gatv2_kernels.cu: float16, bfloat16, float32, float64; check_gatv2_structure
+// admits the same).
 template <typename F>
 void dispatch_floating(at::ScalarType type, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES(type, "gatv2_cuda", [&] { f(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "gatv2_cuda",
+                                  [&] { f(scalar_t(0)); });
 }
 
 // The contiguous edges of one call, kept alive, and their device view.
@@ -100,10 +103,17 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cuda(const at::Tensor& x_l_in,
   auto alpha = allocate(op, "alpha", {g.E, g.H}, x_l.options());
   dispatch_floating(x_l.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
+    using acc_t = acc_type<scalar_t>;
+    // The logits and softmax weights in acc_t: alpha itself when scalar_t is acc_t.
+    const at::Tensor weights =
+        std::is_same<acc_t, scalar_t>::value
+            ? alpha
+            : allocate(op, "the softmax weights", {g.E, g.H},
+                       x_l.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     check_launch(cuda::launch_gatv2_forward<scalar_t>(
                      g, x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
                      att.data_ptr<scalar_t>(), negative_slope, out.data_ptr<scalar_t>(),
-                     alpha.data_ptr<scalar_t>(), stream),
+                     alpha.data_ptr<scalar_t>(), weights.data_ptr<acc_t>(), stream),
                  op);
   });
   return {out, alpha};

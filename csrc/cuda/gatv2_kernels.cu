@@ -1,8 +1,9 @@
 // CUDA kernels of the fused GATv2 attention + aggregation (forward +
 // backward) and the device-side validation of its edges.
 //
-// Only CUDA headers and the project's torch-free headers: this file compiles
-// in seconds; csrc/cuda/gatv2.cpp is the torch launcher.  The per-element
+// Only CUDA headers, the project's torch-free headers and the header-only
+// c10 scalar types (c10::Half, c10::BFloat16): this file compiles in seconds;
+// csrc/cuda/gatv2.cpp is the torch launcher.  The per-element
 // arithmetic is gatv2_math.h, the functions the CPU kernels
 // (csrc/cpu/gatv2.cpp) run.
 //
@@ -16,11 +17,13 @@
 //   xor butterfly, sums over edges run in edge order: deterministic, no
 //   atomics on any result.
 // * Forward, per (row i, head h):
-//     1. edge by edge, the logit (team sum over channels), stored in alpha,
-//        and the running maximum;
+//     1. edge by edge, the logit (team sum over channels), stored in the
+//        acc_t scratch `weights` [E, H], and the running maximum;
 //     2. edges strided over the lanes: exp(a - max), the denominator (team
-//        sum), then alpha = exp / (denominator + 1e-16) (PyG's softmax);
-//     3. channel by channel, out[i, h, c] = sum_e alpha_e x_l[src_e, h, c].
+//        sum), then w = exp / (denominator + 1e-16) (PyG's softmax) into
+//        `weights` and, rounded, alpha;
+//     3. channel by channel, out[i, h, c] = sum_e w_e x_l[src_e, h, c].
+//   For float32 / float64 `weights` is alpha itself (the launcher passes it).
 // * Backward, three kernels (the CPU kernel's passes A-C) and a reduction:
 //     A. per (row, head): ga_e = <g_i, x_l[src_e]> (team sums), then
 //        gl_e = alpha_e (ga_e - sum_row alpha ga) into the scratch grad_logit,
@@ -32,14 +35,21 @@
 //        by-destination order: grad_x_r rows;
 //     D. grad_att = the partials summed in a fixed order (one block per 32
 //        columns: 8 strided sequential sums, then their sum in order).
-// * Accumulation in acc_type<scalar_t> (the storage type for float32 /
-//   float64).  A reduced-precision instantiation would keep the forward's
-//   logits in an acc_type scratch instead of alpha.
+// * Storage types float16, bfloat16, float32, float64 (semantics and dtypes:
+//   stoichconv.ops.gatv2 docstring).  Every value is converted to
+//   acc_type<scalar_t> on load (float for float16 / bfloat16, the storage
+//   type otherwise); logits, softmax statistics, weights and every sum stay
+//   in acc_t (the forward's in `weights`, the backward's in grad_logit and
+//   att_partial), and each output entry is rounded to scalar_t once, on
+//   store.
 // * The kernels trust their input: the launcher runs launch_validate_edges
 //   first (one host synchronisation) and raises the CPU kernel's errors.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "stoichconv/accumulate_type.h"
 #include "stoichconv/cuda_team.cuh"
@@ -58,7 +68,8 @@ __global__ void __launch_bounds__(kThreads)
     gatv2_forward_kernel(const GatGeometry g, const scalar_t* __restrict__ xl,
                          const scalar_t* __restrict__ xr, const scalar_t* __restrict__ att,
                          const acc_type<scalar_t> slope, scalar_t* __restrict__ out,
-                         scalar_t* __restrict__ alpha) {
+                         scalar_t* alpha, acc_type<scalar_t>* weights) {
+  // alpha and weights are one array for float32 / float64: not __restrict__.
   using acc_t = acc_type<scalar_t>;
   const Team<T> team;
   const int64_t H = g.H, C = g.C, W = H * C;
@@ -76,26 +87,29 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = team.lane; c < C; c += T)
         part += gatv2_logit_term(acc_t(att_h[c]), acc_t(xs[c]), acc_t(xd[c]), slope);
       const acc_t a = team.sum(part);
-      if (team.lane == 0) alpha[e * H + h] = scalar_t(a);
+      if (team.lane == 0) weights[e * H + h] = a;
       row_max = group_max_update(row_max, a);
     }
     team.sync();
     // 2. the row softmax, edges strided over the lanes (each lane rewrites its own).
     acc_t denom = acc_t(0);
     for (int64_t e = e0 + team.lane; e < e1; e += T) {
-      const acc_t x = exp_acc(acc_t(alpha[e * H + h]) - row_max);
-      alpha[e * H + h] = scalar_t(x);
+      const acc_t x = exp_acc(weights[e * H + h] - row_max);
+      weights[e * H + h] = x;
       denom += x;
     }
     denom = team.sum(denom);
-    for (int64_t e = e0 + team.lane; e < e1; e += T)
-      alpha[e * H + h] = scalar_t(gatv2_softmax_weight(acc_t(alpha[e * H + h]), denom));
+    for (int64_t e = e0 + team.lane; e < e1; e += T) {
+      const acc_t w = gatv2_softmax_weight(weights[e * H + h], denom);
+      weights[e * H + h] = w;
+      if constexpr (!std::is_same<acc_t, scalar_t>::value) alpha[e * H + h] = scalar_t(w);
+    }
     team.sync();
     // 3. the aggregation, channels over the lanes.
     for (int64_t c = team.lane; c < C; c += T) {
       acc_t acc = acc_t(0);
       for (int64_t e = e0; e < e1; ++e)
-        acc += acc_t(alpha[e * H + h]) * acc_t(xl[g.src[e] * W + o + c]);
+        acc += weights[e * H + h] * acc_t(xl[g.src[e] * W + o + c]);
       out[i * W + o + c] = scalar_t(acc);
     }
   }
@@ -263,11 +277,12 @@ cudaError_t launch_validate_edges(const GatGeometry& g, int64_t* status, cudaStr
 template <typename scalar_t>
 cudaError_t launch_gatv2_forward(const GatGeometry& g, const scalar_t* x_l, const scalar_t* x_r,
                                  const scalar_t* att, double negative_slope, scalar_t* out,
-                                 scalar_t* alpha, cudaStream_t stream) {
-  const auto slope = static_cast<acc_type<scalar_t>>(static_cast<scalar_t>(negative_slope));
+                                 scalar_t* alpha, acc_type<scalar_t>* weights,
+                                 cudaStream_t stream) {
+  const auto slope = static_cast<acc_type<scalar_t>>(negative_slope);
   return launch_teams(g, g.R * g.H, [&](auto team, unsigned blocks) {
     gatv2_forward_kernel<scalar_t, decltype(team)::value>
-        <<<blocks, kThreads, 0, stream>>>(g, x_l, x_r, att, slope, out, alpha);
+        <<<blocks, kThreads, 0, stream>>>(g, x_l, x_r, att, slope, out, alpha, weights);
   });
 }
 
@@ -279,7 +294,7 @@ cudaError_t launch_gatv2_backward(const GatGeometry& g, const EdgeGroups& groups
                                   scalar_t* grad_att, acc_type<scalar_t>* grad_logit,
                                   int64_t* row_of, acc_type<scalar_t>* att_partial,
                                   cudaStream_t stream) {
-  const auto slope = static_cast<acc_type<scalar_t>>(static_cast<scalar_t>(negative_slope));
+  const auto slope = static_cast<acc_type<scalar_t>>(negative_slope);
   cudaError_t err = launch_teams(g, g.R * g.H, [&](auto team, unsigned blocks) {
     gatv2_logit_grad_kernel<scalar_t, decltype(team)::value>
         <<<blocks, kThreads, 0, stream>>>(g, grad_out, x_l, alpha, grad_logit, row_of);
@@ -304,16 +319,17 @@ cudaError_t launch_gatv2_backward(const GatGeometry& g, const EdgeGroups& groups
   return cudaGetLastError();
 }
 
-// The instantiated storage types (add bf16 / fp16 here, with their
-// AccumulateType, and in the launcher's dispatch).
+// The instantiated storage types (the launcher's dispatch takes the same).
 #define STOICHCONV_INSTANTIATE(scalar_t)                                                        \
-  template cudaError_t launch_gatv2_forward<scalar_t>(const GatGeometry&, const scalar_t*,      \
-                                                      const scalar_t*, const scalar_t*, double, \
-                                                      scalar_t*, scalar_t*, cudaStream_t);      \
+  template cudaError_t launch_gatv2_forward<scalar_t>(                                          \
+      const GatGeometry&, const scalar_t*, const scalar_t*, const scalar_t*, double, scalar_t*, \
+      scalar_t*, acc_type<scalar_t>*, cudaStream_t);                                            \
   template cudaError_t launch_gatv2_backward<scalar_t>(                                         \
       const GatGeometry&, const EdgeGroups&, const scalar_t*, const scalar_t*, const scalar_t*, \
       const scalar_t*, const scalar_t*, double, scalar_t*, scalar_t*, scalar_t*,                \
       acc_type<scalar_t>*, int64_t*, acc_type<scalar_t>*, cudaStream_t);
+STOICHCONV_INSTANTIATE(c10::Half)
+STOICHCONV_INSTANTIATE(c10::BFloat16)
 STOICHCONV_INSTANTIATE(float)
 STOICHCONV_INSTANTIATE(double)
 #undef STOICHCONV_INSTANTIATE

@@ -28,10 +28,12 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // The one dtype dispatch of this file (the storage types instantiated in
-// group_softmax_kernels.cu; check_group_structure admits the same).
+// group_softmax_kernels.cu: float16, bfloat16, float32, float64;
+// check_group_structure admits the same).
 template <typename F>
 void dispatch_floating(at::ScalarType type, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES(type, "group_softmax_cuda", [&] { f(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "group_softmax_cuda",
+                                  [&] { f(scalar_t(0)); });
 }
 
 // The contiguous ordering of one call, kept alive, and its device view.
@@ -70,9 +72,10 @@ void validate_groups(const char* op, const cuda::GroupGeometry& g, const at::Ten
               ": invalid `group_ptr` / `group_perm`");
 }
 
-Groups prepare_groups(const char* op, const at::Tensor& values, const at::Tensor& group_ptr,
-                      const at::Tensor& group_perm, cudaStream_t stream) {
-  check_group_structure(op, values, group_ptr, group_perm, at::kCUDA);
+Groups prepare_groups(const char* op, const char* name, const at::Tensor& values,
+                      const at::Tensor& group_ptr, const at::Tensor& group_perm,
+                      cudaStream_t stream) {
+  check_group_structure(op, name, values, group_ptr, group_perm, at::kCUDA);
   Groups groups{group_ptr.contiguous(), group_perm.contiguous(), {}};
   groups.geometry = cuda::GroupGeometry{values.size(0), values.size(1), values.size(2),
                                         group_ptr.size(0) - 1, groups.ptr.data_ptr<int64_t>(),
@@ -87,7 +90,7 @@ at::Tensor group_softmax_cuda(const at::Tensor& logits_in, const std::optional<a
   TORCH_CHECK(logits_in.is_cuda(), op, ": tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits_in.device().index()).stream();
-  const Groups groups = prepare_groups(op, logits_in, group_ptr, group_perm, stream);
+  const Groups groups = prepare_groups(op, "logits", logits_in, group_ptr, group_perm, stream);
   check_group_kept(op, kept_in, logits_in, at::kCUDA);
   const auto logits = logits_in.contiguous();
   at::Tensor kept;
@@ -111,7 +114,7 @@ at::Tensor group_softmax_backward_cuda(const at::Tensor& grad_in, const at::Tens
   TORCH_CHECK(alpha_in.is_cuda(), op, ": tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(alpha_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(alpha_in.device().index()).stream();
-  const Groups groups = prepare_groups(op, alpha_in, group_ptr, group_perm, stream);
+  const Groups groups = prepare_groups(op, "alpha", alpha_in, group_ptr, group_perm, stream);
   check_group_grad(op, grad_in, alpha_in);
   const auto grad = grad_in.contiguous(), alpha = alpha_in.contiguous();
   auto grad_logits = allocate(op, "grad_logits", alpha.sizes(), alpha.options());

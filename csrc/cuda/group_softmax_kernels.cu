@@ -1,8 +1,9 @@
 // CUDA kernels of the grouped softmax over incidences (forward + backward)
 // and the device-side validation of its CSR ordering.
 //
-// Only CUDA headers and the project's torch-free headers: this file compiles
-// in seconds; csrc/cuda/group_softmax.cpp is the torch launcher.  The
+// Only CUDA headers, the project's torch-free headers and the header-only
+// c10 scalar types (c10::Half, c10::BFloat16): this file compiles in seconds;
+// csrc/cuda/group_softmax.cpp is the torch launcher.  The
 // per-element arithmetic is group_softmax_math.h, the functions the CPU
 // kernels (csrc/cpu/group_softmax.cpp) run.
 //
@@ -19,10 +20,15 @@
 //   Backward, two: the dot sum alpha * grad, then alpha * (grad - dot).
 //   Lane partials are combined by a fixed xor butterfly: deterministic, no
 //   atomics; every entry is written by the lane that owns it.
-// * Accumulation in acc_type<scalar_t> (the storage type for float32 /
-//   float64), so reduced-precision types can be added by instantiation.
+// * Storage types float16, bfloat16, float32, float64 (semantics and dtypes:
+//   stoichconv.ops.group_softmax docstring).  Every value is converted to
+//   acc_type<scalar_t> on load (float for float16 / bfloat16, the storage
+//   type otherwise): the maximum, the exps, the sums and the products are in
+//   acc_t, and each entry is rounded to scalar_t once, on store.
 // * The kernels trust their input: the launcher runs launch_validate_groups
 //   first (one host synchronisation) and raises the CPU kernel's errors.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <limits>
@@ -176,12 +182,14 @@ cudaError_t launch_group_softmax_backward(const GroupGeometry& g, const scalar_t
   });
 }
 
-// The instantiated storage types (add bf16 / fp16 here and in the launcher's dispatch).
+// The instantiated storage types (the launcher's dispatch takes the same).
 #define STOICHCONV_INSTANTIATE(scalar_t)                                                     \
   template cudaError_t launch_group_softmax_forward<scalar_t>(                               \
       const GroupGeometry&, const scalar_t*, const bool*, scalar_t*, cudaStream_t);          \
   template cudaError_t launch_group_softmax_backward<scalar_t>(                              \
       const GroupGeometry&, const scalar_t*, const scalar_t*, scalar_t*, cudaStream_t);
+STOICHCONV_INSTANTIATE(c10::Half)
+STOICHCONV_INSTANTIATE(c10::BFloat16)
 STOICHCONV_INSTANTIATE(float)
 STOICHCONV_INSTANTIATE(double)
 #undef STOICHCONV_INSTANTIATE

@@ -2,9 +2,16 @@
 attention and aggregation over an :class:`~stoichconv.types.EdgeSet`, edge-chunked so that it
 runs the real cell graph in bounded memory, with a hand-written backward. It is the kernels'
 reference in the tests and benchmarks and the path ``"auto"`` takes where no kernel runs; it
-matches ``torch_geometric.nn.GATv2Conv`` (tested through the reference HeteroCell)."""
+matches ``torch_geometric.nn.GATv2Conv`` (tested through the reference HeteroCell).
+
+Dtypes (the rules: :mod:`stoichconv.ops.gatv2`): float16 / bfloat16 features are computed in
+float32 (float32 and float64 in themselves) and ``out`` and the gradients are rounded back to
+their dtype; autocast is switched off inside, so that its matrix products stay in that
+precision."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +62,13 @@ def _index_add(out: Tensor, index: Tensor, source: Tensor) -> None:
             torch.set_num_threads(threads)
 
 
+def _no_autocast(device: torch.device):
+    """A context in which autocast does not recast the reference's products."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _att_matrix(att: Tensor) -> Tensor:
     """[H, C'] -> block-diagonal [H, H*C'] so that per-head dot products are one GEMM."""
     return torch.block_diag(*att.unbind(0))
@@ -73,7 +87,7 @@ class _ChunkedGATv2(torch.autograd.Function):
         xl2, xr2 = x_l.view(-1, W), x_r.view(-1, W)
         logits = x_l.new_empty(E, H)
         step = _chunk_size(x_l.device, W)
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(x_l.device):
             att_t = _att_matrix(att).t().contiguous()  # [W, H]
             for start in range(0, E, step):
                 stop = min(start + step, E)
@@ -93,6 +107,11 @@ class _ChunkedGATv2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x_l, x_r, att, alpha = ctx.saved_tensors
+        with _no_autocast(x_l.device):
+            return _ChunkedGATv2._backward(ctx, grad_out, x_l, x_r, att, alpha)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tensor, alpha: Tensor):
         edges, slope = ctx.edges, ctx.negative_slope
         E = edges.num_edges
         _, H, Ch = x_l.shape
@@ -133,6 +152,11 @@ class _ChunkedGATv2(torch.autograd.Function):
 
 def gatv2_attention_reference(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet,
                               negative_slope: float = 0.2) -> Tensor:
-    """``out`` [num_rows, H, C'] of :func:`stoichconv.ops.gatv2_attention`; differentiable
-    w.r.t. ``x_l``, ``x_r`` and ``att``."""
-    return _ChunkedGATv2.apply(x_l.contiguous(), x_r.contiguous(), att, edges, negative_slope)
+    """``out`` [num_rows, H, C'] of :func:`stoichconv.ops.gatv2_attention`, in the dtype of
+    ``x_l`` (computed in float64 for float64 and float32 otherwise); differentiable w.r.t.
+    ``x_l``, ``x_r`` and ``att``."""
+    dtype = x_l.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = _ChunkedGATv2.apply(x_l.to(acc).contiguous(), x_r.to(acc).contiguous(), att.to(acc), edges,
+                              negative_slope)
+    return out.to(dtype)

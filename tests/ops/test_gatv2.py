@@ -165,8 +165,8 @@ def test_compiled_kernels_reject_bad_input():
         gatv2_forward(*args[:5], edges.crow[:-1])
     with pytest.raises(RuntimeError, match=r"`att` must be \[H, C\]"):
         gatv2_forward(x_l, x_r, att[:1], *args[3:])
-    with pytest.raises(RuntimeError, match="share one dtype"):
-        gatv2_forward(x_l, x_r.float(), *args[2:])
+    with pytest.raises(RuntimeError, match="share one dtype"):  # the wrapper's TypeError comes first
+        torch.ops.stoichconv.gatv2_forward(x_l, x_r.float(), *args[2:], 0.2)
     with pytest.raises(TypeError, match="`src` must be a 1-D int64 tensor"):
         gatv2_forward(x_l, x_r, att, edges.src.int(), edges.dst, edges.crow)
     out, alpha = gatv2_forward(*args)

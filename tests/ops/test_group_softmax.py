@@ -143,5 +143,5 @@ def test_compiled_kernel_rejects_bad_input():
         group_softmax(logits, short_ptr, perm, kept, backend="cpu")
     with pytest.raises(RuntimeError, match=r"`kept` must be \[B, nnz\]"):
         group_softmax(logits, ptr, perm, kept[:, :-1], backend="cpu")
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        group_softmax(logits.detach().half(), ptr, perm, kept, backend="cpu")
+    with pytest.raises(RuntimeError, match="`logits` must be float16, bfloat16, float32 or float64"):
+        torch.ops.stoichconv.group_softmax(logits.detach().int(), kept, ptr, perm)

@@ -1,22 +1,23 @@
-// Argument checks of the fused GATv2 attention (semantics: stoichconv.ops.gatv2
-// docstring) for its CUDA launcher (csrc/cuda/gatv2.cpp), written to give the
-// errors of the CPU launcher (csrc/cpu/gatv2.cpp) word for word, the device
-// named ("CPU" there, "CUDA" here): the structural checks below, then the
-// value checks, which for CUDA tensors run on the device
-// (launch_validate_edges) and report the first bad value through the same host
-// functions (check_row_pointer of csr_checks.h, check_edge_ids).  The CPU
-// launcher can call these too, to keep one copy of every message.
+// Argument checks of the fused GATv2 attention (semantics and dtypes:
+// stoichconv.ops.gatv2 docstring), the one copy of every message of its CPU
+// launcher (csrc/cpu/gatv2.cpp) and its CUDA launcher (csrc/cuda/gatv2.cpp),
+// the device named ("CPU" there, "CUDA" here): the structural checks below,
+// then the value checks, which run on the host for CPU tensors and on the
+// device for CUDA tensors (launch_validate_edges), reporting the first bad
+// value through the same host functions (check_row_pointer of csr_checks.h,
+// check_edge_ids).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "stoichconv/csr_checks.h"
-#include "stoichconv/group_softmax_checks.h"  // device_type_name, on_device_of
+#include "stoichconv/group_softmax_checks.h"  // device_type_name, on_device_of, is_attention_float
 
 namespace stoichconv {
 
-// x_l [Ns, H, C], x_r [Nd, H, C], att [H, C] of one float dtype; src, dst [E]
-// and crow [R + 1] 1-D int64; all on `type` (one device).
+// x_l [Ns, H, C], x_r [Nd, H, C], att [H, C] of one floating type of
+// is_attention_float; src, dst [E] and crow [R + 1] 1-D int64; all on `type`
+// (one device).
 inline void check_gatv2_structure(const at::Tensor& x_l, const at::Tensor& x_r,
                                   const at::Tensor& att, const at::Tensor& src,
                                   const at::Tensor& dst, const at::Tensor& crow,
@@ -33,9 +34,10 @@ inline void check_gatv2_structure(const at::Tensor& x_l, const at::Tensor& x_r,
   TORCH_CHECK(att.dim() == 2 && att.size(0) == x_l.size(1) && att.size(1) == x_l.size(2), op,
               ": `att` must be [H, C] = [", x_l.size(1), ", ", x_l.size(2), "], got ", att.sizes());
   TORCH_CHECK(x_l.scalar_type() == x_r.scalar_type() && x_l.scalar_type() == att.scalar_type(),
-              op, ": `x_l`, `x_r` and `att` must share one dtype");
-  TORCH_CHECK(x_l.scalar_type() == at::kFloat || x_l.scalar_type() == at::kDouble, op,
-              ": float32 or float64 features expected, got ", x_l.scalar_type());
+              op, ": `x_l`, `x_r` and `att` must share one dtype, got ", x_l.scalar_type(), ", ",
+              x_r.scalar_type(), " and ", att.scalar_type());
+  TORCH_CHECK(is_attention_float(x_l.scalar_type()), op,
+              ": `x_l` must be float16, bfloat16, float32 or float64, got ", x_l.scalar_type());
   for (const auto* t : {&src, &dst, &crow}) {
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && on_device_of(*t, x_l, type), op,
                 ": `src`, `dst` and `crow` must be 1-D int64 ", dev, " tensors",

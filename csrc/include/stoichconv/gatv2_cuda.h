@@ -3,7 +3,8 @@
 // row-major tensors, sizes and a stream.  The torch launcher
 // (csrc/cuda/gatv2.cpp) checks, allocates, groups the edges by source and
 // destination (stable sorts) and calls these.
-// Semantics: stoichconv.ops.gatv2 docstring.
+// Semantics and dtypes: stoichconv.ops.gatv2 docstring; the storage types
+// instantiated are c10::Half, c10::BFloat16, float and double.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,11 +33,14 @@ struct GatGeometry {
 constexpr int kEdgeStatusSize = 3;
 cudaError_t launch_validate_edges(const GatGeometry& g, int64_t* status, cudaStream_t stream);
 
-// out [R, H, C], alpha [E, H].
+// out [R, H, C], alpha [E, H]; scratch: weights [E, H] (the logits and softmax
+// weights in acc_type<scalar_t>), alpha itself when acc_type<scalar_t> is
+// scalar_t (float32, float64).
 template <typename scalar_t>
 cudaError_t launch_gatv2_forward(const GatGeometry& g, const scalar_t* x_l, const scalar_t* x_r,
                                  const scalar_t* att, double negative_slope, scalar_t* out,
-                                 scalar_t* alpha, cudaStream_t stream);
+                                 scalar_t* alpha, acc_type<scalar_t>* weights,
+                                 cudaStream_t stream);
 
 // Source rows per grad_att partial sum: att_partial has
 // gatv2_att_partials(Ns) rows of H * C entries.

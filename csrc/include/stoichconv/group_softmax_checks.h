@@ -1,16 +1,17 @@
-// Argument checks of the grouped softmax (semantics: stoichconv.ops.group_softmax
-// docstring) for its CUDA launcher (csrc/cuda/group_softmax.cpp), written to
-// give the errors of the CPU launcher (csrc/cpu/group_softmax.cpp) word for
-// word, the device named ("CPU" there, "CUDA" here): the structural checks
-// below, then the value checks, which for CUDA tensors run on the device
-// (launch_validate_groups) and report the first bad value through the same
+// Argument checks of the grouped softmax (semantics and dtypes:
+// stoichconv.ops.group_softmax docstring), the one copy of every message of
+// its CPU launcher (csrc/cpu/group_softmax.cpp) and its CUDA launcher
+// (csrc/cuda/group_softmax.cpp), the device named ("CPU" there, "CUDA"
+// here): the structural checks below, then the value checks, which run on
+// the host for CPU tensors and on the device for CUDA tensors
+// (launch_validate_groups), reporting the first bad value through the same
 // host functions (check_row_pointer of csr_checks.h, check_group_perm_values).
-// The CPU launcher can call these too, to keep one copy of every message.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "stoichconv/csr_checks.h"
@@ -25,21 +26,31 @@ inline bool on_device_of(const at::Tensor& t, const at::Tensor& like, at::Device
   return t.device().type() == type && t.device() == like.device();
 }
 
-// values (logits or alpha) [B, nnz, H] float32/float64, group_ptr [G + 1] and
-// group_perm [nnz] 1-D int64, all on `type` (one device).
-inline void check_group_structure(const char* op, const at::Tensor& values,
+// The floating storage types of the attention kernels (grouped softmax and
+// GATv2): float16, bfloat16, float32, float64; they accumulate in
+// acc_type<scalar_t> (accumulate_type.h).
+inline bool is_attention_float(at::ScalarType type) {
+  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
+}
+
+// values (`name`: logits, or alpha in the backward) [B, nnz, H] of a floating
+// type of is_attention_float, group_ptr [G + 1] and group_perm [nnz] 1-D int64,
+// all on `type` (one device).
+inline void check_group_structure(const char* op, const char* name, const at::Tensor& values,
                                   const at::Tensor& group_ptr, const at::Tensor& group_perm,
                                   at::DeviceType type) {
   const char* dev = device_type_name(type);
   TORCH_CHECK(values.device().type() == type, op, ": tensors must be on ",
               type == at::kCUDA ? "a CUDA device" : "the CPU");
-  TORCH_CHECK(values.dim() == 3, op, ": `logits` must be [B, nnz, H], got ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble, op,
-              ": float32 or float64 expected, got ", values.scalar_type());
+  TORCH_CHECK(values.dim() == 3, op, ": `", name, "` must be [B, nnz, H], got ", values.sizes());
+  TORCH_CHECK(is_attention_float(values.scalar_type()), op, ": `", name,
+              "` must be float16, bfloat16, float32 or float64, got ", values.scalar_type());
+  const std::string same_device =
+      type == at::kCUDA ? std::string(" on the device of `") + name + "`" : std::string();
   for (const auto* t : {&group_ptr, &group_perm})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && on_device_of(*t, values, type),
                 op, ": `group_ptr` and `group_perm` must be 1-D int64 ", dev, " tensors",
-                type == at::kCUDA ? " on the device of `logits`" : "");
+                same_device);
   const int64_t nnz = values.size(1), G = group_ptr.size(0) - 1;
   TORCH_CHECK(G >= 0, op, ": `group_ptr` must have length num_groups + 1 >= 1");
   TORCH_CHECK(group_perm.size(0) == nnz, op, ": `group_perm` must have length nnz = ", nnz,

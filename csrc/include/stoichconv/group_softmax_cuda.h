@@ -2,7 +2,8 @@
 // (csrc/cuda/group_softmax_kernels.cu); torch-free: device pointers to
 // contiguous row-major tensors, sizes and a stream.  The torch launcher
 // (csrc/cuda/group_softmax.cpp) checks, allocates and calls these.
-// Semantics: stoichconv.ops.group_softmax docstring.
+// Semantics and dtypes: stoichconv.ops.group_softmax docstring; the storage
+// types instantiated are c10::Half, c10::BFloat16, float and double.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,7 +1,9 @@
 // Per-element arithmetic of the grouped softmax over incidences (semantics:
 // stoichconv.ops.group_softmax docstring), shared by its C++ CPU kernels
 // (csrc/cpu/group_softmax.cpp) and its CUDA kernels
-// (csrc/cuda/group_softmax_kernels.cu).  Nothing here depends on torch.
+// (csrc/cuda/group_softmax_kernels.cu).  Nothing here depends on torch.  The
+// kernels call these with values of the accumulation type (acc_type of the
+// storage type, accumulate_type.h), converted on load.
 //
 // alpha_k = kept_k ? exp(l_k - m) * inv : 0,  m = max over the kept l of k's group,
 // inv = 1 / max(sum_group exp(l - m), tiny); a group whose kept logits are all

@@ -21,6 +21,21 @@ returns ``(grad_x_l, grad_x_r, grad_att)``, with
 ``dL/da_e = alpha_e (<g_row, x_l[src_e]> - sum_{e' in row} alpha_e' <g_row, x_l[src_e']>)``
 pushed through the leaky ReLU (pre-activations recomputed, never stored).
 
+Dtypes
+------
+``x_l``, ``x_r`` and ``att`` (and in the backward ``grad_out`` and ``alpha``) share one dtype,
+float16, bfloat16, float32 or float64 (:data:`stoichconv.ops._dtypes.FLOAT_DTYPES`); ``out``,
+``alpha`` and the gradients come back in it. On every backend the logits (the channel sums),
+the row maximum and softmax denominator, the aggregation and every gradient sum are computed
+in the accumulate dtype, float32 for float16 / bfloat16 / float32 and float64 for float64
+(:func:`~stoichconv.ops._dtypes.accumulate_dtype`; ``negative_slope`` is taken in it too):
+values are converted on load and each result entry is rounded to the result dtype once, on
+store (the backward reads the stored, rounded ``alpha``). Under ``torch.autocast`` on the
+tensors' device type (``"cpu"`` or ``"cuda"``), the public functions first cast their floating
+arguments to the autocast dtype, so the op runs in that lower precision (as ``torch.mm`` does
+under autocast) and returns it; outside autocast, arguments of different dtypes are refused
+with a ``TypeError`` naming both, never cast.
+
 :func:`gatv2_attention` is the differentiable op on an
 :class:`~stoichconv.types.EdgeSet` (``src``, ``dst``, ``crow``), used by the fast
 HeteroCell. Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the two compiled ops
@@ -43,6 +58,7 @@ from torch import Tensor
 
 from stoichconv._extension import has_compiled_kernels
 from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.ops._dtypes import cast_for_autocast, check_float, check_same_dtype
 from stoichconv.types import EdgeSet
 
 __all__ = ["SPEC", "EdgeSet", "gatv2_attention", "gatv2_backward", "gatv2_forward"]
@@ -63,6 +79,19 @@ def _check_floats(**tensors) -> None:
             raise TypeError(f"`{name}` must be a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
 
 
+def _prepare_floats(**tensors: Tensor) -> tuple[Tensor, ...]:
+    """The floating arguments, in order (the first one is the dtype others are compared
+    with): cast to the autocast dtype under ``torch.autocast``, then checked to share one
+    dtype of the module docstring."""
+    _check_floats(**tensors)
+    names = list(tensors)
+    cast = cast_for_autocast(tensors[names[0]].device, *tensors.values())
+    for name, t in zip(names, cast):
+        check_float(name, t)
+    check_same_dtype(names[0], cast[0], **dict(zip(names[1:], cast[1:])))
+    return cast
+
+
 def _check_indices(**tensors) -> None:
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != 1:
@@ -72,8 +101,9 @@ def _check_indices(**tensors) -> None:
 def gatv2_forward(x_l: Tensor, x_r: Tensor, att: Tensor, src: Tensor, dst: Tensor, crow: Tensor,
                   negative_slope: float = 0.2) -> tuple[Tensor, Tensor]:
     """``(out [num_rows, H, C], alpha [E, H])`` of the module docstring on the compiled
-    kernel (not differentiable: :func:`gatv2_attention` is)."""
-    _check_floats(x_l=x_l, x_r=x_r, att=att)
+    kernel, in the dtype of the features (dtypes in the module docstring; not
+    differentiable: :func:`gatv2_attention` is)."""
+    x_l, x_r, att = _prepare_floats(x_l=x_l, x_r=x_r, att=att)
     _check_indices(src=src, dst=dst, crow=crow)
     return torch.ops.stoichconv.gatv2_forward(x_l, x_r, att, src, dst, crow, float(negative_slope))
 
@@ -81,8 +111,8 @@ def gatv2_forward(x_l: Tensor, x_r: Tensor, att: Tensor, src: Tensor, dst: Tenso
 def gatv2_backward(grad_out: Tensor, x_l: Tensor, x_r: Tensor, att: Tensor, alpha: Tensor, src: Tensor,
                    dst: Tensor, crow: Tensor, negative_slope: float = 0.2) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x_l, grad_x_r, grad_att)`` of :func:`gatv2_forward` from its saved ``alpha``
-    on the compiled kernel."""
-    _check_floats(grad_out=grad_out, alpha=alpha)
+    on the compiled kernel (dtypes in the module docstring)."""
+    grad_out, x_l, x_r, att, alpha = _prepare_floats(grad_out=grad_out, x_l=x_l, x_r=x_r, att=att, alpha=alpha)
     _check_indices(src=src, dst=dst, crow=crow)
     return torch.ops.stoichconv.gatv2_backward(grad_out, x_l, x_r, att, alpha, src, dst, crow, float(negative_slope))
 
@@ -125,9 +155,10 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negat
                     backend: str = "auto") -> Tensor:
     """GATv2 attention and aggregation ``out`` [num_rows, H, C'] of the module docstring:
     ``x_l`` [N_src, H, C'] (= ``lin_l(x_src)``), ``x_r`` [N_dst, H, C'] (= ``lin_r(x_dst)``),
-    ``att`` [H, C'], the edges sorted by output row. Differentiable w.r.t. ``x_l``, ``x_r`` and
-    ``att`` (hand-written backward on every backend). ``backend`` as in
-    :mod:`stoichconv.backends`."""
+    ``att`` [H, C'] of one dtype, the edges sorted by output row; ``out`` in that dtype (under
+    ``torch.autocast``: the autocast dtype; dtypes in the module docstring). Differentiable
+    w.r.t. ``x_l``, ``x_r`` and ``att`` (hand-written backward on every backend). ``backend``
+    as in :mod:`stoichconv.backends`."""
     if not isinstance(x_l, Tensor) or not isinstance(x_r, Tensor) or x_l.dim() != 3 or x_r.dim() != 3 \
             or x_l.shape[1:] != x_r.shape[1:]:
         raise ValueError(f"`x_l` and `x_r` must be [N, H, C'] with equal H, C'; got "
@@ -136,6 +167,7 @@ def gatv2_attention(x_l: Tensor, x_r: Tensor, att: Tensor, edges: EdgeSet, negat
         raise ValueError(f"`att` must have shape [H, C'] = {tuple(x_l.shape[1:])}, got {tuple(getattr(att, 'shape', ()))}")
     if not isinstance(edges, EdgeSet):
         raise TypeError(f"`edges` must be a stoichconv.types.EdgeSet, got {type(edges).__name__}")
+    x_l, x_r, att = _prepare_floats(x_l=x_l, x_r=x_r, att=att)
     selected = select("gatv2", backend, x_l.device)
     if selected.backend == "reference":
         return selected.fn(x_l, x_r, att, edges, negative_slope)

@@ -8,8 +8,9 @@ that with the row-owned structure of the C++ CPU kernels (``csrc/cpu/gatv2.cpp``
   feature rows of the block's heads gathered per tile), the logits
   ``<att_h, leaky_relu(x_l[src] + x_r[dst])>``, the running max and softmax denominator and the
   running aggregation ``sum exp(a - max) x_l[src]`` in one pass (online rescaling), then
-  ``out = acc / (denom + 1e-16)``; the raw logits go to ``alpha`` and a second, light pass
-  (after a CTA barrier) rewrites them as ``exp(a - max) / (denom + 1e-16)``.
+  ``out = acc / (denom + 1e-16)``; the raw logits go to ``logits`` (an accumulator-dtype
+  [E, H] scratch, ``alpha`` itself for float32 / float64) and a second, light pass (after a
+  CTA barrier) writes ``alpha = exp(a - max) / (denom + 1e-16)``.
 * backward (``dL/da_e = alpha_e (<g_row, x_l[src_e]> - sum_{e' in row} alpha_e' <g_row, x_l[src_e']>)``):
   ``_row_grad_kernel`` per (output row, head block) gives the logit gradients ``gl`` [E, H];
   ``_source_grad_kernel`` per (block of ``_SRC_BLOCK`` source rows, head block) writes
@@ -21,9 +22,20 @@ that with the row-owned structure of the C++ CPU kernels (``csrc/cpu/gatv2.cpp``
 
 Every output row is written by one program, every sum runs in a fixed order (edges in CSR
 or sorted order, tiles in order, blocks in order): no atomics, results bit-identical run to
-run. Sums accumulate in the constexpr ``ACC`` dtype (float32 for float32 inputs, float64 for
-float64; :func:`_acc_dtype`). The negative slope travels as a one-element tensor of the
-accumulator dtype (a Python float kernel argument would be rounded to float32).
+run.
+
+Dtypes (the rules: :mod:`stoichconv.ops.gatv2`): float16, bfloat16, float32 and float64. Every
+load is converted to the constexpr ``ACC`` dtype (:func:`_acc_dtype`: float32 for float16 /
+bfloat16 / float32, float64 for float64); logits, softmax statistics, the aggregation and the
+gradient sums stay in it (the forward's logits in the ``logits`` scratch, the backward's logit
+gradients ``gl`` and ``grad_att`` partials in ACC tensors), and each store to an output is
+converted once to the output dtype. The negative slope travels as a one-element tensor of the
+accumulator dtype (a Python float kernel argument would be rounded to float32). The interpreter
+(``TRITON_INTERPRET=1``) runs all four dtypes, with one difference for bfloat16: its float32 ->
+bfloat16 conversion truncates (rounds toward zero; Triton 3.7's ``interpreter.cast_impl`` calls
+``_convert_float`` without a rounding mode), so bfloat16 results there lie within one unit in
+the last place of the correctly rounded value, where compiled kernels round to nearest even.
+float16 converts through numpy, rounded.
 
 Ops (``torch.library.custom_op``, same schemas as the compiled ops; fake kernels those of
 :mod:`stoichconv.ops.gatv2`):
@@ -49,6 +61,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from stoichconv.ops._dtypes import FLOAT_DTYPES
 from stoichconv.ops.gatv2 import _backward_fake, _forward_fake
 
 __all__ = ["triton_gatv2_backward", "triton_gatv2_forward"]
@@ -65,7 +78,7 @@ def _lrelu(x, slope):
 
 
 @triton.jit
-def _forward_kernel(xl, xr, att, src, dst, crow, slope_ptr, out, alpha, H, C,
+def _forward_kernel(xl, xr, att, src, dst, crow, slope_ptr, out, alpha, logits, H, C,
                     ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
     # One program per (output row, head block); tiles [BLOCK_E edges, BLOCK_H heads, BLOCK_C channels].
     i = tl.program_id(0).to(tl.int64)
@@ -94,7 +107,7 @@ def _forward_kernel(xl, xr, att, src, dst, crow, slope_ptr, out, alpha, H, C,
         logit = tl.sum(_lrelu(xs + xd, slope) * a_h[None, :, :], axis=2)  # [BLOCK_E, BLOCK_H]
         m2 = em[:, None] & hm[None, :]
         logit = tl.where(m2, logit, float("-inf"))
-        tl.store(alpha + e[:, None] * H + h[None, :], logit.to(alpha.dtype.element_ty), mask=m2)
+        tl.store(logits + e[:, None] * H + h[None, :], logit, mask=m2)
         new_max = tl.maximum(run_max, tl.max(logit, axis=0))
         scale = tl.exp(run_max - new_max)
         p = tl.where(m2, tl.exp(logit - new_max[None, :]), 0.0)
@@ -108,7 +121,7 @@ def _forward_kernel(xl, xr, att, src, dst, crow, slope_ptr, out, alpha, H, C,
         e = t + offs
         m2 = (e < e1)[:, None] & hm[None, :]
         off = e[:, None] * H + h[None, :]
-        logit = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
+        logit = tl.load(logits + off, mask=m2, other=0.0)
         tl.store(alpha + off, (tl.exp(logit - run_max[None, :]) / denom[None, :]).to(alpha.dtype.element_ty),
                  mask=m2)
 
@@ -266,15 +279,17 @@ def _blocks(H: int, C: int) -> tuple[int, int, int]:
 def _check_args(op: str, x_l, x_r, att, src, dst, crow) -> None:
     """The compiled op's checks as Python exceptions (edge values on CPU tensors only)."""
     for name, t in (("x_l", x_l), ("x_r", x_r), ("att", att)):
-        if not isinstance(t, Tensor) or t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{op}: `{name}` must be a float32 or float64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: `{name}` must be a float16, bfloat16, float32 or float64 tensor, "
+                            f"got {getattr(t, 'dtype', type(t).__name__)}")
     if x_l.dim() != 3 or x_r.dim() != 3 or x_l.shape[1:] != x_r.shape[1:]:
         raise ValueError(f"{op}: `x_l` [N_src, H, C] and `x_r` [N_dst, H, C] must agree in H, C; got "
                          f"{tuple(x_l.shape)} and {tuple(x_r.shape)}")
     if tuple(att.shape) != tuple(x_l.shape[1:]):
         raise ValueError(f"{op}: `att` must be [H, C] = {list(x_l.shape[1:])}, got {tuple(att.shape)}")
     if x_r.dtype != x_l.dtype or att.dtype != x_l.dtype:
-        raise TypeError(f"{op}: `x_l`, `x_r` and `att` must share one dtype")
+        raise TypeError(f"{op}: `x_l`, `x_r` and `att` must share one dtype, got {x_l.dtype}, {x_r.dtype} "
+                        f"and {att.dtype}")
     device = x_l.device
     for name, t in (("x_r", x_r), ("att", att)):
         if t.device != device:
@@ -317,11 +332,13 @@ def triton_gatv2_forward(x_l: Tensor, x_r: Tensor, att: Tensor, src: Tensor, dst
     alpha = x_l.new_empty(E, H)
     if R * H == 0:
         return out, alpha  # E = 0 (crow ends at E) or nothing to write
-    acc, _ = _acc_dtype(x_l.dtype)
+    acc, acc_torch = _acc_dtype(x_l.dtype)
+    # the logits between the kernel's two passes, unrounded: alpha itself when it is in ACC
+    logits = alpha if alpha.dtype == acc_torch else torch.empty(E, H, dtype=acc_torch, device=x_l.device)
     block_e, block_h, block_c = _blocks(H, C)
     with _device_guard(x_l.device):
         _forward_kernel[(R, triton.cdiv(H, block_h))](
-            x_l, x_r, att, src, dst, crow, _slope(negative_slope, x_l.dtype, x_l.device), out, alpha, H, C,
+            x_l, x_r, att, src, dst, crow, _slope(negative_slope, x_l.dtype, x_l.device), out, alpha, logits, H, C,
             ACC=acc, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_C=block_c,
         )
     return out, alpha

@@ -18,6 +18,19 @@ a :class:`~stoichconv.ops.StoichPlan` holds both orderings), and an optional
 
 The backward is ``dL/dl_k = alpha_k (g_k - sum_{j in g} alpha_j g_j)``.
 
+Dtypes
+------
+``logits`` is float16, bfloat16, float32 or float64 (:data:`stoichconv.ops._dtypes.FLOAT_DTYPES`);
+``alpha`` and the gradient come back in that dtype. On every backend the group maximum, the
+exponentials and the sums (and the backward's ``sum alpha g``) are computed in the accumulate
+dtype, float32 for float16 / bfloat16 / float32 and float64 for float64
+(:func:`~stoichconv.ops._dtypes.accumulate_dtype`): values are converted on load and each entry
+is rounded to the result dtype once, on store. Under ``torch.autocast`` on the device type of
+``logits`` (``"cpu"`` or ``"cuda"``), :func:`group_softmax` first casts ``logits`` to the
+autocast dtype, so the op runs in that lower precision (as ``torch.mm`` does under autocast)
+and returns it; outside autocast the dtype is kept as given. The backward op takes ``grad``
+and ``alpha`` of one dtype.
+
 Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the compiled ``stoichconv::group_softmax``
 (and its ``_backward``, ``csrc/cpu/group_softmax.cpp``, ``csrc/cuda/group_softmax.cpp``):
 one task (on CUDA a team of threads) per (sample, group), sums in the CSR order, so results are bit-identical for any thread
@@ -38,6 +51,7 @@ from torch import Tensor
 
 from stoichconv._extension import has_compiled_kernels
 from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.ops._dtypes import cast_for_autocast, check_float
 
 __all__ = ["SPEC", "group_softmax", "register"]
 
@@ -61,10 +75,13 @@ def _group_of(group_ptr: Tensor, group_perm: Tensor) -> Tensor:
 
 def group_softmax(logits: Tensor, group_ptr: Tensor, group_perm: Tensor, kept: Optional[Tensor] = None,
                   backend: str = "auto") -> Tensor:
-    """``alpha`` [B, nnz, H] of the module docstring; differentiable w.r.t. ``logits``.
-    ``backend`` as in :mod:`stoichconv.backends`."""
+    """``alpha`` [B, nnz, H] of the module docstring, in the dtype of ``logits`` (under
+    ``torch.autocast``: the autocast dtype; dtypes in the module docstring); differentiable
+    w.r.t. ``logits``. ``backend`` as in :mod:`stoichconv.backends`."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"`logits` must be a floating tensor [B, nnz, H], got {getattr(logits, 'shape', type(logits))}")
+    (logits,) = cast_for_autocast(logits.device, logits)
+    check_float("logits", logits)
     for name, t in (("group_ptr", group_ptr), ("group_perm", group_perm)):
         if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != 1:
             raise TypeError(f"`{name}` must be a 1-D int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")

@@ -15,9 +15,17 @@ exactly that with the row-owned structure of the C++ CPU kernel
 
 Every output entry is written by exactly one program (``group_perm`` is a permutation), the
 sums run over the tiles in CSR order with a fixed in-tile reduction: no atomics, results
-bit-identical run to run. Sums accumulate in the constexpr ``ACC`` dtype: float32 for float32
-inputs, float64 for float64 (:func:`_acc_dtype` is the one place a later reduced-precision
-specialisation changes).
+bit-identical run to run.
+
+Dtypes (the rules: :mod:`stoichconv.ops.group_softmax`): float16, bfloat16, float32 and
+float64. Every load is converted to the constexpr ``ACC`` dtype (:func:`_acc_dtype`: float32
+for float16 / bfloat16 / float32, float64 for float64), the running maximum, the sums and the
+products stay in it, and each store is converted once to the output dtype. The interpreter
+(``TRITON_INTERPRET=1``) runs all four dtypes, with one difference for bfloat16: its float32 ->
+bfloat16 conversion truncates (rounds toward zero; Triton 3.7's ``interpreter.cast_impl`` calls
+``_convert_float`` without a rounding mode), so bfloat16 results there lie within one unit in
+the last place of the correctly rounded value, where compiled kernels round to nearest even.
+float16 converts through numpy, rounded.
 
 Ops (``torch.library.custom_op``, same schemas as the compiled ops; fake kernels and autograd
 from :func:`stoichconv.ops.group_softmax.register`):
@@ -44,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from stoichconv.ops._dtypes import FLOAT_DTYPES
 from stoichconv.ops.group_softmax import register
 
 __all__ = ["triton_group_softmax", "triton_group_softmax_backward"]
@@ -144,8 +153,8 @@ def _device_guard(device: torch.device):
 def _check(op: str, values: Tensor, name: str, group_ptr: Tensor, group_perm: Tensor) -> None:
     if not isinstance(values, Tensor) or values.dim() != 3:
         raise ValueError(f"{op}: `{name}` must be [B, nnz, H], got {tuple(getattr(values, 'shape', ()))}")
-    if values.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: `{name}` must be float32 or float64, got {values.dtype}")
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: `{name}` must be float16, bfloat16, float32 or float64, got {values.dtype}")
     for arg, t in (("group_ptr", group_ptr), ("group_perm", group_perm)):
         if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1:
             raise TypeError(f"{op}: `{arg}` must be a 1-D int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
