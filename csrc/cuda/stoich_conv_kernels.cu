@@ -2,8 +2,9 @@
 //
 // Only CUDA headers, torch's header-only c10::Half / c10::BFloat16 and the
 // project's torch-free headers are included here, so this file compiles in
-// seconds; csrc/cuda/stoich_conv.cpp is the torch launcher.  The per-element arithmetic comes from stoich_conv_math.h, the
-// same inline functions the CPU kernels run.
+// seconds; csrc/cuda/stoich_conv.cpp is the torch launcher.  The per-element
+// arithmetic comes from stoich_conv_math.h, the same inline functions the CPU
+// kernels run.
 //
 // Design
 // ------
@@ -106,8 +107,9 @@ struct Vec16x4 {
     d[2] = from_bits<scalar_t>(v.y & 0xffffu), d[3] = from_bits<scalar_t>(v.y >> 16);
   }
   static __device__ __forceinline__ void store(scalar_t* d, const float* s) {
-    *reinterpret_cast<uint2*>(d) = make_uint2(to_bits<scalar_t>(s[0]) | (to_bits<scalar_t>(s[1]) << 16),
-                                              to_bits<scalar_t>(s[2]) | (to_bits<scalar_t>(s[3]) << 16));
+    const unsigned int lo = to_bits<scalar_t>(s[0]) | (to_bits<scalar_t>(s[1]) << 16);
+    const unsigned int hi = to_bits<scalar_t>(s[2]) | (to_bits<scalar_t>(s[3]) << 16);
+    *reinterpret_cast<uint2*>(d) = make_uint2(lo, hi);
   }
 };
 

@@ -34,8 +34,8 @@ The policy of :mod:`stoichconv.ops._dtypes`, for this op:
 * Every sum (the degree sums, both stages, the backward's ``R`` and ``dL/dy``, the dot products
   of ``dL/dw``) runs in the accumulate dtype: each stored value is converted on load and each
   result rounded once, on store. The stage-1 rows ``hidden`` and the backward's ``R`` are
-  stored in the input dtype (``hidden`` is an output; an unsaved ``hidden`` is recomputed to
-  the same values). The backward takes ``grad_out`` / ``grad_hidden`` in the input dtype and
+  stored in the input dtype (``hidden`` is an output; an unsaved ``hidden`` is recomputed by
+  the backward, by the compiled kernels to the very same values). The backward takes ``grad_out`` / ``grad_hidden`` in the input dtype and
   returns the gradients in it. For float32 and float64 the conversions are no-ops.
 * Under ``torch.autocast`` on ``y``'s device type, :func:`stoich_conv` first casts ``y`` and
   ``weight`` to the autocast dtype (so the op runs in low precision, as ``torch.mm`` does);
