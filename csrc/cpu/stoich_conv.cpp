@@ -6,6 +6,9 @@
 // backward the same two in the other order plus one dot product per
 // incidence.  Each row is written by exactly one thread in a fixed order, so
 // results are bit-identical across runs and thread counts; no atomics.
+// Dtypes (the policy: stoichconv.ops.stoich_conv docstring): float16,
+// bfloat16, float32 and float64 features and weights, summed in
+// acc_type<scalar_t>; the norms and abs_stoich in that accumulate type.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "stoichconv/cpu_isa.h"
@@ -29,22 +33,26 @@ namespace {
 // Rows per parallel task: rows are short (a few incidences x H x C).
 constexpr int64_t kGrain = 32;
 
-// Raw views of the tensors of one forward / backward call (contiguous).
+// Raw views of the tensors of one forward / backward call (contiguous): the
+// features, weights, rows and gradients in the storage type scalar_t, the
+// degree weights and norms in its accumulate type.
 template <typename scalar_t>
 struct ForwardArgs {
+  using acc_t = acc_type<scalar_t>;
   int64_t B, N, H, C, nnz;
   const scalar_t* y;
   const scalar_t* weight;
   const bool* keep;  // [B, M] or nullptr
-  const scalar_t* abs_stoich;
+  const acc_t* abs_stoich;
   scalar_t* out;
   scalar_t* hidden;  // or nullptr: not saved
-  scalar_t* node_norm;
-  scalar_t* edge_norm;
+  acc_t* node_norm;
+  acc_t* edge_norm;
 };
 
 template <typename scalar_t>
 struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
   int64_t B, N, H, C, nnz;
   const scalar_t* grad_out;
   const scalar_t* grad_hidden;  // or nullptr
@@ -52,8 +60,8 @@ struct BackwardArgs {
   const scalar_t* weight;
   const bool* keep;
   const scalar_t* hidden;  // or nullptr: recompute
-  const scalar_t* node_norm;
-  const scalar_t* edge_norm;
+  const acc_t* node_norm;
+  const acc_t* edge_norm;
   scalar_t* grad_y;       // or nullptr
   scalar_t* grad_weight;  // or nullptr
 };
@@ -140,16 +148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
   const std::vector<int64_t> hidden_sizes =
       save_hidden ? std::vector<int64_t>{B, M, H, C} : std::vector<int64_t>{0};
   auto hidden = allocate(op, "hidden", hidden_sizes, opts);
-  auto node_norm = allocate(op, "node_norm", {Bn, N}, opts);
-  auto edge_norm = allocate(op, "edge_norm", {Bn, M}, opts);
+  const auto norm_opts = opts.dtype(accumulate_scalar_type(y.scalar_type()));
+  auto node_norm = allocate(op, "node_norm", {Bn, N}, norm_opts);
+  auto edge_norm = allocate(op, "edge_norm", {Bn, M}, norm_opts);
 
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "stoich_conv_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
     const ForwardArgs<scalar_t> args{B, N, H, C, plan.nnz, y.data_ptr<scalar_t>(),
                                      weight.data_ptr<scalar_t>(), keep.data,
-                                     abs_stoich.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                     abs_stoich.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
                                      save_hidden ? hidden.data_ptr<scalar_t>() : nullptr,
-                                     node_norm.data_ptr<scalar_t>(),
-                                     edge_norm.data_ptr<scalar_t>()};
+                                     node_norm.data_ptr<acc_t>(), edge_norm.data_ptr<acc_t>()};
     run_with_scratch(op, "of `hidden` [B, M, H, C]",
                      [&] { run_forward<scalar_t>(plan.view, args); });
   });
@@ -190,13 +200,15 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
       allocate(op, "grad_weight", need_grad_weight ? weight.sizes() : at::IntArrayRef(none), weight.options());
   if (!need_grad_y && !need_grad_weight) return {grad_y, grad_weight};
 
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "stoich_conv_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
     const BackwardArgs<scalar_t> args{
         B, N, H, C, plan.nnz, grad_out.data_ptr<scalar_t>(),
         grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
         y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep.data,
         hidden.numel() > 0 ? hidden.data_ptr<scalar_t>() : nullptr,
-        node_norm.data_ptr<scalar_t>(), edge_norm.data_ptr<scalar_t>(),
+        node_norm.data_ptr<acc_t>(), edge_norm.data_ptr<acc_t>(),
         need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr,
         need_grad_weight ? grad_weight.data_ptr<scalar_t>() : nullptr};
     run_with_scratch(op, "of the reaction gradient [B, M, H, C]",

@@ -6,20 +6,27 @@
 //
 // Every output row is one segment of a CSR ordering of the plan, written by
 // one thread in a fixed order: deterministic, no atomics.
+//
+// Types: the loops are templated on the storage type scalar_t of the
+// features, weights and rows (float16, bfloat16, float32, float64) and sum in
+// acc_t = acc_type<scalar_t>; the degree weights and norms are acc_t arrays.
+// A float16 / bfloat16 row is accumulated in an acc_t row buffer and rounded
+// once on store; a float32 / float64 row is accumulated in place, as before
+// (acc_t == scalar_t: the same operations in the same order).
 
 // Lanes of the blocked dot products of the weight gradient (one 32-byte
-// register).
-template <typename scalar_t>
-constexpr int kDotLanes = 32 / sizeof(scalar_t);
+// register of accumulators).
+template <typename acc_t>
+constexpr int kDotLanes = 32 / sizeof(acc_t);
 
 // node_norm [Bn, N], edge_norm [Bn, M] from |s| of the kept incidences.
-template <typename scalar_t>
-void degree_norms(const StoichPlanView& s, const scalar_t* abs_stoich, const bool* keep, int64_t Bn,
-                  scalar_t* node_norm, scalar_t* edge_norm) {
+template <typename acc_t>
+void degree_norms(const StoichPlanView& s, const acc_t* abs_stoich, const bool* keep, int64_t Bn,
+                  acc_t* node_norm, acc_t* edge_norm) {
   at::parallel_for(0, Bn * s.M, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.M, e = row % s.M;
-      scalar_t sum = 0;
+      acc_t sum = 0;
       if (incidence_kept(keep, b, s.M, e))
         for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j)
           sum += abs_stoich[s.reaction_perm[j]];
@@ -29,7 +36,7 @@ void degree_norms(const StoichPlanView& s, const scalar_t* abs_stoich, const boo
   at::parallel_for(0, Bn * s.N, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.N, v = row % s.N;
-      scalar_t sum = 0;
+      acc_t sum = 0;
       for (int64_t j = s.metabolite_ptr[v]; j < s.metabolite_ptr[v + 1]; ++j) {
         const int64_t k = s.metabolite_perm[j];
         if (incidence_kept(keep, b, s.M, s.reaction_index[k])) sum += abs_stoich[k];
@@ -47,26 +54,36 @@ void degree_norms(const StoichPlanView& s, const scalar_t* abs_stoich, const boo
 // Both forward stages and both backward reductions are instances of this one
 // segment reduction.  The output row stays in L1 while the row's incidences
 // are accumulated into it; the order of the sums is fixed by the plan.
+// `coef` and `row_scale` return acc_t; the sum runs in acc_t: in the output
+// row itself when acc_t is scalar_t, else in a buffer of one row (reused
+// across the rows) that is rounded to scalar_t once, after the init term.
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
 inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
                         const int64_t* ptr, const int64_t* perm, const scalar_t* src_b,
                         const scalar_t* init_b, scalar_t* dst_b, Other other, Coef coef,
                         Scale row_scale) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
   const int64_t row_size = H * C;
+  std::vector<acc_t> buffer(in_place ? 0 : static_cast<size_t>(row_size));
   for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* out = dst_b + r * row_size;
-    for (int64_t i = 0; i < row_size; ++i) out[i] = scalar_t(0);
-    const scalar_t scale = row_scale(b, r);
-    if (scale != scalar_t(0)) {
+    scalar_t* dst = dst_b + r * row_size;
+    acc_t* out;
+    if constexpr (in_place) out = dst; else out = buffer.data();
+    for (int64_t i = 0; i < row_size; ++i) out[i] = acc_t(0);
+    const acc_t scale = row_scale(b, r);
+    if (scale != acc_t(0)) {
       for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
         const int64_t k = perm[j];
         const scalar_t* src_row = src_b + other(k) * row_size;
         for (int64_t h = 0; h < H; ++h)
-          axpy_row(out + h * C, coef(b, k, h), src_row + h * C, C);
+          axpy_row(out + h * C, static_cast<acc_t>(coef(b, k, h)), src_row + h * C, C);
       }
       scale_row(out, scale, row_size);
     }
-    if (init_b != nullptr) axpy_row(out, scalar_t(1), init_b + r * row_size, row_size);
+    if (init_b != nullptr) axpy_row(out, acc_t(1), init_b + r * row_size, row_size);
+    if constexpr (!in_place)
+      for (int64_t i = 0; i < row_size; ++i) dst[i] = static_cast<scalar_t>(out[i]);
   }
 }
 
@@ -101,20 +118,22 @@ inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
 template <typename scalar_t>
 inline void stage1_rows(const StoichPlanView& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
                         int64_t H, int64_t C, int64_t nnz, const bool* keep, const scalar_t* y,
-                        const scalar_t* w, const scalar_t* edge_norm, scalar_t* hidden_b) {
+                        const scalar_t* w, const stoichconv::acc_type<scalar_t>* edge_norm,
+                        scalar_t* hidden_b) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
   const int64_t M = s.M, row_size = H * C;
   reduce_rows(
       b, e0, e1, H, C, s.reaction_ptr, s.reaction_perm, y + b * N * row_size,
       static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t k) { return s.metabolite_index[k]; },
-      [&](int64_t bb, int64_t k, int64_t h) { return w[(bb * nnz + k) * H + h]; },
+      [&](int64_t bb, int64_t k, int64_t h) { return static_cast<acc_t>(w[(bb * nnz + k) * H + h]); },
       [&](int64_t bb, int64_t e) { return edge_norm[(keep ? bb : 0) * M + e]; });
 }
 
 // Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
 template <typename scalar_t>
 void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t nnz,
-                const bool* keep, const scalar_t* y, const scalar_t* w, const scalar_t* edge_norm,
-                scalar_t* hidden) {
+                const bool* keep, const scalar_t* y, const scalar_t* w,
+                const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* hidden) {
   const int64_t M = s.M, row_size = H * C;
   at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end;) {
@@ -130,16 +149,18 @@ void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_
 // sample's rows in a per-thread scratch block; the row mode uses a temporary).
 template <typename scalar_t>
 void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
   const scalar_t* w = a.weight;
-  const scalar_t* dn = a.node_norm;
+  const acc_t* dn = a.node_norm;
   degree_norms(s, a.abs_stoich, keep, keep ? a.B : 1, a.node_norm, a.edge_norm);
   // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
   const auto stage2_other = [&](int64_t k) { return s.reaction_index[k]; };
   const auto stage2_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return incidence_kept(keep, b, M, s.reaction_index[k]) ? w[(b * nnz + k) * H + h] : scalar_t(0);
+    return incidence_kept(keep, b, M, s.reaction_index[k]) ? static_cast<acc_t>(w[(b * nnz + k) * H + h])
+                                                           : acc_t(0);
   };
   const auto stage2_scale = [&](int64_t b, int64_t v) { return dn[(keep ? b : 0) * N + v]; };
   if (by_sample(a.B)) {
@@ -167,29 +188,32 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
 // block in whole-sample mode.
 template <typename scalar_t>
 void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
   const scalar_t* w = a.weight;
-  const scalar_t* dn = a.node_norm;
-  const scalar_t* en = a.edge_norm;
+  const acc_t* dn = a.node_norm;
+  const acc_t* en = a.edge_norm;
   const auto norm_b = [&](int64_t b) { return keep ? b : int64_t(0); };
   // R[b,e] = dL/dh[b,e] = grad_hidden[b,e] + sum_{k in e} w_k D_{v_k} G[b, v_k]
+  // (stored in scalar_t, like `hidden`)
   const auto r_other = [&](int64_t k) { return s.metabolite_index[k]; };
   const auto r_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return w[(b * nnz + k) * H + h] * dn[norm_b(b) * N + s.metabolite_index[k]];
+    return static_cast<acc_t>(w[(b * nnz + k) * H + h]) * dn[norm_b(b) * N + s.metabolite_index[k]];
   };
   const auto r_scale = [&](int64_t b, int64_t e) {
-    return incidence_kept(keep, b, M, e) ? scalar_t(1) : scalar_t(0);
+    return incidence_kept(keep, b, M, e) ? acc_t(1) : acc_t(0);
   };
   // dL/dY[b,u] = sum_{k: v_k = u} w_k B_{e_k} R[b, e_k]
   const auto gy_other = [&](int64_t k) { return s.reaction_index[k]; };
   const auto gy_coef = [&](int64_t b, int64_t k, int64_t h) {
     const int64_t e = s.reaction_index[k];
-    return incidence_kept(keep, b, M, e) ? w[(b * nnz + k) * H + h] * en[norm_b(b) * M + e]
-                                         : scalar_t(0);
+    return incidence_kept(keep, b, M, e)
+               ? static_cast<acc_t>(w[(b * nnz + k) * H + h]) * en[norm_b(b) * M + e]
+               : acc_t(0);
   };
-  const auto gy_scale = [](int64_t, int64_t) { return scalar_t(1); };
+  const auto gy_scale = [](int64_t, int64_t) { return acc_t(1); };
   // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for incidences [k0, k1) of
   // sample b, 0 for masked incidences (R_b: sample b's rows of R).
   const auto weight_grads = [&](int64_t b, int64_t k0, int64_t k1, const scalar_t* R_b,
@@ -197,15 +221,15 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t v = s.metabolite_index[k], e = s.reaction_index[k];
       const bool kept = incidence_kept(keep, b, M, e);
-      const scalar_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
+      const acc_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
       const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
       const scalar_t* Y_v = a.y + (b * N + v) * row_size;
       const scalar_t* h_e = hidden_b + e * row_size;
       const scalar_t* R_e = R_b + e * row_size;
       for (int64_t h = 0; h < H; ++h)
         a.grad_weight[(b * nnz + k) * H + h] =
-            kept ? incidence_weight_grad<kDotLanes<scalar_t>>(d, G_v + h * C, h_e + h * C, be,
-                                                               R_e + h * C, Y_v + h * C, C)
+            kept ? static_cast<scalar_t>(incidence_weight_grad<kDotLanes<acc_t>>(
+                       d, G_v + h * C, h_e + h * C, be, R_e + h * C, Y_v + h * C, C))
                  : scalar_t(0);
     }
   };

@@ -48,17 +48,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
   const int64_t Bn = keep.masked() ? B : 1;
 
   const auto opts = y.options();
+  const auto norm_opts = opts.dtype(accumulate_scalar_type(y.scalar_type()));
   auto out = allocate(op, "out", {B, N, H, C}, opts);
   auto hidden = allocate(op, "hidden", {B, M, H, C}, opts);
-  auto node_norm = allocate(op, "node_norm", {Bn, N}, opts);
-  auto edge_norm = allocate(op, "edge_norm", {Bn, M}, opts);
+  auto node_norm = allocate(op, "node_norm", {Bn, N}, norm_opts);
+  auto edge_norm = allocate(op, "edge_norm", {Bn, M}, norm_opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(y.device().index()).stream();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "stoich_conv_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     check_launch(cuda::launch_stoich_conv_forward<scalar_t>(
                      plan.view, cuda::Geometry{B, H, C}, y.data_ptr<scalar_t>(),
-                     weight.data_ptr<scalar_t>(), keep.data, abs_stoich.data_ptr<scalar_t>(),
+                     weight.data_ptr<scalar_t>(), keep.data, abs_stoich.data_ptr<acc_t>(),
                      out.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
-                     node_norm.data_ptr<scalar_t>(), edge_norm.data_ptr<scalar_t>(), stream),
+                     node_norm.data_ptr<acc_t>(), edge_norm.data_ptr<acc_t>(), stream),
                  "stoich_conv_forward");
   });
   // Without save_hidden the stage-1 rows were a temporary (freed to the
@@ -108,22 +111,26 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
     // The forward did not save `hidden`: recompute the stage-1 rows (only
     // the weight gradient reads them).
     hidden = allocate(op, "hidden (recomputed)", {B, M, H, C}, y.options());
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_hidden_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                    "stoich_conv_hidden_cuda", [&] {
       check_launch(cuda::launch_stoich_conv_hidden<scalar_t>(
                        plan.view, cuda::Geometry{B, H, C}, y.data_ptr<scalar_t>(),
-                       weight.data_ptr<scalar_t>(), keep.data, edge_norm.data_ptr<scalar_t>(),
-                       hidden.data_ptr<scalar_t>(), stream),
+                       weight.data_ptr<scalar_t>(), keep.data,
+                       edge_norm.data_ptr<acc_type<scalar_t>>(), hidden.data_ptr<scalar_t>(),
+                       stream),
                    "stoich_conv_backward (recomputing hidden)");
     });
   }
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "stoich_conv_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "stoich_conv_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     check_launch(
         cuda::launch_stoich_conv_backward<scalar_t>(
             plan.view, cuda::Geometry{B, H, C}, grad_out.data_ptr<scalar_t>(),
             grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
             y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep.data,
-            hidden.data_ptr<scalar_t>(), node_norm.data_ptr<scalar_t>(),
-            edge_norm.data_ptr<scalar_t>(), reaction_grad.data_ptr<scalar_t>(),
+            hidden.data_ptr<scalar_t>(), node_norm.data_ptr<acc_t>(),
+            edge_norm.data_ptr<acc_t>(), reaction_grad.data_ptr<scalar_t>(),
             need_grad_y ? grad_y.data_ptr<scalar_t>() : nullptr,
             need_grad_weight ? grad_weight.data_ptr<scalar_t>() : nullptr, stream),
         "stoich_conv_backward");

@@ -1,9 +1,10 @@
 // CUDA kernels of the signed stoichiometric propagation (forward + backward).
 //
-// Only CUDA headers and the project's torch-free headers are included here, so
-// this file compiles in seconds; csrc/cuda/stoich_conv.cpp is the torch
-// launcher.  The per-element arithmetic comes from stoich_conv_math.h, the
-// same inline functions the CPU kernels run.
+// Only CUDA headers, torch's header-only c10::Half / c10::BFloat16 and the
+// project's torch-free headers are included here, so this file compiles in
+// seconds; csrc/cuda/stoich_conv.cpp is the torch launcher.  The per-element
+// arithmetic comes from stoich_conv_math.h, the same inline functions the CPU
+// kernels run.
 //
 // Design
 // ------
@@ -13,9 +14,16 @@
 // * Shared topology: one block handles one CSR row for `S` consecutive samples
 //   of the batch, so the row's structure (ptr, perm, gathered ids) is read
 //   once from global memory per block and served from L1 to all S samples.
+// * Dtypes (the policy: stoichconv.ops.stoich_conv docstring): the kernels
+//   are templated on the storage type scalar_t (float16 = c10::Half,
+//   bfloat16 = c10::BFloat16, float, double) and sum in acc_t =
+//   acc_type<scalar_t> (float for the 16-bit types): values are converted
+//   on load, results rounded once on store; the degree weights and norms are
+//   acc_t arrays, partial sums in registers and shared memory acc_t.
 // * Feature-dimension vectorisation: a thread owns VEC consecutive channels
-//   (float4 for float32, double2 for float64 when C allows it); C = 64 float32
-//   is 16 float4 slots, so a (sample, head-row) is a half-warp.
+//   (float4 for float32, double2 for float64, four float16 / bfloat16 in one
+//   8-byte access, when C allows it); C = 64 float32 (or 16-bit) is 16 slots
+//   of 4, so a (sample, head-row) is a half-warp.
 // * Long rows: a block has kThreads threads = W work items (sample, slot)
 //   times P splits of the row's incidences (incidence j goes to split
 //   (j - begin) % P).  Short rows (most of yeast-GEM: 2-8 incidences) use all
@@ -33,9 +41,12 @@
 //   passed straight to torch.ops can never read or write out of bounds.  The
 //   Python plan builder validates every index.
 #include <cuda_runtime.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 
+#include "stoichconv/accumulate_type.h"
 #include "stoichconv/stoich_conv_cuda.h"
 #include "stoichconv/stoich_conv_math.h"
 
@@ -50,16 +61,63 @@ constexpr int64_t kLongRow = 32;
 constexpr int kItemsPerBlock = 64;
 
 // ---------------------------------------------------------------------------
-// Vector loads/stores of VEC consecutive scalars.
+// Loads of VEC consecutive scalar_t into acc_t registers (converted) and
+// stores of VEC acc_t registers into scalar_t (rounded to nearest even).
+// The 16-bit types move as their raw bits (c10::Half / c10::BFloat16 wrap
+// one unsigned short), so that the read-only cache path (__ldg) serves them.
 // ---------------------------------------------------------------------------
+template <typename scalar_t>
+__device__ __forceinline__ float from_bits(unsigned int bits) {
+  return static_cast<float>(scalar_t(static_cast<unsigned short>(bits), scalar_t::from_bits()));
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ unsigned int to_bits(float value) {
+  return static_cast<unsigned int>(scalar_t(value).x);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> load_acc(const scalar_t* p) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    return from_bits<scalar_t>(__ldg(reinterpret_cast<const unsigned short*>(p)));
+  } else {
+    return __ldg(p);
+  }
+}
+
 template <typename scalar_t, int VEC>
 struct Vec;
 
 template <typename scalar_t>
 struct Vec<scalar_t, 1> {
-  static __device__ __forceinline__ void load(scalar_t* d, const scalar_t* s) { d[0] = __ldg(s); }
-  static __device__ __forceinline__ void store(scalar_t* d, const scalar_t* s) { d[0] = s[0]; }
+  using acc_t = acc_type<scalar_t>;
+  static __device__ __forceinline__ void load(acc_t* d, const scalar_t* s) { d[0] = load_acc(s); }
+  static __device__ __forceinline__ void store(scalar_t* d, const acc_t* s) {
+    d[0] = static_cast<scalar_t>(s[0]);
+  }
 };
+
+// Four float16 / bfloat16 values in one 8-byte access (element 0 in the low
+// half of .x: little-endian).
+template <typename scalar_t>
+struct Vec16x4 {
+  static __device__ __forceinline__ void load(float* d, const scalar_t* s) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(s));
+    d[0] = from_bits<scalar_t>(v.x & 0xffffu), d[1] = from_bits<scalar_t>(v.x >> 16);
+    d[2] = from_bits<scalar_t>(v.y & 0xffffu), d[3] = from_bits<scalar_t>(v.y >> 16);
+  }
+  static __device__ __forceinline__ void store(scalar_t* d, const float* s) {
+    const unsigned int lo = to_bits<scalar_t>(s[0]) | (to_bits<scalar_t>(s[1]) << 16);
+    const unsigned int hi = to_bits<scalar_t>(s[2]) | (to_bits<scalar_t>(s[3]) << 16);
+    *reinterpret_cast<uint2*>(d) = make_uint2(lo, hi);
+  }
+};
+
+template <>
+struct Vec<c10::Half, 4> : Vec16x4<c10::Half> {};
+
+template <>
+struct Vec<c10::BFloat16, 4> : Vec16x4<c10::BFloat16> {};
 
 template <>
 struct Vec<float, 4> {
@@ -83,30 +141,32 @@ struct Vec<double, 2> {
   }
 };
 
+// Channels per wide access: 16 bytes of float / double, 8 bytes of a 16-bit type.
 template <typename scalar_t>
 constexpr int wide_vec() {
-  return sizeof(scalar_t) == 4 ? 4 : 2;
+  return sizeof(scalar_t) == 8 ? 2 : 4;
 }
 
 __device__ __forceinline__ bool in_range(int64_t i, int64_t n) { return i >= 0 && i < n; }
 
 // ---------------------------------------------------------------------------
-// Degree norms: norm[bn, r] = degree_norm(sum of |s_k| over kept incidences of row r).
+// Degree norms: norm[bn, r] = degree_norm(sum of |s_k| over kept incidences of row r),
+// all in the accumulate type acc_t.
 // `reaction_index` == nullptr: rows are reactions (the row itself is masked);
 // else rows are metabolites and each incidence is tested on its reaction.
 // ---------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     degree_norm_kernel(const int64_t* __restrict__ ptr, const int64_t* __restrict__ perm,
                        const int64_t* __restrict__ reaction_index,
-                       const scalar_t* __restrict__ abs_stoich, const bool* __restrict__ keep,
+                       const acc_t* __restrict__ abs_stoich, const bool* __restrict__ keep,
                        int64_t Bn, int64_t rows, int64_t nnz, int64_t M,
-                       scalar_t* __restrict__ norm) {
+                       acc_t* __restrict__ norm) {
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (warp >= Bn * rows) return;  // uniform over the warp
   const int64_t b = warp / rows, r = warp % rows;
-  scalar_t sum = scalar_t(0);
+  acc_t sum = acc_t(0);
   const bool row_kept = reaction_index != nullptr || incidence_kept(keep, b, M, r);
   if (row_kept) {
     const int64_t begin = min(max(ptr[r], int64_t(0)), nnz);
@@ -134,9 +194,11 @@ __global__ void __launch_bounds__(kThreads)
 //   scale(b, r) = (row_norm ? row_norm[bn, r] : 1), 0 when keep_by_row and r is masked
 //   coef(b, k, h) = weight[b, k, h] * (aux ? aux[bn, other[k]] : 1); undefined
 //                   (incidence skipped) when !keep_by_row and reaction other[k] is masked.
+// src, init, dst and weight are scalar_t; the norms aux and row_norm acc_t.
 // ---------------------------------------------------------------------------
 template <typename scalar_t>
 struct SegmentArgs {
+  using acc_t = acc_type<scalar_t>;
   int64_t B, rows, src_rows, H, C, nnz, M;
   const int64_t* ptr;
   const int64_t* perm;
@@ -147,15 +209,16 @@ struct SegmentArgs {
   const scalar_t* weight;
   const bool* keep;
   bool keep_by_row;
-  const scalar_t* aux;
+  const acc_t* aux;
   int64_t aux_len;
-  const scalar_t* row_norm;
+  const acc_t* row_norm;
   int samples_per_block;
 };
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentArgs<scalar_t> a) {
-  __shared__ scalar_t partial[kThreads * VEC];
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t partial[kThreads * VEC];
   const int64_t r = blockIdx.x;
   const int64_t b0 = int64_t(blockIdx.y) * a.samples_per_block;
   const int S = int(min(int64_t(a.samples_per_block), a.B - b0));
@@ -175,19 +238,19 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
     for (int item0 = 0; item0 < total; item0 += W) {
       const int item = item0 + item_local;
       const bool active = split < P && item < total;
-      scalar_t acc[VEC];
+      acc_t acc[VEC];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] = scalar_t(0);
+      for (int i = 0; i < VEC; ++i) acc[i] = acc_t(0);
       int64_t b = 0, c0 = 0;
-      scalar_t scale = scalar_t(0);
+      acc_t scale = acc_t(0);
       if (active) {
         b = b0 + s0 + item / slots;
         c0 = int64_t(item % slots) * VEC;
         const int64_t h = c0 / a.C;
         const int64_t bn = a.keep != nullptr ? b : 0;
-        scale = a.row_norm != nullptr ? a.row_norm[bn * a.rows + r] : scalar_t(1);
-        if (a.keep_by_row && !incidence_kept(a.keep, b, a.M, r)) scale = scalar_t(0);
-        if (scale != scalar_t(0)) {
+        scale = a.row_norm != nullptr ? a.row_norm[bn * a.rows + r] : acc_t(1);
+        if (a.keep_by_row && !incidence_kept(a.keep, b, a.M, r)) scale = acc_t(0);
+        if (scale != acc_t(0)) {
           const scalar_t* src_b = a.src + b * a.src_rows * row_size + c0;
           const scalar_t* w_b = a.weight + b * a.nnz * a.H + h;
 #pragma unroll 4
@@ -197,9 +260,9 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
             const int64_t o = __ldg(a.other + k);
             if (!in_range(o, a.src_rows)) continue;
             if (!a.keep_by_row && !incidence_kept(a.keep, b, a.M, o)) continue;
-            scalar_t coef = w_b[k * a.H];
+            acc_t coef = static_cast<acc_t>(w_b[k * a.H]);
             if (a.aux != nullptr) coef *= a.aux[bn * a.aux_len + o];
-            scalar_t v[VEC];
+            acc_t v[VEC];
             Vec<scalar_t, VEC>::load(v, src_b + o * row_size);
             axpy_row(acc, coef, v, VEC);
           }
@@ -210,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
         for (int i = 0; i < VEC; ++i) partial[t * VEC + i] = acc[i];
         __syncthreads();
         if (active && split == 0) {
-          for (int p = 1; p < P; ++p) axpy_row(acc, scalar_t(1), partial + (p * W + t) * VEC, VEC);
+          for (int p = 1; p < P; ++p) axpy_row(acc, acc_t(1), partial + (p * W + t) * VEC, VEC);
         }
         __syncthreads();
       }
@@ -218,9 +281,9 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
         scale_row(acc, scale, VEC);
         const int64_t offset = (b * a.rows + r) * row_size + c0;
         if (a.init != nullptr) {
-          scalar_t v[VEC];
+          acc_t v[VEC];
           Vec<scalar_t, VEC>::load(v, a.init + offset);
-          axpy_row(acc, scalar_t(1), v, VEC);
+          axpy_row(acc, acc_t(1), v, VEC);
         }
         Vec<scalar_t, VEC>::store(a.dst + offset, acc);
       }
@@ -230,31 +293,34 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
 
 // ---------------------------------------------------------------------------
 // grad_weight[b, k, h] = D_v <G_v, h_e> + B_e <R_e, Y_v> (0 for masked incidences):
-// a group of G lanes per (b, k, h), channels strided over the group.
+// a group of G lanes per (b, k, h), channels strided over the group; the dot
+// products and the shuffle tree in acc_t.
 // ---------------------------------------------------------------------------
 template <typename scalar_t>
 struct WeightGradArgs {
+  using acc_t = acc_type<scalar_t>;
   StoichPlanView s;
   Geometry g;
   const scalar_t* grad_out;
   const scalar_t* hidden;
   const scalar_t* reaction_grad;
   const scalar_t* y;
-  const scalar_t* node_norm;
-  const scalar_t* edge_norm;
+  const acc_t* node_norm;
+  const acc_t* edge_norm;
   const bool* keep;
   scalar_t* grad_weight;
 };
 
 template <typename scalar_t, int VEC, int G>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t item = tid / G;
   const int lane = int(tid % G);
   const int64_t H = a.g.H, C = a.g.C, N = a.s.N, M = a.s.M, nnz = a.s.nnz;
   const bool valid = item < a.g.B * nnz * H;
-  scalar_t dot_g = scalar_t(0), dot_r = scalar_t(0);
-  scalar_t d = scalar_t(0), be = scalar_t(0);
+  acc_t dot_g = acc_t(0), dot_r = acc_t(0);
+  acc_t d = acc_t(0), be = acc_t(0);
   if (valid) {
     const int64_t h = item % H, bk = item / H;
     const int64_t k = bk % nnz, b = bk / nnz;
@@ -266,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradA
       const int64_t row_size = H * C;
       const int64_t vo = (b * N + v) * row_size + h * C, eo = (b * M + e) * row_size + h * C;
       for (int64_t c = int64_t(lane) * VEC; c < C; c += int64_t(G) * VEC) {
-        scalar_t gv[VEC], he[VEC], re[VEC], yv[VEC];
+        acc_t gv[VEC], he[VEC], re[VEC], yv[VEC];
         Vec<scalar_t, VEC>::load(gv, a.grad_out + vo + c);
         Vec<scalar_t, VEC>::load(he, a.hidden + eo + c);
         Vec<scalar_t, VEC>::load(re, a.reaction_grad + eo + c);
@@ -281,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradA
     dot_g += __shfl_xor_sync(0xffffffffu, dot_g, offset, G);
     dot_r += __shfl_xor_sync(0xffffffffu, dot_r, offset, G);
   }
-  if (valid && lane == 0) a.grad_weight[item] = d * dot_g + be * dot_r;
+  if (valid && lane == 0) a.grad_weight[item] = static_cast<scalar_t>(d * dot_g + be * dot_r);
 }
 
 // ---------------------------------------------------------------------------
@@ -293,16 +359,16 @@ inline bool aligned(const void* p, int bytes) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename scalar_t>
+template <typename acc_t>
 cudaError_t launch_degree_norm(const int64_t* ptr, const int64_t* perm,
-                               const int64_t* reaction_index, const scalar_t* abs_stoich,
+                               const int64_t* reaction_index, const acc_t* abs_stoich,
                                const bool* keep, int64_t Bn, int64_t rows, int64_t nnz,
-                               int64_t M, scalar_t* norm, cudaStream_t stream) {
+                               int64_t M, acc_t* norm, cudaStream_t stream) {
   const int64_t warps = Bn * rows;
   if (warps == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(warps * kWarp, kThreads);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  degree_norm_kernel<scalar_t><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(
+  degree_norm_kernel<acc_t><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(
       ptr, perm, reaction_index, abs_stoich, keep, Bn, rows, nnz, M, norm);
   return cudaGetLastError();
 }
@@ -311,8 +377,9 @@ template <typename scalar_t>
 cudaError_t launch_segment_reduce(SegmentArgs<scalar_t> a, cudaStream_t stream) {
   if (a.B == 0 || a.rows == 0 || a.H * a.C == 0) return cudaSuccess;
   constexpr int kWide = wide_vec<scalar_t>();
-  const bool wide = a.C % kWide == 0 && aligned(a.src, 16) && aligned(a.dst, 16) &&
-                    aligned(a.init, 16);
+  constexpr int kWideBytes = kWide * int(sizeof(scalar_t));
+  const bool wide = a.C % kWide == 0 && aligned(a.src, kWideBytes) && aligned(a.dst, kWideBytes) &&
+                    aligned(a.init, kWideBytes);
   const int64_t slots = a.H * a.C / (wide ? kWide : 1);
   a.samples_per_block = int(std::max<int64_t>(1, std::min<int64_t>(a.B, kItemsPerBlock / slots)));
   const int64_t grid_y = ceil_div(a.B, a.samples_per_block);
@@ -344,8 +411,10 @@ template <typename scalar_t>
 cudaError_t launch_weight_grad(const WeightGradArgs<scalar_t>& a, cudaStream_t stream) {
   if (a.g.B * a.s.nnz * a.g.H == 0) return cudaSuccess;
   constexpr int kWide = wide_vec<scalar_t>();
-  const bool wide = a.g.C % kWide == 0 && aligned(a.grad_out, 16) && aligned(a.hidden, 16) &&
-                    aligned(a.reaction_grad, 16) && aligned(a.y, 16);
+  constexpr int kWideBytes = kWide * int(sizeof(scalar_t));
+  const bool wide = a.g.C % kWide == 0 && aligned(a.grad_out, kWideBytes) &&
+                    aligned(a.hidden, kWideBytes) && aligned(a.reaction_grad, kWideBytes) &&
+                    aligned(a.y, kWideBytes);
   return wide ? launch_weight_grad_vec<scalar_t, kWide>(a, stream)
               : launch_weight_grad_vec<scalar_t, 1>(a, stream);
 }
@@ -356,7 +425,7 @@ cudaError_t launch_weight_grad(const WeightGradArgs<scalar_t>& a, cudaStream_t s
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_hidden(const StoichPlanView& s, const Geometry& g,
                                       const scalar_t* y, const scalar_t* weight, const bool* keep,
-                                      const scalar_t* edge_norm, scalar_t* hidden,
+                                      const acc_type<scalar_t>* edge_norm, scalar_t* hidden,
                                       cudaStream_t stream) {
   SegmentArgs<scalar_t> a{};
   a.B = g.B, a.H = g.H, a.C = g.C, a.nnz = s.nnz, a.M = s.M;
@@ -370,16 +439,18 @@ cudaError_t launch_stoich_conv_hidden(const StoichPlanView& s, const Geometry& g
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_forward(const StoichPlanView& s, const Geometry& g,
                                        const scalar_t* y, const scalar_t* weight,
-                                       const bool* keep, const scalar_t* abs_stoich,
-                                       scalar_t* out, scalar_t* hidden, scalar_t* node_norm,
-                                       scalar_t* edge_norm, cudaStream_t stream) {
+                                       const bool* keep, const acc_type<scalar_t>* abs_stoich,
+                                       scalar_t* out, scalar_t* hidden,
+                                       acc_type<scalar_t>* node_norm,
+                                       acc_type<scalar_t>* edge_norm, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t Bn = keep != nullptr ? g.B : 1;
-  cudaError_t err = launch_degree_norm<scalar_t>(s.reaction_ptr, s.reaction_perm, nullptr,
-                                                 abs_stoich, keep, Bn, s.M, s.nnz, s.M,
-                                                 edge_norm, stream);
+  cudaError_t err = launch_degree_norm<acc_t>(s.reaction_ptr, s.reaction_perm, nullptr,
+                                              abs_stoich, keep, Bn, s.M, s.nnz, s.M, edge_norm,
+                                              stream);
   if (err != cudaSuccess) return err;
-  err = launch_degree_norm<scalar_t>(s.metabolite_ptr, s.metabolite_perm, s.reaction_index,
-                                     abs_stoich, keep, Bn, s.N, s.nnz, s.M, node_norm, stream);
+  err = launch_degree_norm<acc_t>(s.metabolite_ptr, s.metabolite_perm, s.reaction_index,
+                                  abs_stoich, keep, Bn, s.N, s.nnz, s.M, node_norm, stream);
   if (err != cudaSuccess) return err;
   err = launch_stoich_conv_hidden(s, g, y, weight, keep, edge_norm, hidden, stream);
   if (err != cudaSuccess) return err;
@@ -398,7 +469,8 @@ cudaError_t launch_stoich_conv_backward(const StoichPlanView& s, const Geometry&
                                         const scalar_t* grad_out, const scalar_t* grad_hidden,
                                         const scalar_t* y, const scalar_t* weight,
                                         const bool* keep, const scalar_t* hidden,
-                                        const scalar_t* node_norm, const scalar_t* edge_norm,
+                                        const acc_type<scalar_t>* node_norm,
+                                        const acc_type<scalar_t>* edge_norm,
                                         scalar_t* reaction_grad, scalar_t* grad_y,
                                         scalar_t* grad_weight, cudaStream_t stream) {
   // R[b,e] = grad_hidden[b,e] + [e kept] * sum_{k in e} w_k D_{v_k} G[b, v_k]
@@ -426,19 +498,21 @@ cudaError_t launch_stoich_conv_backward(const StoichPlanView& s, const Geometry&
   return err;
 }
 
-#define STOICHCONV_INSTANTIATE(T)                                                            \
-  template cudaError_t launch_stoich_conv_hidden<T>(                                         \
-      const StoichPlanView&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
-      cudaStream_t);                                                                         \
-  template cudaError_t launch_stoich_conv_forward<T>(                                        \
-      const StoichPlanView&, const Geometry&, const T*, const T*, const bool*, const T*, T*, \
-      T*, T*, T*, cudaStream_t);                                                             \
-  template cudaError_t launch_stoich_conv_backward<T>(                                       \
-      const StoichPlanView&, const Geometry&, const T*, const T*, const T*, const T*,       \
-      const bool*, const T*, const T*, const T*, T*, T*, T*, cudaStream_t);
+#define STOICHCONV_INSTANTIATE(T)                                                              \
+  template cudaError_t launch_stoich_conv_hidden<T>(const StoichPlanView&, const Geometry&,    \
+                                                    const T*, const T*, const bool*,           \
+                                                    const acc_type<T>*, T*, cudaStream_t);     \
+  template cudaError_t launch_stoich_conv_forward<T>(                                          \
+      const StoichPlanView&, const Geometry&, const T*, const T*, const bool*,                 \
+      const acc_type<T>*, T*, T*, acc_type<T>*, acc_type<T>*, cudaStream_t);                   \
+  template cudaError_t launch_stoich_conv_backward<T>(                                         \
+      const StoichPlanView&, const Geometry&, const T*, const T*, const T*, const T*,         \
+      const bool*, const T*, const acc_type<T>*, const acc_type<T>*, T*, T*, T*, cudaStream_t);
 
 STOICHCONV_INSTANTIATE(float)
 STOICHCONV_INSTANTIATE(double)
+STOICHCONV_INSTANTIATE(c10::Half)
+STOICHCONV_INSTANTIATE(c10::BFloat16)
 #undef STOICHCONV_INSTANTIATE
 
 }  // namespace cuda

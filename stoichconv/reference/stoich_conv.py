@@ -2,7 +2,12 @@
 semantics are stated once, in :mod:`stoichconv.ops.stoich_conv`). Gather and
 ``index_add`` over the raw incidence list, differentiated by autograd: the
 baseline every backend is tested and benchmarked against, and the fallback
-when ``stoichconv._C`` is missing."""
+when ``stoichconv._C`` is missing.
+
+Every dtype of the op is taken: float16 / bfloat16 inputs are computed in float32 (the
+accumulate dtype of the op's dtype policy, stated in :mod:`stoichconv.ops.stoich_conv`) and the
+result is rounded to the input dtype once, so the reference and the kernels give the same answer
+up to rounding; float32 and float64 are computed in themselves."""
 
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ def stoich_conv_reference(
     num_reactions: int,
     reaction_keep: Optional[Tensor] = None,
 ) -> Tensor:
-    """``out`` [B, N, H, C] from ``y`` [B, N, H, C], ``weight`` [B, nnz, H],
+    """``out`` [B, N, H, C] (dtype of ``y``) from ``y`` [B, N, H, C], ``weight`` [B, nnz, H],
     the incidence list and optional ``reaction_keep`` [B, M]."""
+    dtype = y.dtype
+    compute = torch.promote_types(dtype, torch.float32)  # float32 for float16 / bfloat16
+    y, weight = y.to(compute), weight.to(compute)
     B, N, H, C = y.shape
     abs_stoich = stoich.detach().abs().to(y.dtype)
     if reaction_keep is None:
@@ -52,7 +60,7 @@ def stoich_conv_reference(
     hidden = _scale_rows(hidden, edge_norm)
     message = w * hidden[:, reaction_index]  # masked reactions' hidden rows are 0 (zero degree)
     out = torch.zeros_like(y).index_add(1, metabolite_index, message)
-    return _scale_rows(out, node_norm)
+    return _scale_rows(out, node_norm).to(dtype)
 
 
 def _scale_rows(rows: Tensor, norm: Tensor) -> Tensor:

@@ -565,7 +565,7 @@ def test_build_plan_rejects_bad_input(mutate, exc, match):
     "mutate,exc,match",
     [
         (lambda y, w, k: (y[0], w, k), ValueError, r"`y` must be a tensor of shape \[B, N, H, C\]"),
-        (lambda y, w, k: (y.long(), w, k), TypeError, "`y` must be float32 or float64"),
+        (lambda y, w, k: (y.long(), w, k), TypeError, "`y` must be float16, bfloat16, float32 or float64"),
         (lambda y, w, k: (y[:, :-1], w, k), ValueError, "`y` has N = 8 metabolites but the plan has 9"),
         (lambda y, w, k: (y, w[:, :-1], k), ValueError, r"`weight` must have shape \[B, nnz, H\]"),
         (lambda y, w, k: (y, w.float(), k), TypeError, "`weight` has dtype torch.float32"),
@@ -615,7 +615,7 @@ def _raw_mutations(backend, device):
         table += [
             (2, lambda k: k.long(), TypeError, "`reaction_keep`"),
             (5, lambda a: a.float(), ValueError, "`abs_stoich`"),
-            ((0, 1), lambda t: t.half(), TypeError, "`y`"),
+            ((0, 1), lambda t: t.to(torch.float8_e5m2), TypeError, "`y` must be float16, bfloat16, float32 or float64"),
         ]
     if device.type == "cpu":  # value checks (a host sync on a GPU)
         table += [
@@ -628,7 +628,8 @@ def _raw_mutations(backend, device):
         table += [
             (2, lambda k: k.long(), RuntimeError, "`reaction_keep` must be bool"),
             (5, lambda a: a.float(), RuntimeError, "`abs_stoich` must be 1-D of length nnz with the dtype of `y`"),
-            ((0, 1), lambda t: t.half(), RuntimeError, "`y` must be float32 or float64"),
+            ((0, 1), lambda t: t.to(torch.float8_e5m2), RuntimeError,
+             "`y` must be float16, bfloat16, float32 or float64"),
         ]
     return table
 

@@ -4,8 +4,30 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+#include "stoichconv/accumulate_type.h"
 
 namespace stoichconv {
+
+// The dtypes of the stoich conv (the policy: stoichconv.ops.stoich_conv
+// docstring): features, weights, `out`, `hidden` and every gradient in one of
+// float16, bfloat16, float32 or float64; the statistics (node_norm,
+// edge_norm) and the degree weights (abs_stoich) in its accumulate dtype,
+// acc_type<scalar_t> of stoichconv/accumulate_type.h as a ScalarType.
+inline bool is_stoich_conv_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+inline at::ScalarType accumulate_scalar_type(at::ScalarType t) {
+  at::ScalarType acc = t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "stoich_conv", [&] {
+    acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
+  });
+  return acc;
+}
 
 inline void check_index_vector(const at::Tensor& t, const char* name, int64_t length,
                                const at::Tensor& like) {
@@ -27,8 +49,9 @@ inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& wei
                                       const at::Tensor& metabolite_ptr,
                                       const at::Tensor& metabolite_perm) {
   TORCH_CHECK(y.dim() == 4, "stoich_conv: `y` must be [B, N, H, C], got shape ", y.sizes());
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-              "stoich_conv: `y` must be float32 or float64, got ", y.scalar_type());
+  TORCH_CHECK(is_stoich_conv_dtype(y.scalar_type()),
+              "stoich_conv: `y` must be float16, bfloat16, float32 or float64, got ",
+              y.scalar_type());
   const int64_t B = y.size(0), N = y.size(1), H = y.size(2);
   const int64_t nnz = metabolite_index.numel();
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == B && weight.size(1) == nnz &&
@@ -61,11 +84,13 @@ inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& wei
   return nnz;
 }
 
-// The forward's `abs_stoich` [nnz], same dtype and device as `y`.
+// The forward's `abs_stoich` [nnz] in the accumulate dtype of `y`, on its device.
 inline void check_abs_stoich(const at::Tensor& abs_stoich, int64_t nnz, const at::Tensor& y) {
-  TORCH_CHECK(abs_stoich.dim() == 1 && abs_stoich.size(0) == nnz &&
-                  abs_stoich.scalar_type() == y.scalar_type(),
-              "stoich_conv: `abs_stoich` must be 1-D of length nnz with the dtype of `y`");
+  const at::ScalarType acc = accumulate_scalar_type(y.scalar_type());
+  TORCH_CHECK(abs_stoich.dim() == 1 && abs_stoich.size(0) == nnz && abs_stoich.scalar_type() == acc,
+              "stoich_conv: `abs_stoich` must be 1-D of length nnz with the dtype of `y`'s "
+              "accumulation (", acc, " for `y` of ", y.scalar_type(), "), got shape ",
+              abs_stoich.sizes(), " and ", abs_stoich.scalar_type());
   TORCH_CHECK(abs_stoich.device() == y.device(), "stoich_conv: `abs_stoich` is on ",
               abs_stoich.device(), " but `y` is on ", y.device());
 }
@@ -73,8 +98,9 @@ inline void check_abs_stoich(const at::Tensor& abs_stoich, int64_t nnz, const at
 // The backward's saved and incoming tensors (after check_stoich_conv_args):
 // grad_out like y, hidden / grad_hidden [B, M, H, C] (or hidden empty [0]
 // and no grad_hidden: recompute it), norms [Bn, N] and
-// [Bn, M] with Bn = B under a reaction keep-mask, else 1; all on y's device
-// and of y's dtype.
+// [Bn, M] with Bn = B under a reaction keep-mask, else 1; all on y's device,
+// grad_out / hidden / grad_hidden of y's dtype, the norms of its accumulate
+// dtype.
 inline void check_stoich_conv_backward_args(const at::Tensor& grad_out,
                                             const std::optional<at::Tensor>& grad_hidden,
                                             const at::Tensor& y, const at::Tensor& hidden,
@@ -83,14 +109,17 @@ inline void check_stoich_conv_backward_args(const at::Tensor& grad_out,
                                             int64_t num_reactions) {
   TORCH_CHECK(grad_out.sizes() == y.sizes(),
               "stoich_conv_backward: `grad_out` must have the shape of `y`");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
-                                {hidden, "hidden"},
-                                {node_norm, "node_norm"},
-                                {edge_norm, "edge_norm"}}) {
+  const at::ScalarType acc = accumulate_scalar_type(y.scalar_type());
+  for (const auto& [t, name, dtype] :
+       {std::tuple<const at::Tensor&, const char*, at::ScalarType>{grad_out, "grad_out",
+                                                                   y.scalar_type()},
+        {hidden, "hidden", y.scalar_type()},
+        {node_norm, "node_norm", acc},
+        {edge_norm, "edge_norm", acc}}) {
     TORCH_CHECK(t.device() == y.device(), "stoich_conv_backward: `", name, "` is on ",
                 t.device(), " but `y` is on ", y.device());
-    TORCH_CHECK(t.scalar_type() == y.scalar_type(), "stoich_conv_backward: `", name,
-                "` dtype ", t.scalar_type(), " differs from `y` dtype ", y.scalar_type());
+    TORCH_CHECK(t.scalar_type() == dtype, "stoich_conv_backward: `", name, "` must be ", dtype,
+                " for `y` of ", y.scalar_type(), ", got ", t.scalar_type());
   }
   const int64_t B = y.size(0), N = y.size(1), H = y.size(2), C = y.size(3);
   const int64_t M = num_reactions, Bn = masked ? B : 1;

@@ -5,12 +5,15 @@
 // launcher (csrc/cuda/stoich_conv.cpp) allocates, checks and calls these.
 // All pointers are device pointers to contiguous row-major tensors, the plan
 // included (a StoichPlanView of stoichconv/stoich_plan_view.h).
-// Semantics: stoichconv.ops.stoich_conv docstring.
+// Semantics and dtypes: stoichconv.ops.stoich_conv docstring.  scalar_t is the
+// storage type (float, double, c10::Half, c10::BFloat16: instantiated in the
+// .cu); the degree weights and norms are acc_type<scalar_t>.
 #pragma once
 
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "stoichconv/accumulate_type.h"
 #include "stoichconv/stoich_plan_view.h"
 
 namespace stoichconv {
@@ -27,25 +30,27 @@ struct Geometry {
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_hidden(const StoichPlanView& s, const Geometry& g,
                                       const scalar_t* y, const scalar_t* weight, const bool* keep,
-                                      const scalar_t* edge_norm, scalar_t* hidden,
+                                      const acc_type<scalar_t>* edge_norm, scalar_t* hidden,
                                       cudaStream_t stream);
 
 // out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M].
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_forward(const StoichPlanView& s, const Geometry& g,
                                        const scalar_t* y, const scalar_t* weight,
-                                       const bool* keep, const scalar_t* abs_stoich,
-                                       scalar_t* out, scalar_t* hidden, scalar_t* node_norm,
-                                       scalar_t* edge_norm, cudaStream_t stream);
+                                       const bool* keep, const acc_type<scalar_t>* abs_stoich,
+                                       scalar_t* out, scalar_t* hidden,
+                                       acc_type<scalar_t>* node_norm,
+                                       acc_type<scalar_t>* edge_norm, cudaStream_t stream);
 
-// reaction_grad [B,M,H,C] is scratch (R); grad_hidden may be nullptr;
-// grad_y / grad_weight may be nullptr when not wanted.
+// reaction_grad [B,M,H,C] is scratch (R, stored in scalar_t); grad_hidden may
+// be nullptr; grad_y / grad_weight may be nullptr when not wanted.
 template <typename scalar_t>
 cudaError_t launch_stoich_conv_backward(const StoichPlanView& s, const Geometry& g,
                                         const scalar_t* grad_out, const scalar_t* grad_hidden,
                                         const scalar_t* y, const scalar_t* weight,
                                         const bool* keep, const scalar_t* hidden,
-                                        const scalar_t* node_norm, const scalar_t* edge_norm,
+                                        const acc_type<scalar_t>* node_norm,
+                                        const acc_type<scalar_t>* edge_norm,
                                         scalar_t* reaction_grad, scalar_t* grad_y,
                                         scalar_t* grad_weight, cudaStream_t stream);
 

@@ -8,10 +8,18 @@
 //   keep   [B, M]        optional reaction keep-mask (masked incidences weigh 0)
 //   D_v  = 1 / sum_{k: v_k = v, kept} |s_k|   (0 where the sum is 0)
 //   B_e  = 1 / sum_{k: e_k = e, kept} |s_k|   (0 where the sum is 0)
+//
+// Storage and accumulation types: features, weights and rows are stored as
+// scalar_t (float16, bfloat16, float32 or float64); every sum runs in
+// acc_type<scalar_t> (stoichconv/accumulate_type.h: float for the 16-bit
+// types, the type itself for float32 / float64), each stored value converted
+// on load.  For float32 / float64 the conversions are no-ops: the arithmetic
+// is exactly that of a kernel written in the storage type.
 #pragma once
 
 #include <stdint.h>
 
+#include "stoichconv/accumulate_type.h"
 #include "stoichconv/macros.h"
 
 namespace stoichconv {
@@ -29,11 +37,12 @@ SC_INLINE bool incidence_kept(const bool* keep, int64_t b, int64_t num_reactions
   return keep == nullptr || keep[b * num_reactions + e];
 }
 
-// acc[0:C] += coef * src[0:C]   (the body of every segment reduction)
-template <typename scalar_t>
-SC_INLINE void axpy_row(scalar_t* __restrict__ acc, scalar_t coef,
-                        const scalar_t* __restrict__ src, int64_t C) {
-  SC_SIMD for (int64_t c = 0; c < C; ++c) acc[c] += coef * src[c];
+// acc[0:C] += coef * src[0:C]   (the body of every segment reduction); src
+// may be stored in a narrower type than the accumulator, converted on load.
+template <typename acc_t, typename src_t>
+SC_INLINE void axpy_row(acc_t* __restrict__ acc, acc_t coef, const src_t* __restrict__ src,
+                        int64_t C) {
+  SC_SIMD for (int64_t c = 0; c < C; ++c) acc[c] += coef * static_cast<acc_t>(src[c]);
 }
 
 // dst[0:C] *= scale
@@ -42,33 +51,39 @@ SC_INLINE void scale_row(scalar_t* __restrict__ dst, scalar_t scale, int64_t C) 
   SC_SIMD for (int64_t c = 0; c < C; ++c) dst[c] *= scale;
 }
 
-// <a, b> over C channels in a fixed order (deterministic): kLanes running
-// partial sums (lane i takes channels i, i + kLanes, ...) added in lane order,
-// then the tail.  kLanes = 1 is the plain sequential sum (the CUDA kernels,
-// which split the channels over threads); the CPU kernels use a register's
-// worth of lanes so that the loop vectorises.
+// <a, b> over C channels in a fixed order (deterministic), summed in
+// acc_type<scalar_t>: kLanes running partial sums (lane i takes channels i,
+// i + kLanes, ...) added in lane order, then the tail.  kLanes = 1 is the
+// plain sequential sum (the CUDA kernels, which split the channels over
+// threads); the CPU kernels use a register's worth of accumulator lanes so
+// that the loop vectorises.
 template <int kLanes = 1, typename scalar_t>
-SC_INLINE scalar_t dot_row(const scalar_t* __restrict__ a,
-                           const scalar_t* __restrict__ b, int64_t C) {
-  scalar_t part[kLanes];
-  for (int i = 0; i < kLanes; ++i) part[i] = scalar_t(0);
+SC_INLINE acc_type<scalar_t> dot_row(const scalar_t* __restrict__ a,
+                                     const scalar_t* __restrict__ b, int64_t C) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t part[kLanes];
+  for (int i = 0; i < kLanes; ++i) part[i] = acc_t(0);
   int64_t c = 0;
   for (; c + kLanes <= C; c += kLanes) {
-    SC_SIMD for (int i = 0; i < kLanes; ++i) part[i] += a[c + i] * b[c + i];
+    SC_SIMD for (int i = 0; i < kLanes; ++i)
+      part[i] += static_cast<acc_t>(a[c + i]) * static_cast<acc_t>(b[c + i]);
   }
-  scalar_t acc = scalar_t(0);
+  acc_t acc = acc_t(0);
   for (int i = 0; i < kLanes; ++i) acc += part[i];
-  for (; c < C; ++c) acc += a[c] * b[c];
+  for (; c < C; ++c) acc += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
   return acc;
 }
 
-// dL/dw_k for one incidence and head:
+// dL/dw_k for one incidence and head, in acc_type<scalar_t> (the norms are
+// statistics, stored in that type):
 //   D_v * <G_v, h_e> + B_e * <R_e, Y_v>
 template <int kLanes = 1, typename scalar_t>
-SC_INLINE scalar_t incidence_weight_grad(scalar_t node_norm, const scalar_t* grad_out_v,
-                                         const scalar_t* hidden_e, scalar_t edge_norm,
-                                         const scalar_t* grad_hidden_e,
-                                         const scalar_t* y_v, int64_t C) {
+SC_INLINE acc_type<scalar_t> incidence_weight_grad(acc_type<scalar_t> node_norm,
+                                                   const scalar_t* grad_out_v,
+                                                   const scalar_t* hidden_e,
+                                                   acc_type<scalar_t> edge_norm,
+                                                   const scalar_t* grad_hidden_e,
+                                                   const scalar_t* y_v, int64_t C) {
   return node_norm * dot_row<kLanes>(grad_out_v, hidden_e, C) +
          edge_norm * dot_row<kLanes>(grad_hidden_e, y_v, C);
 }

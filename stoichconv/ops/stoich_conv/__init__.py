@@ -22,6 +22,25 @@ bigger graph; both layouts give the same numbers. The backward is hand-written
 ``R_e = sum_{k in e} w_k D_{v_k} G_{v_k}``, ``dL/dy_u = sum_{k: v_k = u} w_k B_{e_k} R_{e_k}``,
 ``dL/dw_k = D_{v_k} <G_{v_k}, hidden_{e_k}> + B_{e_k} <R_{e_k}, y_{v_k}>``.
 
+Dtypes
+------
+The policy of :mod:`stoichconv.ops._dtypes`, for this op:
+
+* ``y`` and ``weight`` are float16, bfloat16, float32 or float64, both of one dtype (else a
+  ``TypeError`` naming both). ``out`` and ``hidden`` come back in that dtype; the statistics
+  ``node_norm`` / ``edge_norm`` in its accumulate dtype (float32 for float16 / bfloat16 /
+  float32, float64 for float64), and the kernels take the degree weights ``abs_stoich`` in it
+  (:func:`stoich_conv` converts the plan's).
+* Every sum (the degree sums, both stages, the backward's ``R`` and ``dL/dy``, the dot products
+  of ``dL/dw``) runs in the accumulate dtype: each stored value is converted on load and each
+  result rounded once, on store. The stage-1 rows ``hidden`` and the backward's ``R`` are
+  stored in the input dtype (``hidden`` is an output; an unsaved ``hidden`` is recomputed by
+  the backward, by the compiled kernels to the very same values). The backward takes ``grad_out`` / ``grad_hidden`` in the input dtype and
+  returns the gradients in it. For float32 and float64 the conversions are no-ops.
+* Under ``torch.autocast`` on ``y``'s device type, :func:`stoich_conv` first casts ``y`` and
+  ``weight`` to the autocast dtype (so the op runs in low precision, as ``torch.mm`` does);
+  outside autocast, mixed dtypes are refused, never truncated.
+
 The incidence structure is preprocessed once per graph into a
 :class:`~stoichconv.types.StoichPlan` (CSR orderings for both stages,
 validated indices); forward and backward reuse it and nothing is sorted per
@@ -45,6 +64,7 @@ import torch
 from torch import Tensor
 
 from stoichconv.backends import OpSpec, register_op, select
+from stoichconv.ops._dtypes import accumulate_dtype, cast_for_autocast
 from stoichconv.ops.stoich_conv import registration  # noqa: F401  (fake kernels and autograd)
 from stoichconv.ops.stoich_conv.validation import (
     check_count,
@@ -175,8 +195,13 @@ def stoich_conv(
     """Signed stoichiometric propagation ``out`` [B, N, H, C] (see the module docstring for
     the math); differentiable w.r.t. ``y`` and ``weight``.
 
+    Dtypes (module docstring, "Dtypes"): ``out`` has the dtype of ``y``; under ``torch.autocast``
+    on ``y``'s device type, ``y`` and ``weight`` are first cast to the autocast dtype (the op then
+    runs in that precision, accumulating in float32, as ``torch.mm`` does); outside autocast
+    their dtypes must agree.
+
     Args:
-        y: transformed metabolite features [B, N, H, C], float32 or float64.
+        y: transformed metabolite features [B, N, H, C], float16, bfloat16, float32 or float64.
         weight: per-incidence weights [B, nnz, H] (``s * gate * alpha``), same dtype.
         plan: the graph's :class:`~stoichconv.types.StoichPlan` (``build_stoich_plan``), on
             ``y``'s device.
@@ -189,13 +214,16 @@ def stoich_conv(
             faults included) costs more than redoing stage 1 sample by sample in
             cache; save on GPUs. Ignored by the reference backend.
     """
+    if isinstance(y, Tensor):
+        y, weight = cast_for_autocast(y.device, y, weight)
     check_propagate_args(y, weight, plan, reaction_keep)
     selected = select("stoich_conv", backend, y.device)
     if selected.backend == "reference":
         return selected.fn(
             y, weight, plan.metabolite_index, plan.reaction_index, plan.stoich, plan.num_reactions, reaction_keep
         )
-    abs_stoich = plan.abs_stoich if plan.abs_stoich.dtype == y.dtype else plan.abs_stoich.to(y.dtype)
+    acc = accumulate_dtype(y.dtype)
+    abs_stoich = plan.abs_stoich if plan.abs_stoich.dtype == acc else plan.abs_stoich.to(acc)
     if save_hidden is None:
         save_hidden = y.device.type != "cpu"
     mi, ri, rptr, rperm, mptr, mperm = plan.structure()

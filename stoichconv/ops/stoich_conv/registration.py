@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from stoichconv._extension import has_compiled_kernels
+from stoichconv.ops._dtypes import accumulate_dtype
 
 __all__ = ["register"]
 
@@ -18,7 +19,8 @@ def forward_fake(y, weight, reaction_keep, metabolite_index, reaction_index, abs
     M = reaction_ptr.shape[0] - 1
     Bn = B if reaction_keep is not None else 1
     hidden = y.new_empty(B, M, H, C) if save_hidden else y.new_empty(0)
-    return y.new_empty(B, N, H, C), hidden, y.new_empty(Bn, N), y.new_empty(Bn, M)
+    acc = accumulate_dtype(y.dtype)  # the norms are statistics
+    return y.new_empty(B, N, H, C), hidden, y.new_empty(Bn, N, dtype=acc), y.new_empty(Bn, M, dtype=acc)
 
 
 def backward_fake(grad_out, grad_hidden, y, weight, reaction_keep, hidden, node_norm, edge_norm,

@@ -30,12 +30,25 @@ that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv.cpp``:
   (0 for masked incidences), one program per (incidence tile, sample, head),
   looping over channel tiles.
 
-Accumulation happens in the input dtype: float32 inputs accumulate in float32,
-float64 inputs in float64 (so the float64 tests compare to ~1e-12). On a GPU the
-same kernels run unchanged: rows map to CTAs, the channel tile to the lanes of
-the CTA, and the incidence tile gathers ``BLOCK_K`` rows of ``y`` at once.
-Under ``TRITON_INTERPRET=1`` (set before this module is imported) they run on
-CPU tensors through numpy, which is how the CPU-only test suite runs them.
+Dtypes (the policy: the "Dtypes" section of :mod:`stoichconv.ops.stoich_conv`):
+float16, bfloat16, float32 and float64. The kernels take the accumulate dtype as
+the constexpr ``ACC`` (float64 for float64 inputs, else float32): every loaded
+value is converted to it, the running sums and dot products are ``ACC`` tiles
+(so the float64 tests compare to ~1e-12 and float16 / bfloat16 sums keep
+float32 precision), and the result is rounded to the output's dtype on store.
+``abs_stoich`` and the norms are ``ACC`` tensors; ``hidden`` and the backward's
+``R`` are stored in the input dtype.
+
+On a GPU the same kernels run unchanged: rows map to CTAs, the channel tile to
+the lanes of the CTA, and the incidence tile gathers ``BLOCK_K`` rows of ``y``
+at once. Under ``TRITON_INTERPRET=1`` (set before this module is imported) they
+run on CPU tensors through numpy, which is how the CPU-only test suite runs
+them, in every dtype. One difference of the interpreter (Triton 3.7): it
+converts float32 to bfloat16 by truncating the mantissa (round toward zero:
+``1 + 2**-8 + 2**-9`` is stored as ``1.0``, where a GPU and torch round to
+nearest even and give ``1 + 2**-7``), so interpreted bfloat16 results carry up
+to one bfloat16 ulp per stored value instead of half of one; float16 is
+rounded to nearest even (numpy).
 
 Ops (``torch.library.custom_op``; fake kernels and the autograd formula are the
 shared ones of :mod:`stoichconv.ops.stoich_conv.registration`):
@@ -58,6 +71,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from stoichconv.ops._dtypes import accumulate_dtype
 from stoichconv.ops.stoich_conv import registration
 from stoichconv.ops.stoich_conv.validation import check_structure_args, check_structure_values
 
@@ -80,7 +94,7 @@ def _segment_reduce_kernel(
     coef_norm, coef_norm_index, abs_stoich, row_norm,
     rows, src_rows, nnz, M, coef_norm_len, H, C,
     HAS_INIT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_COEF_NORM: tl.constexpr,
-    ROW_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr,
+    ROW_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr, ACC: tl.constexpr,
 ):
     # dst[b, r, h, c] = init[b, r, h, c] + row_norm[b', r] *
     #     sum_{j in CSR row r} w[b, k, h] kept(b, k) coef_norm[b', idx(k)] src[b, other(k), h, c]
@@ -89,6 +103,8 @@ def _segment_reduce_kernel(
     # ROW_NORM: the row's degree norm 1 / sum_{j in row, kept} |s_k| (0 for an
     # empty sum) is computed in the same loop over the row and also written to
     # row_norm[b', r] (by the first channel block of sample b', once).
+    # ACC: the accumulate dtype (that of abs_stoich, coef_norm and row_norm); src, w and init
+    # are converted to it on load, the sum is rounded to dst's dtype on store.
     pid = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     b = pid // rows
@@ -104,8 +120,8 @@ def _segment_reduce_kernel(
     start = tl.load(row_ptr + r)
     end = tl.load(row_ptr + r + 1)
     offs = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_HC], dtype=src.dtype.element_ty)
-    deg = tl.zeros([BLOCK_K], dtype=src.dtype.element_ty)
+    acc = tl.zeros([BLOCK_HC], dtype=ACC)
+    deg = tl.zeros([BLOCK_K], dtype=ACC)
     for j0 in range(start, end, BLOCK_K):
         j = j0 + offs
         m = j < end
@@ -125,10 +141,10 @@ def _segment_reduce_kernel(
             cn = tl.load(coef_norm + nb * coef_norm_len + ci, mask=on, other=0.0)
             on = on & (cn != 0)
         m2 = on[:, None] & hcmask[None, :]
-        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0)
+        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0).to(ACC)
         if HAS_COEF_NORM:
             coef = coef * cn[:, None]
-        vals = tl.load(src + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0)
+        vals = tl.load(src + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0).to(ACC)
         acc += tl.sum(coef * vals, axis=0)
     if ROW_NORM:
         total = tl.sum(deg, axis=0)
@@ -137,8 +153,8 @@ def _segment_reduce_kernel(
         tl.store(row_norm + nb * rows + r, norm, mask=(tb == 0) & (nb == b))
     out_off = (b * rows + r) * HC + hc
     if HAS_INIT:
-        acc += tl.load(init + out_off, mask=hcmask, other=0.0)
-    tl.store(dst + out_off, acc, mask=hcmask)
+        acc += tl.load(init + out_off, mask=hcmask, other=0.0).to(ACC)
+    tl.store(dst + out_off, acc.to(dst.dtype.element_ty), mask=hcmask)
 
 
 @triton.jit
@@ -146,9 +162,10 @@ def _weight_grad_kernel(
     grad_out, hidden, reaction_grad, y,
     metabolite_index, reaction_index, keep, node_norm, edge_norm, grad_weight,
     nnz, N, M, H, C,
-    HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     # gw[b, k, h] = kept(b, k) * (D[b', v] <G[b, v, h], hidden[b, e, h]> + B[b', e] <R[b, e, h], y[b, v, h]>)
+    # summed in ACC (the dtype of the norms), rounded to grad_weight's dtype on store
     kb = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
@@ -166,15 +183,15 @@ def _weight_grad_kernel(
     if HAS_KEEP:
         kept = tl.load(keep + b * M + e, mask=m, other=0)
         ld = ld & (kept != 0)
-    dot_gh = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
-    dot_ry = tl.zeros([BLOCK_K], dtype=y.dtype.element_ty)
+    dot_gh = tl.zeros([BLOCK_K], dtype=ACC)
+    dot_ry = tl.zeros([BLOCK_K], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         m2 = ld[:, None] & (c < C)[None, :]
-        g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0)
-        hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0)
-        rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0)
-        yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0)
+        g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+        hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+        rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+        yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
         dot_gh += tl.sum(g * hd, axis=1)
         dot_ry += tl.sum(rg * yy, axis=1)
     dn = tl.load(node_norm + nb * N + v, mask=ld, other=0.0)
@@ -183,7 +200,7 @@ def _weight_grad_kernel(
     gw = tl.where(dn != 0, dn * dot_gh, 0.0) + tl.where(en != 0, en * dot_ry, 0.0)
     if HAS_KEEP:
         gw = tl.where(kept != 0, gw, 0.0)
-    tl.store(grad_weight + (b * nnz + k) * H + h, gw, mask=m)
+    tl.store(grad_weight + (b * nnz + k) * H + h, gw.to(grad_weight.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------
@@ -205,6 +222,11 @@ def _check_args(y, weight, reaction_keep, mi, ri, rptr, rperm, mptr, mperm) -> t
 def _device_guard(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tl_accumulate(dtype: torch.dtype):
+    """The Triton dtype of :func:`~stoichconv.ops._dtypes.accumulate_dtype` of ``dtype``."""
+    return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _block_c(C: int) -> int:
@@ -249,7 +271,7 @@ def _segment_reduce(src, dst, ptr, perm, other_index, w, keep, ri, M,
         row_norm if row_norm is not None else dummy,
         rows, src_rows, nnz, M, coef_norm.shape[1] if coef_norm is not None else 0, H, C,
         HAS_INIT=init is not None, HAS_KEEP=keep is not None, HAS_COEF_NORM=coef_norm is not None,
-        ROW_NORM=abs_stoich is not None, BLOCK_K=_BLOCK_K, BLOCK_HC=block_hc,
+        ROW_NORM=abs_stoich is not None, BLOCK_K=_BLOCK_K, BLOCK_HC=block_hc, ACC=_tl_accumulate(dst.dtype),
     )
 
 
@@ -273,7 +295,7 @@ def _backward_launches(G, grad_hidden, y, weight, keep, hidden, node_norm, edge_
             _weight_grad_kernel[grid](
                 G, hidden, R, y, mi, ri, keep if keep is not None else rptr, node_norm, edge_norm,
                 grad_weight, nnz, N, M, H, C,
-                HAS_KEEP=keep is not None, BLOCK_K=_BLOCK_K, BLOCK_C=_block_c(C),
+                HAS_KEEP=keep is not None, BLOCK_K=_BLOCK_K, BLOCK_C=_block_c(C), ACC=_tl_accumulate(y.dtype),
             )
 
 
@@ -295,8 +317,10 @@ def triton_stoich_conv_forward(
     ``hidden`` is an empty tensor [0] with ``save_hidden=False``."""
     nnz, M = _check_args(y, weight, reaction_keep, metabolite_index, reaction_index, reaction_ptr,
                          reaction_perm, metabolite_ptr, metabolite_perm)
-    if not isinstance(abs_stoich, Tensor) or tuple(abs_stoich.shape) != (nnz,) or abs_stoich.dtype != y.dtype:
-        raise ValueError(f"`abs_stoich` must be 1-D of length nnz = {nnz} with the dtype of `y` ({y.dtype})")
+    acc = accumulate_dtype(y.dtype)
+    if not isinstance(abs_stoich, Tensor) or tuple(abs_stoich.shape) != (nnz,) or abs_stoich.dtype != acc:
+        raise ValueError(f"`abs_stoich` must be 1-D of length nnz = {nnz} in the accumulate dtype of `y` "
+                         f"({acc} for {y.dtype})")
     if abs_stoich.device != y.device:
         raise ValueError(f"`abs_stoich` is on {abs_stoich.device} but `y` is on {y.device}")
     y = y.contiguous()
@@ -311,8 +335,8 @@ def triton_stoich_conv_forward(
 
     out = torch.empty_like(y)
     hidden = y.new_empty(B, M, H, C)
-    node_norm = y.new_empty(Bn, N)
-    edge_norm = y.new_empty(Bn, M)
+    node_norm = y.new_empty(Bn, N, dtype=acc)
+    edge_norm = y.new_empty(Bn, M, dtype=acc)
     if B == 0 or H * C == 0:  # no program would write the norms
         edge_norm.copy_(_degree_norm_torch(rptr, rperm, abs_stoich, ri, keep, Bn, M))
         node_norm.copy_(_degree_norm_torch(mptr, mperm, abs_stoich, ri, keep, Bn, N))
@@ -352,17 +376,18 @@ def triton_stoich_conv_backward(
     saved = not (isinstance(hidden, Tensor) and tuple(hidden.shape) == (0,))  # else: recompute
     if not saved and grad_hidden is not None:
         raise ValueError("`grad_hidden` given but `hidden` was not saved")
-    for name, t, shape in (
-        ("grad_out", grad_out, (B, N, H, C)), ("hidden", hidden if saved else None, (B, M, H, C)),
-        ("node_norm", node_norm, (Bn, N)), ("edge_norm", edge_norm, (Bn, M)),
-        ("grad_hidden", grad_hidden, (B, M, H, C)),
+    acc = accumulate_dtype(y.dtype)
+    for name, t, shape, dtype in (
+        ("grad_out", grad_out, (B, N, H, C), y.dtype), ("hidden", hidden if saved else None, (B, M, H, C), y.dtype),
+        ("node_norm", node_norm, (Bn, N), acc), ("edge_norm", edge_norm, (Bn, M), acc),
+        ("grad_hidden", grad_hidden, (B, M, H, C), y.dtype),
     ):
         if t is None:
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"`{name}` must have shape {list(shape)}, got {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype != y.dtype:
-            raise TypeError(f"`{name}` has dtype {t.dtype} but `y` has {y.dtype}")
+        if t.dtype != dtype:
+            raise TypeError(f"`{name}` has dtype {t.dtype} but must be {dtype} for `y` of {y.dtype}")
         if t.device != y.device:
             raise ValueError(f"`{name}` is on {t.device} but `y` is on {y.device}")
     grad_y = y.new_empty(y.shape) if need_grad_y else y.new_empty(0)  # contiguous, whatever y's strides

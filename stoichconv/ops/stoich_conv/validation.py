@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from stoichconv.ops._checks import check_count, check_index_tensor  # noqa: F401  (re-exported)
+from stoichconv.ops._dtypes import check_float, check_same_dtype
 from stoichconv.types import StoichPlan
-
-FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def check_reaction_keep(reaction_keep: Optional[Tensor], batch_size: int, num_reactions: int, device) -> None:
@@ -32,8 +31,7 @@ def check_reaction_keep(reaction_keep: Optional[Tensor], batch_size: int, num_re
 def check_features(y) -> None:
     if not isinstance(y, Tensor) or y.dim() != 4:
         raise ValueError(f"`y` must be a tensor of shape [B, N, H, C], got {getattr(y, 'shape', type(y))}")
-    if y.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"`y` must be float32 or float64, got {y.dtype}")
+    check_float("y", y)
 
 
 def check_weight(weight, y: Tensor, nnz: int) -> None:
@@ -42,8 +40,7 @@ def check_weight(weight, y: Tensor, nnz: int) -> None:
         raise ValueError(
             f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
         )
-    if weight.dtype != y.dtype:
-        raise TypeError(f"`weight` has dtype {weight.dtype} but `y` has {y.dtype}")
+    check_same_dtype("y", y, weight=weight)
     if weight.device != y.device:
         raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
 
