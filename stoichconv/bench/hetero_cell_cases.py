@@ -58,13 +58,19 @@ def _setup(kind: str, batch_size: int, hidden: int, device, seed: int = 0, state
     return graph, model, pert.to(device), ptr.to(device), labels, optimizer
 
 
-def _step_fn(kind, graph, model, pert, ptr, labels, optimizer):
+def _step_fn(kind, graph, model, pert, ptr, labels, optimizer, autocast_dtype=None, first=None):
+    """One training step; ``autocast_dtype``: under ``torch.autocast`` (bf16-mixed); ``first``: a
+    list that keeps the predictions of the first call (the state all rows of a group start from)."""
     from stoichconv.reference.hetero_cell import nan_mse_loss
     from stoichconv.train import model_step
 
     def run():
-        pred, _ = model_step(model, kind, graph, pert, ptr)
-        loss = nan_mse_loss(pred, labels)
+        with torch.autocast(pert.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            pred, _ = model_step(model, kind, graph, pert, ptr)
+        if first is not None and not first:
+            first.append(pred.detach().float())
+        loss = nan_mse_loss(pred.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,6 +181,32 @@ def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, mea
                      extra={"threads": threads}, measure_extra=measure)
 
 
+def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: dict, heads: int,
+               threads: int) -> BenchCase:
+    """The fast model's step under ``torch.autocast(device, torch.bfloat16)`` from the group's
+    initial parameters; ``max_rel_err_vs_fp64``: its first predictions against the reference
+    model's in float64 from the same parameters."""
+    from stoichconv.bench.core import max_relative_error
+    from stoichconv.train import model_step
+
+    setup = _setup("fast", B, hidden, device, state=state, heads=heads)
+    first: list = []
+
+    def error_vs_float64() -> dict:
+        graph, _, pert, ptr, _, _ = setup
+        graph64 = graph.clone()
+        met = graph64["metabolite", "reaction", "metabolite"]
+        met.stoichiometry = met.stoichiometry.double()
+        reference = _setup("reference", B, hidden, device, state=state, heads=heads)[1].double()
+        with torch.no_grad():
+            expected, _ = model_step(reference, "reference", graph64, pert, ptr)
+        return {"max_rel_err_vs_fp64": f"{max_relative_error(first[0], expected):.1e}"}
+
+    return BenchCase(op=OP, backend=f"{backend} bf16-mixed", config=config, batch=B,
+                     run=_step_fn("fast", *setup, autocast_dtype=torch.bfloat16, first=first),
+                     extra={"threads": threads}, measure_extra=error_vs_float64)
+
+
 def cases(args) -> list:
     """Training-step rows at ``args.train_batches`` (default B = 2, 8; 2 heads) and at B = 32
     (2 and 10 heads), hidden ``args.channels``."""
@@ -218,6 +250,8 @@ def cases(args) -> list:
             fast_setup = _setup("fast", B, hidden, device, state=state, heads=heads)
             out.append(_case(fast_backend, "fast", config, B, fast_setup, threads,
                              lambda n=note, m=measure: {**m(fast_backend), **n}))
+            if B != LARGE_BATCH:  # the bf16-mixed step, its first predictions against float64
+                out.append(_bf16_case(fast_backend, config, B, hidden, device, state, heads, threads))
         del ref_setup
     return out
 

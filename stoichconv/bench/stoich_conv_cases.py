@@ -9,11 +9,16 @@ of a StoichHypergraphConv on a perturbation batch of B samples:
 * ``torch.sparse`` (plain config only): what a user would write with
   ``torch.sparse`` CSR SpMM: ``D S B Sᵀ X Θ + b`` as two block-diagonal CSR products;
 * ``cpu`` / ``cuda`` / ``triton``: the drop-in layer (``stoichconv.nn``) on the
-  shared-topology batch [B, N, C] with a per-sample reaction keep-mask.
+  shared-topology batch [B, N, C] with a per-sample reaction keep-mask;
+* ``cpu bf16-mixed`` / ``cuda bf16-mixed``: the same layer (float32 parameters and inputs) under
+  ``torch.autocast(device, torch.bfloat16)``, as mixed-precision training runs it; besides the
+  error against the float32 reference row its ``max_rel_err_vs_fp64`` column is the error against
+  the reference layer run in float64 on the same inputs (output, dL/dx and dL/dW).
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +28,7 @@ import torch
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
 from stoichconv.testing import compact_metabolic_batch, random_perturbations
 
+LOW_PRECISION_BACKENDS = ("cpu", "cuda")  # which backends also get a bf16-mixed row
 CONFIGS = {
     "plain": dict(is_stoich_gated=False, use_attention=False, heads=1),
     "gated+attention": dict(is_stoich_gated=True, use_attention=True, attention_mode="node", heads=2),
@@ -85,6 +91,19 @@ def _fwd_bwd(layer, inputs: dict, x: torch.Tensor, grad_out: torch.Tensor):
     out = layer(x, **inputs)
     out.backward(grad_out.reshape(out.shape))
     return out.detach(), x.grad, layer.lin.weight.grad
+
+
+def _fwd_bwd_autocast(layer, inputs: dict, x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
+        return _fwd_bwd(layer, inputs, x, grad_out)
+
+
+def _error_vs_float64(run, reference, inputs64: dict, x64: torch.Tensor, grad_out64: torch.Tensor) -> dict:
+    """``{"max_rel_err_vs_fp64": ...}`` of one more ``run()`` against ``reference`` in float64."""
+    from stoichconv.bench.core import max_relative_error
+
+    expected = _fwd_bwd(reference, inputs64, x64, grad_out64)
+    return {"max_rel_err_vs_fp64": f"{max_relative_error(run(), expected):.1e}"}
 
 
 def sparse_csr_operators(edge_index, stoich, num_nodes, num_edges):
@@ -177,4 +196,14 @@ def cases(args) -> list[BenchCase]:
                 result.append(
                     BenchCase("stoich_conv", backend, config, batch_size, partial(_fwd_bwd, fast, inputs, data.x, grad_out))
                 )
+                if backend in LOW_PRECISION_BACKENDS:
+                    run = partial(_fwd_bwd_autocast, fast, inputs, data.x, grad_out, torch.bfloat16)
+                    reference64 = copy.deepcopy(reference).double()
+                    inputs64 = dict(edge_index=data.compact_edge_index, stoich=data.compact_stoich.double(),
+                                    hyperedge_attr=data.compact_hyperedge_attr.double() if attr_kw else None,
+                                    num_edges=int(data.reaction_keep.sum()))
+                    measure = partial(_error_vs_float64, run, reference64, inputs64, x_compact.double(),
+                                      grad_out.double())
+                    result.append(BenchCase("stoich_conv", f"{backend} bf16-mixed", config, batch_size, run,
+                                            measure_extra=measure))
     return result

@@ -65,6 +65,7 @@ from stoichconv._tensor_key import TensorsKey, cacheable
 from stoichconv.backends import check_backend_name, resolve
 from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE_TYPES, REV_GPR
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
+from stoichconv.ops._dtypes import accumulate_dtype
 from stoichconv.ops.gatv2 import gatv2_attention
 from stoichconv.ops.pert_mask import filter_edges, reaction_keep
 from stoichconv.ops.pert_mask.validation import check_perturbations
@@ -132,8 +133,8 @@ def build_cell_graph_plan(cell_graph: HeteroData, device: torch.device, dtype: t
     met = cell_graph[METABOLISM]
     incidence = met.hyperedge_index.to(device)
     stoich = met.stoichiometry.to(device)
-    s = stoich.to(dtype)
-    inv = torch.zeros(Nr, dtype=dtype, device=device).index_add_(0, incidence[1].long(), s.abs()).reciprocal()
+    s = stoich.to(accumulate_dtype(dtype))  # the summary's values: float32 for float16 / bfloat16 models
+    inv = torch.zeros(Nr, dtype=s.dtype, device=device).index_add_(0, incidence[1].long(), s.abs()).reciprocal()
     inv = inv.masked_fill(torch.isinf(inv), 0.0)
     values = inv[incidence[1].long()] * s
     summary = None
@@ -152,11 +153,13 @@ def _summary(plan: CellGraphPlan, m: Tensor) -> Tensor:
     """``S @ m`` for the reaction summary ``S`` [N_r, N_m] (``B_e * s_k`` per incidence) and
     ``m`` [N_m, K]: a CSR SpMM eagerly, a gather + ``index_add_`` inside a ``torch.compile`` graph
     (the same sums; the SpMM is deterministic on every device)."""
+    acc = plan.summary_values.dtype  # accumulated in float32 for float16 / bfloat16 features
     if plan.summary_matrix is not None:
-        return plan.summary_matrix @ m
+        with torch.autocast(m.device.type, enabled=False):  # no sparse kernel in float16 / bfloat16
+            return (plan.summary_matrix @ m.to(acc)).to(m.dtype)
     met, rxn = plan.incidence[0].long(), plan.incidence[1].long()
-    return m.new_zeros(plan.num_nodes["reaction"], m.size(1)).index_add_(
-        0, rxn, plan.summary_values.to(m.dtype).unsqueeze(1) * m.index_select(0, met))
+    return m.new_zeros(plan.num_nodes["reaction"], m.size(1), dtype=acc).index_add_(
+        0, rxn, plan.summary_values.unsqueeze(1) * m.index_select(0, met).to(acc)).to(m.dtype)
 
 
 def _csr_rows(row: Tensor, num_rows: int) -> Tensor:
@@ -543,7 +546,10 @@ class HeteroCell(ReferenceHeteroCell):
             self._wildtype_key, self._wildtype = None, None
             return self._pool(self._encode(plan, _Batch(1, None, None, {})), 1, None)
         tensors = list(itertools.chain(self.parameters(), self.buffers()))
-        extra = tuple((t.dtype, str(t.device)) for t in tensors)  # the plan: cleared when it is rebuilt
+        device_type = plan.gpr_index.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        # the plan is not in the key: the cache is cleared when the plan is rebuilt
+        extra = (tuple((t.dtype, str(t.device)) for t in tensors), autocast)
         if self._wildtype is not None and self._wildtype_key is not None and plan is self._plan \
                 and self._wildtype_key.matches(tensors, extra):
             return self._wildtype

@@ -7,7 +7,8 @@
   side outputs that are statistics (the stoich conv's ``node_norm`` / ``edge_norm``) are in that
   dtype too, and the stoich conv takes its degree weights ``abs_stoich`` in it.
 * Mixed dtypes within one call: under ``torch.autocast`` on the tensors' device type, the
-  features and weights of an op are cast to the autocast dtype first (the op then runs in lower
+  float32 / float16 / bfloat16 features and weights of an op are cast to the autocast dtype first
+  (float64 is left alone, as autocast leaves it) (the op then runs in lower
   precision, as ``torch.mm`` does under autocast); outside autocast they must agree, and a
   mismatch is refused with an error naming both arguments (never truncated silently).
 """
@@ -21,6 +22,7 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+AUTOCAST_ELIGIBLE = (torch.float32,) + LOW_PRECISION
 
 __all__ = ["FLOAT_DTYPES", "LOW_PRECISION", "accumulate_dtype", "autocast_dtype", "cast_for_autocast",
            "check_float", "check_same_dtype"]
@@ -40,12 +42,14 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def cast_for_autocast(device: torch.device, *tensors: Optional[Tensor]) -> tuple:
-    """``tensors`` cast to the autocast dtype of ``device`` when autocast is on (None and
-    non-floating tensors pass through), else unchanged."""
+    """``tensors`` cast to the autocast dtype of ``device`` when autocast is on, else unchanged.
+    As ``torch.autocast`` does for its own ops, only float32 / float16 / bfloat16 tensors are
+    cast; float64, integer tensors and None pass through (so float64 mixed with cast tensors is
+    then refused by :func:`check_same_dtype`)."""
     dtype = autocast_dtype(device)
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in AUTOCAST_ELIGIBLE else t for t in tensors)
 
 
 def check_float(name: str, t: Tensor) -> None:
