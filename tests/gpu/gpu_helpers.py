@@ -80,23 +80,6 @@ def reduction_length(plan) -> int:
     return int(plan.reaction_ptr.diff().max()) + int(plan.metabolite_ptr.diff().max())
 
 
-def dtype_supported(backend: str, dtype: torch.dtype, device: str = "cuda") -> bool:
-    """Whether ``stoich_conv`` on ``backend`` accepts ``dtype`` (a one-incidence probe), so that
-    the bf16 cases skip with a clear reason until the bf16 kernels are built."""
-    from stoichconv.ops import build_stoich_plan, stoich_conv
-
-    edge_index = torch.tensor([[0, 1], [0, 0]], device=device)
-    plan = build_stoich_plan(edge_index, torch.tensor([-1.0, 1.0], device=device), 2, 1)
-    y = torch.ones(1, 2, 1, 4, dtype=dtype, device=device)
-    try:
-        stoich_conv(y, torch.ones(1, 2, 1, dtype=dtype, device=device), plan, backend=backend)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
-        if "dtype" in str(error).lower() or "float" in str(error).lower() or "bfloat16" in str(error).lower():
-            return False
-        raise
-    return True
-
-
 def to_cpu(obj):
     """Tensors (nested in tuples/lists/dicts) moved to the CPU."""
     if isinstance(obj, torch.Tensor):

@@ -6,7 +6,9 @@ test counts those ops in one forward + backward with a dispatch mode: the count 
 model's structure (a compaction per edge set and per kept-row list, plus the five perturbation
 checks of an eager forward), not by the batch size, and nothing else in the step reads a value back.
 The CUDA test (skipped only when no GPU is visible) counts the real syncs of the same step with
-``torch.cuda.set_sync_debug_mode("warn")`` and checks they are no more than those ops."""
+``torch.cuda.set_sync_debug_mode("warn")`` and checks they are no more than those ops plus one
+read of the device status word per pert-mask op (two ``filter_edges``, one ``reaction_keep``: the
+on-device index checks)."""
 
 from __future__ import annotations
 
@@ -81,4 +83,5 @@ def test_cuda_step_syncs_no_more_than_its_compactions():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     print(f"CUDA host syncs in one step: {len(syncs)} (data-dependent ops: {dict(counts)})")
-    assert len(syncs) <= sum(counts.values()), [str(w.message) for w in syncs][:5]
+    status_reads = 3  # the pert-mask ops' device checks, one read each
+    assert len(syncs) <= sum(counts.values()) + status_reads, [str(w.message) for w in syncs][:5]
