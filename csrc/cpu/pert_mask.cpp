@@ -36,6 +36,8 @@ void check_cpu_long(const at::Tensor& t, const char* op, const char* name) {
               t.scalar_type());
 }
 
+// An int64 CPU edge list [2, E] with ids in [0, num_src) x [0, num_dst)
+// (num_src = kAnyId: any id >= 0).
 void check_edge_index(const at::Tensor& edge_index, const char* op, const char* name,
                       int64_t num_src, int64_t num_dst) {
   check_cpu_long(edge_index, op, name);
@@ -43,13 +45,7 @@ void check_edge_index(const at::Tensor& edge_index, const char* op, const char* 
   const auto ei = edge_index.contiguous();
   const int64_t E = ei.size(1);
   const int64_t* src = ei.data_ptr<int64_t>();
-  const int64_t* dst = src + E;
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(src[e] >= 0 && src[e] < num_src, op, ": `", name, "[0]` has id ", src[e],
-                " outside [0, ", num_src, ")");
-    TORCH_CHECK(dst[e] >= 0 && dst[e] < num_dst, op, ": `", name, "[1]` has id ", dst[e],
-                " outside [0, ", num_dst, ")");
-  }
+  check_edge_index_values(op, name, src, src + E, E, num_src, num_dst);
 }
 
 // Each sample's deletions, sorted and deduplicated: sample b's are
@@ -77,28 +73,28 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
   sets.B = sets.ptr.size(0) - 1;
   const int64_t P = pert.size(0);
   const int64_t* ptr = sets.ptr.data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0, op, ": `pert_ptr` must start at 0, got ", ptr[0]);
-  for (int64_t b = 0; b < sets.B; ++b)
-    TORCH_CHECK(ptr[b] <= ptr[b + 1], op, ": `pert_ptr` must be non-decreasing");
-  TORCH_CHECK(ptr[sets.B] == P, op, ": `pert_ptr` must end at len(pert) = ", P, ", got ",
-              ptr[sets.B]);
-  sets.sorted = pert.contiguous().clone();
+  check_pert_ptr_values(op, ptr, sets.B, P);
+  const auto input = pert.contiguous();
+  const int64_t* in = input.data_ptr<int64_t>();
+  check_pert_id_values(op, in, P, max_id);
+  sets.sorted = input.clone();
   int64_t* ids = sets.sorted.data_ptr<int64_t>();
-  for (int64_t i = 0; i < P; ++i)
-    TORCH_CHECK(ids[i] >= 0 && (max_id < 0 || ids[i] < max_id), op, ": `pert` has gene id ",
-                ids[i], max_id < 0 ? " < 0" : " outside [0, num_nodes)");
   sets.count = allocate_buffer<int64_t>(op, "deletion counts", sets.B, 0);
   sets.base = ids;
   sets.starts = ptr;
+  // The per-set steps of pert_mask_math.h, as on CUDA: insertion sort of a
+  // small set in place; merge sort of a larger one from `in` into place.
   at::parallel_for(0, sets.B, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> scratch;
     for (int64_t b = begin; b < end; ++b) {
       int64_t* a = ids + ptr[b];
       const int64_t n = ptr[b + 1] - ptr[b];
-      if (n <= kSmallSort) {
+      if (uses_small_sort(n)) {
         sets.count[b] = sort_unique_small(a, n);
       } else {
-        std::sort(a, a + n);
-        sets.count[b] = std::unique(a, a + n) - a;
+        scratch.resize(n);
+        merge_sort_into(in + ptr[b], a, scratch.data(), n);
+        sets.count[b] = unique_sorted(a, n);
       }
     }
   });
@@ -260,7 +256,7 @@ at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactio
   const char* op = "reaction_keep";
   TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
               num_reactions);
-  check_edge_index(gpr_index_in, op, "gpr_index", INT64_MAX, num_reactions);
+  check_edge_index(gpr_index_in, op, "gpr_index", kAnyId, num_reactions);
   const DeletionSets sets = deletion_sets(pert, pert_ptr, -1, op);
   const auto gpr_index = gpr_index_in.contiguous();
   const int64_t B = sets.B, E = gpr_index.size(1), R = num_reactions;

@@ -3,11 +3,15 @@
 // pert_mask_kernels.cu behind stoichconv/pert_mask_cuda.h.  Sizes are checked
 // up front like the CPU kernels' (stoichconv/pert_mask_checks.h).
 //
-// Host synchronisation: filter_edges and filter_bipartite make exactly one,
-// to size their output (it also fetches the device-side validation bits);
-// reaction_keep makes none, so its index values are not validated on the
-// device (out-of-range ids are ignored; the Python wrapper validates them).
+// Index values are validated on the device (cuda::launch_validate) and read
+// back in each operator's one host synchronisation (read_status): with the
+// output size for filter_edges and filter_bipartite, on its own for
+// reaction_keep.  A failed check raises the CPU kernel's error for the same
+// input, word for word (the checks of stoichconv/pert_mask_checks.h, run on
+// the host copy of what the device flagged; extra copies only on that error
+// path).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -48,50 +52,83 @@ void scan(const at::Tensor& in, at::Tensor& out, int64_t n, cudaStream_t stream,
            op);
 }
 
-// Deletion sets on the device (see pert_mask_cuda.h).
+// The status words of one call, {0, 0, kNoColumn} (see pert_mask_cuda.h);
+// two fills, no host copy.
+at::Tensor new_status(const at::TensorOptions& long_opts) {
+  auto status = at::full({cuda::kStatusSize}, cuda::kNoColumn, long_opts);
+  status.narrow(0, 0, 2).zero_();
+  return status;
+}
+
+// What launch_validate checked, to rerun the failed check on the host.
+struct CheckedValues {
+  const char* edge_name;
+  at::Tensor edge_index;  // contiguous [2, E]
+  int64_t num_src, num_dst;
+  at::Tensor pert, pert_ptr;  // contiguous; undefined for filter_bipartite
+  int64_t max_id;
+};
+
+// The one host synchronisation of a call: returns status[0] (the output size
+// of the filters) or raises the CPU kernel's error, checks in its order:
+// the edge list, pert_ptr, pert.
+int64_t read_status(const at::Tensor& status, cudaStream_t stream, const char* op,
+                    const CheckedValues& v) {
+  int64_t host[cuda::kStatusSize] = {0, 0, 0};
+  // c10's copy-and-sync: visible to torch.cuda.set_sync_debug_mode.
+  c10::cuda::memcpy_and_sync(host, status.data_ptr<int64_t>(), sizeof(host),
+                             cudaMemcpyDeviceToHost, stream);
+  if (host[2] != cuda::kNoColumn) {  // the first bad column
+    const auto column = v.edge_index.select(1, host[2]).cpu().contiguous();
+    const int64_t* c = column.data_ptr<int64_t>();
+    check_edge_index_values(op, v.edge_name, c, c + 1, 1, v.num_src, v.num_dst);
+  }
+  if (host[1] & cuda::kBadPertPtr) {
+    const auto ptr = v.pert_ptr.cpu();
+    check_pert_ptr_values(op, ptr.data_ptr<int64_t>(), ptr.size(0) - 1, v.pert.size(0));
+  }
+  if (host[1] & cuda::kBadPertId) {
+    const auto ids = v.pert.cpu();
+    check_pert_id_values(op, ids.data_ptr<int64_t>(), ids.size(0), v.max_id);
+  }
+  TORCH_CHECK(host[1] == 0 && host[2] == cuda::kNoColumn, op,
+              ": the device validation flagged `", v.edge_name,
+              "`, `pert` or `pert_ptr` but the host check passed (status ", host[1], ", ", host[2],
+              ")");
+  return host[0];
+}
+
+// Deletion sets on the device (see pert_mask_cuda.h), after launch_validate
+// on status; keeps the contiguous inputs alive for read_status.
 struct Deletions {
-  at::Tensor sorted, start, count;
+  at::Tensor pert, pert_ptr, sorted, start, count;
   cuda::DeletionView view() const {
     return {sorted.data_ptr<int64_t>(), start.data_ptr<int64_t>(), count.data_ptr<int64_t>()};
   }
 };
 
-Deletions prepare(const at::Tensor& pert_in, const at::Tensor& pert_ptr_in, int64_t max_id,
-                  bool* node_keep, int64_t N, int64_t* kept_counts, at::Tensor& status,
-                  cudaStream_t stream, const char* op) {
-  check_pert_shapes(pert_in, pert_ptr_in, op);
-  const auto pert = pert_in.contiguous();
-  const auto pert_ptr = pert_ptr_in.contiguous();
-  const int64_t P = pert.size(0), B = pert_ptr.size(0) - 1;
-  Deletions d{at::empty({std::max<int64_t>(P, 1)}, pert.options()), at::empty({B}, pert.options()),
-              at::empty({B}, pert.options())};
-  check_ok(cuda::launch_prepare_deletions(pert.data_ptr<int64_t>(), pert_ptr.data_ptr<int64_t>(),
-                                          P, B, max_id, d.sorted.data_ptr<int64_t>(),
-                                          d.start.data_ptr<int64_t>(), d.count.data_ptr<int64_t>(),
-                                          node_keep, N, kept_counts, status.data_ptr<int64_t>(),
-                                          stream),
-           op);
-  return d;
+Deletions contiguous_deletions(const at::Tensor& pert, const at::Tensor& pert_ptr,
+                               const char* op) {
+  check_pert_shapes(pert, pert_ptr, op);
+  return {pert.contiguous(), pert_ptr.contiguous(), {}, {}, {}};
 }
 
-// The one host synchronisation: returns status[0] (output size) and raises on
-// the validation bits of status[1].
-int64_t read_status(const at::Tensor& status, cudaStream_t stream, const char* op,
-                    const char* src_name, const char* dst_name) {
-  int64_t host[2] = {0, 0};
-  check_ok(cudaMemcpyAsync(host, status.data_ptr<int64_t>(), sizeof(host), cudaMemcpyDeviceToHost,
-                           stream),
+void prepare(Deletions& d, bool* node_keep, int64_t N, int64_t* kept_counts,
+             const at::Tensor& status, cudaStream_t stream, const char* op) {
+  const int64_t P = d.pert.size(0), B = d.pert_ptr.size(0) - 1;
+  const auto opts = d.pert.options();
+  d.sorted = allocate(op, "sorted deletions", {std::max<int64_t>(P, 1)}, opts);
+  d.start = allocate(op, "deletion starts", {B}, opts);
+  d.count = allocate(op, "deletion counts", {B}, opts);
+  at::Tensor scratch;
+  if (cuda::uses_large_sort_pass(P)) scratch = allocate(op, "sort scratch", {P}, opts);
+  check_ok(cuda::launch_prepare_deletions(
+               d.pert.data_ptr<int64_t>(), d.pert_ptr.data_ptr<int64_t>(), P, B,
+               d.sorted.data_ptr<int64_t>(),
+               scratch.defined() ? scratch.data_ptr<int64_t>() : nullptr,
+               d.start.data_ptr<int64_t>(), d.count.data_ptr<int64_t>(), node_keep, N,
+               kept_counts, status.data_ptr<int64_t>(), stream),
            op);
-  check_ok(cudaStreamSynchronize(stream), op);
-  const int64_t bits = host[1];
-  TORCH_CHECK(!(bits & cuda::kBadPertPtr), op,
-              ": `pert_ptr` must start at 0, be non-decreasing and end at len(pert)");
-  TORCH_CHECK(!(bits & cuda::kBadPertId), op, ": `pert` has a gene id outside [0, num_nodes)");
-  TORCH_CHECK(!(bits & cuda::kBadSrc), op, ": `edge_index[0]` has an id outside [0, ", src_name,
-              ")");
-  TORCH_CHECK(!(bits & cuda::kBadDst), op, ": `edge_index[1]` has an id outside [0, ", dst_name,
-              ")");
-  return host[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cuda(
@@ -106,17 +143,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   check_cuda_edge_index(edge_index_in, op, "edge_index", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_pert_shapes(pert, pert_ptr, op);
+  Deletions del = contiguous_deletions(pert, pert_ptr, op);
   const auto edge_index = edge_index_in.contiguous();
-  const int64_t B = pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  const int64_t B = del.pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  const int64_t P = del.pert.size(0);
   check_batched_layout(op, B, N, "B * `num_nodes`", E);
   const auto opts = edge_index.options();
-  auto status = at::zeros({2}, opts);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  auto status = new_status(opts);
+  check_ok(cuda::launch_validate(del.pert.data_ptr<int64_t>(), del.pert_ptr.data_ptr<int64_t>(), P,
+                                 B, N, src, dst, E, N, N, status.data_ptr<int64_t>(), stream),
+           op);
 
   auto node_keep = allocate(op, "node_keep", {B * N}, opts.dtype(at::kBool)).fill_(true);
   auto kept_counts = allocate(op, "kept counts", {B + 1}, opts);
-  const Deletions del = prepare(pert, pert_ptr, N, node_keep.data_ptr<bool>(), N,
-                                kept_counts.data_ptr<int64_t>(), status, stream, op);
+  prepare(del, node_keep.data_ptr<bool>(), N, kept_counts.data_ptr<int64_t>(), status, stream, op);
   auto node_ptr = allocate(op, "node_ptr", {B + 1}, opts);
   scan(kept_counts, node_ptr, B + 1, stream, op);
 
@@ -125,18 +167,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
   auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
   auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
-  const int64_t* src = edge_index.data_ptr<int64_t>();
-  const int64_t* dst = src + E;
   check_ok(cuda::launch_filter_edges_count(src, dst, E, B, N, del.view(),
                                            edge_keep.data_ptr<bool>(),
-                                           tile_counts.data_ptr<int64_t>(),
-                                           status.data_ptr<int64_t>(), stream),
+                                           tile_counts.data_ptr<int64_t>(), stream),
            op);
   scan(tile_counts, tile_offsets, tiles + 1, stream, op);
   check_ok(cuda::launch_edge_ptr(tile_offsets.data_ptr<int64_t>(), B, E,
                                  edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
            op);
-  const int64_t total = read_status(status, stream, op, "num_nodes", "num_nodes");
+  const int64_t total = read_status(
+      status, stream, op, {"edge_index", edge_index, N, N, del.pert, del.pert_ptr, N});
   auto out = allocate(op, "edge_index (output)", {2, total}, opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   check_ok(cuda::launch_filter_edges_write(src, dst, E, B, N, del.view(),
@@ -160,18 +200,24 @@ at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reacti
   check_cuda_edge_index(gpr_index_in, op, "gpr_index", device);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  check_pert_shapes(pert, pert_ptr, op);
+  Deletions del = contiguous_deletions(pert, pert_ptr, op);
   const auto gpr_index = gpr_index_in.contiguous();
-  const int64_t B = pert_ptr.size(0) - 1, E = gpr_index.size(1), R = num_reactions;
+  const int64_t B = del.pert_ptr.size(0) - 1, E = gpr_index.size(1), R = num_reactions;
   checked_product(op, "B * `num_reactions`", {B, R});
   const auto opts = gpr_index.options();
-  auto status = at::zeros({2}, opts);  // validation bits, not read: no synchronisation here
-  const Deletions del = prepare(pert, pert_ptr, -1, nullptr, 0, nullptr, status, stream, op);
-  auto keep = allocate(op, "keep", {B, R}, opts.dtype(at::kBool)).fill_(true);
   const int64_t* gene = gpr_index.data_ptr<int64_t>();
+  auto status = new_status(opts);
+  check_ok(cuda::launch_validate(del.pert.data_ptr<int64_t>(), del.pert_ptr.data_ptr<int64_t>(),
+                                 del.pert.size(0), B, -1, gene, gene + E, E, kAnyId, R,
+                                 status.data_ptr<int64_t>(), stream),
+           op);
+  prepare(del, nullptr, 0, nullptr, status, stream, op);
+  auto keep = allocate(op, "keep", {B, R}, opts.dtype(at::kBool)).fill_(true);
   check_ok(cuda::launch_reaction_keep(gene, gene + E, E, B, R, del.view(), keep.data_ptr<bool>(),
                                       stream),
            op);
+  // The host synchronisation of reaction_keep: only the validation result.
+  read_status(status, stream, op, {"gpr_index", gpr_index, kAnyId, R, del.pert, del.pert_ptr, -1});
   return keep;
 }
 
@@ -217,26 +263,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
   if (relabel && src_keep.defined()) src_ids = compacted_ids(src_keep, stream, op);
   if (relabel && dst_keep.defined()) dst_ids = compacted_ids(dst_keep, stream, op);
 
-  auto status = at::zeros({2}, opts);
+  const int64_t* src = edge_index.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  auto status = new_status(opts);
+  check_ok(cuda::launch_validate(nullptr, nullptr, 0, 0, -1, src, dst, E, num_src, num_dst,
+                                 status.data_ptr<int64_t>(), stream),
+           op);
   const int64_t tiles = B * cuda::tiles_per_sample(E);
   auto edge_keep = allocate(op, "edge_keep", {B * E}, opts.dtype(at::kBool));
   auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
   auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
   auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
-  const int64_t* src = edge_index.data_ptr<int64_t>();
-  const int64_t* dst = src + E;
   check_ok(cuda::launch_filter_bipartite_count(
                src, dst, E, B, num_src, num_dst,
                src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr,
                dst_keep.defined() ? dst_keep.data_ptr<bool>() : nullptr,
-               edge_keep.data_ptr<bool>(), tile_counts.data_ptr<int64_t>(),
-               status.data_ptr<int64_t>(), stream),
+               edge_keep.data_ptr<bool>(), tile_counts.data_ptr<int64_t>(), stream),
            op);
   scan(tile_counts, tile_offsets, tiles + 1, stream, op);
   check_ok(cuda::launch_edge_ptr(tile_offsets.data_ptr<int64_t>(), B, E,
                                  edge_ptr.data_ptr<int64_t>(), status.data_ptr<int64_t>(), stream),
            op);
-  const int64_t total = read_status(status, stream, op, "num_src", "num_dst");
+  const int64_t total =
+      read_status(status, stream, op, {"edge_index", edge_index, num_src, num_dst, {}, {}, -1});
   auto out = allocate(op, "edge_index (output)", {2, total}, opts);
   auto edge_id = allocate(op, "edge_id", {total}, opts);
   int64_t* out_src = out.data_ptr<int64_t>();

@@ -19,45 +19,113 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxGrid = 65536;  // grid-stride kernels: at most this many blocks
 
 __device__ __forceinline__ void raise_flag(int64_t* status, int64_t bit) {
   atomicOr(reinterpret_cast<unsigned long long*>(status + 1), static_cast<unsigned long long>(bit));
 }
 
+// status[2] = min(status[2], e): the first bad column whatever the thread order.
+__device__ __forceinline__ void record_first_column(int64_t* status, int64_t e) {
+  atomicMin(reinterpret_cast<unsigned long long*>(status + 2), static_cast<unsigned long long>(e));
+}
+
 int64_t blocks_for(int64_t n, int threads = kThreads) { return (n + threads - 1) / threads; }
 
 // ---------------------------------------------------------------------------
-// Deletion sets: thread b < B sorts its sample's slice; thread B checks the ends.
+// Validation: one grid-stride pass over max(B + 1, P, E) indices; atomics only
+// on bad input.
 // ---------------------------------------------------------------------------
-__global__ void prepare_deletions_kernel(const int64_t* __restrict__ pert,
-                                         const int64_t* __restrict__ pert_ptr, int64_t P,
-                                         int64_t B, int64_t max_id, int64_t* __restrict__ sorted,
-                                         int64_t* __restrict__ start, int64_t* __restrict__ count,
-                                         bool* __restrict__ node_keep, int64_t N,
-                                         int64_t* __restrict__ kept_counts,
-                                         int64_t* __restrict__ status) {
+__global__ void validate_kernel(const int64_t* __restrict__ pert,
+                                const int64_t* __restrict__ pert_ptr, int64_t P, int64_t B,
+                                int64_t max_id, const int64_t* __restrict__ src,
+                                const int64_t* __restrict__ dst, int64_t E, int64_t num_src,
+                                int64_t num_dst, int64_t n, int64_t* __restrict__ status) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    if (pert_ptr != nullptr) {
+      if (i == 0 && (pert_ptr[0] != 0 || pert_ptr[B] != P)) raise_flag(status, kBadPertPtr);
+      if (i < B && pert_ptr[i] > pert_ptr[i + 1]) raise_flag(status, kBadPertPtr);
+      if (i < P) {
+        const int64_t id = pert[i];
+        if (!pert_id_ok(id, max_id)) raise_flag(status, kBadPertId);
+      }
+    }
+    if (i < E) {
+      const int64_t u = src[i], v = dst[i];
+      if (!id_in_range(u, num_src) || !id_in_range(v, num_dst)) record_first_column(status, i);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Deletion sets.  Sample b's bounds [s, t) of pert; empty when the validation
+// flagged pert_ptr or pert (the call raises; no thread may then sort a range
+// that overlaps another sample's).
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void deletion_bounds(const int64_t* pert_ptr, int64_t b,
+                                                const int64_t* status, int64_t* s, int64_t* t) {
+  if (status[1] != 0) {
+    *s = *t = 0;
+    return;
+  }
+  *s = pert_ptr[b];
+  *t = pert_ptr[b + 1];
+}
+
+// Block b (grid-stride over the samples) sorts sample b's slice when it is
+// longer than kSmallSort: the merge passes of pert_mask_math.h from pert into
+// sorted, through scratch, a barrier between passes (the branch and the pass
+// count depend on b only: uniform in the block).
+__global__ void sort_large_kernel(const int64_t* __restrict__ pert,
+                                  const int64_t* __restrict__ pert_ptr, int64_t B,
+                                  const int64_t* __restrict__ status, int64_t* sorted,
+                                  int64_t* scratch) {
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    int64_t s, t;
+    deletion_bounds(pert_ptr, b, status, &s, &t);
+    const int64_t n = t - s;
+    if (uses_small_sort(n)) continue;
+    const int passes = merge_passes(n);
+    const int64_t* in = pert + s;
+    for (int pass = 0; pass < passes; ++pass) {
+      int64_t* out = (merge_pass_writes_output(pass, passes) ? sorted : scratch) + s;
+      const int64_t width = int64_t(1) << pass;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[merge_position(in, n, width, i)] = in[i];
+      __syncthreads();  // the next pass reads what the whole block wrote
+      in = out;
+    }
+  }
+}
+
+// Thread b < B: sorts its small slice (the large ones are sorted already),
+// drops the repeats, clears node_keep; thread B writes kept_counts[B].
+__global__ void build_deletions_kernel(const int64_t* __restrict__ pert,
+                                       const int64_t* __restrict__ pert_ptr, int64_t B,
+                                       const int64_t* __restrict__ status,
+                                       int64_t* __restrict__ sorted, int64_t* __restrict__ start,
+                                       int64_t* __restrict__ count, bool* __restrict__ node_keep,
+                                       int64_t N, int64_t* __restrict__ kept_counts) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b > B) return;
   if (b == B) {
-    if (pert_ptr[0] != 0 || pert_ptr[B] != P) raise_flag(status, kBadPertPtr);
     if (kept_counts != nullptr) kept_counts[B] = 0;
     return;
   }
-  int64_t s = pert_ptr[b], t = pert_ptr[b + 1];
-  if (t < s) raise_flag(status, kBadPertPtr);
-  s = s < 0 ? 0 : (s > P ? P : s);
-  t = t < s ? s : (t > P ? P : t);
-  for (int64_t i = s; i < t; ++i) {
-    const int64_t id = pert[i];
-    if (id < 0 || (max_id >= 0 && id >= max_id)) raise_flag(status, kBadPertId);
-    sorted[i] = id;
+  int64_t s, t;
+  deletion_bounds(pert_ptr, b, status, &s, &t);
+  int64_t* a = sorted + s;
+  const int64_t len = t - s;
+  if (uses_small_sort(len)) {
+    for (int64_t i = 0; i < len; ++i) a[i] = pert[s + i];
+    sort_small(a, len);
   }
-  const int64_t n = sort_unique_small(sorted + s, t - s);
+  const int64_t n = unique_sorted(a, len);
   start[b] = s;
   count[b] = n;
   if (node_keep != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t v = sorted[s + i];
+      const int64_t v = a[i];
       if (v >= 0 && v < N) node_keep[b * N + v] = false;
     }
     kept_counts[b] = N - n;
@@ -121,18 +189,16 @@ __device__ __forceinline__ const int64_t* deletions_of(const DeletionView& d, in
   return d.sorted + d.start[b];
 }
 
+// The count predicates guard their ids (an out-of-range edge is dropped, and
+// launch_validate has flagged it: the call raises before any write pass).
 struct EdgesPred {
   const int64_t* src;
   const int64_t* dst;
   int64_t N;
   DeletionView del;
-  int64_t* status;
   __device__ bool operator()(int64_t b, int64_t e) const {
     const int64_t u = src[e], v = dst[e];
-    bool ok = true;
-    if (u < 0 || u >= N) raise_flag(status, kBadSrc), ok = false;
-    if (v < 0 || v >= N) raise_flag(status, kBadDst), ok = false;
-    if (!ok) return false;
+    if (u < 0 || u >= N || v < 0 || v >= N) return false;
     int64_t n;
     const int64_t* d = deletions_of(del, b, &n);
     return edge_kept(d, n, u, v);
@@ -169,13 +235,9 @@ struct BipartitePred {
   int64_t num_src, num_dst;
   const bool* src_keep;
   const bool* dst_keep;
-  int64_t* status;
   __device__ bool operator()(int64_t b, int64_t e) const {
     const int64_t u = src[e], v = dst[e];
-    bool ok = true;
-    if (u < 0 || u >= num_src) raise_flag(status, kBadSrc), ok = false;
-    if (v < 0 || v >= num_dst) raise_flag(status, kBadDst), ok = false;
-    if (!ok) return false;
+    if (u < 0 || u >= num_src || v < 0 || v >= num_dst) return false;
     return (src_keep == nullptr || src_keep[b * num_src + u]) &&
            (dst_keep == nullptr || dst_keep[b * num_dst + v]);
   }
@@ -272,21 +334,40 @@ cudaError_t exclusive_scan(const int64_t* in, int64_t* out, int64_t n, void* tem
   return cub::DeviceScan::ExclusiveSum(temp, temp_bytes, in, out, int(n), stream);
 }
 
+cudaError_t launch_validate(const int64_t* pert, const int64_t* pert_ptr, int64_t P, int64_t B,
+                            int64_t max_id, const int64_t* src, const int64_t* dst, int64_t E,
+                            int64_t num_src, int64_t num_dst, int64_t* status,
+                            cudaStream_t stream) {
+  int64_t n = E;
+  if (pert_ptr != nullptr) n = std::max(n, std::max(B + 1, P));
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min(blocks_for(n), kMaxGrid);
+  validate_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(pert, pert_ptr, P, B, max_id, src,
+                                                             dst, E, num_src, num_dst, n, status);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_prepare_deletions(const int64_t* pert, const int64_t* pert_ptr, int64_t P,
-                                     int64_t B, int64_t max_id, int64_t* sorted, int64_t* start,
-                                     int64_t* count, bool* node_keep, int64_t N,
-                                     int64_t* kept_counts, int64_t* status, cudaStream_t stream) {
+                                     int64_t B, int64_t* sorted, int64_t* scratch,
+                                     int64_t* start, int64_t* count, bool* node_keep, int64_t N,
+                                     int64_t* kept_counts, const int64_t* status,
+                                     cudaStream_t stream) {
+  if (uses_large_sort_pass(P) && B > 0) {
+    sort_large_kernel<<<unsigned(std::min(B, kMaxGrid)), kThreads, 0, stream>>>(
+        pert, pert_ptr, B, status, sorted, scratch);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   const int threads = 128;
-  prepare_deletions_kernel<<<unsigned(blocks_for(B + 1, threads)), threads, 0, stream>>>(
-      pert, pert_ptr, P, B, max_id, sorted, start, count, node_keep, N, kept_counts, status);
+  build_deletions_kernel<<<unsigned(blocks_for(B + 1, threads)), threads, 0, stream>>>(
+      pert, pert_ptr, B, status, sorted, start, count, node_keep, N, kept_counts);
   return cudaGetLastError();
 }
 
 cudaError_t launch_filter_edges_count(const int64_t* src, const int64_t* dst, int64_t E,
                                       int64_t B, int64_t N, DeletionView del, bool* edge_keep,
-                                      int64_t* tile_counts, int64_t* status,
-                                      cudaStream_t stream) {
-  return run_count(EdgesPred{src, dst, N, del, status}, E, B, edge_keep, tile_counts, stream);
+                                      int64_t* tile_counts, cudaStream_t stream) {
+  return run_count(EdgesPred{src, dst, N, del}, E, B, edge_keep, tile_counts, stream);
 }
 
 cudaError_t launch_filter_edges_write(const int64_t* src, const int64_t* dst, int64_t E,
@@ -309,7 +390,7 @@ cudaError_t launch_reaction_keep(const int64_t* gene, const int64_t* reaction, i
                                  int64_t B, int64_t R, DeletionView del, bool* keep,
                                  cudaStream_t stream) {
   if (B * E == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(blocks_for(B * E), 65536);
+  const int64_t blocks = std::min(blocks_for(B * E), kMaxGrid);
   reaction_keep_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(gene, reaction, E, B, R, del,
                                                                   keep);
   return cudaGetLastError();
@@ -335,8 +416,8 @@ cudaError_t launch_filter_bipartite_count(const int64_t* src, const int64_t* dst
                                           int64_t B, int64_t num_src, int64_t num_dst,
                                           const bool* src_keep, const bool* dst_keep,
                                           bool* edge_keep, int64_t* tile_counts,
-                                          int64_t* status, cudaStream_t stream) {
-  return run_count(BipartitePred{src, dst, num_src, num_dst, src_keep, dst_keep, status}, E, B,
+                                          cudaStream_t stream) {
+  return run_count(BipartitePred{src, dst, num_src, num_dst, src_keep, dst_keep}, E, B,
                    edge_keep, tile_counts, stream);
 }
 

@@ -8,6 +8,7 @@ device mismatches) at the end."""
 
 import dataclasses
 import sys
+import warnings
 
 import pytest
 import torch
@@ -530,11 +531,12 @@ def _filter_edges_raw_mutations(backend, device):
              r"`edge_index\[1\]` has id 6"),
         ]
     ei, pert = random_edge_index(10, 30, seed=0), torch.tensor([1, 2])
-    return [
+    return [  # the CPU kernel's texts (see test_bad_values_give_the_cpu_kernel_error_on_every_backend)
         ((ei, 10, pert, torch.tensor([0, 1, 1]), True), RuntimeError, "`pert_ptr` must start at 0"),
-        ((ei, 10, torch.tensor([1, 12]), torch.tensor([0, 2]), True), RuntimeError, "`pert` has a gene id outside"),
+        ((ei, 10, torch.tensor([1, 12]), torch.tensor([0, 2]), True), RuntimeError,
+         r"`pert` has gene id 12 outside \[0, num_nodes = 10\)"),
         ((torch.tensor([[0, 7], [1, 2]]), 5, pert, torch.tensor([0, 2]), True), RuntimeError,
-         r"`edge_index\[0\]` has an id outside"),  # 7 >= num_nodes = 5
+         r"`edge_index\[0\]` has id 7 outside \[0, 5\)"),
     ]
 
 
@@ -555,8 +557,286 @@ def test_reaction_keep_and_bipartite_raw_ops_reject_bad_input(backend, device):
                                                         torch.tensor([0, 0]))
     else:
         bad_dst = torch.tensor([[0, 1], [0, 3]], device=device)  # 3 >= num_dst = 2
-        with pytest.raises(RuntimeError, match=r"`edge_index\[1\]` has an id outside"):
+        with pytest.raises(RuntimeError, match=r"filter_bipartite: `edge_index\[1\]` has id 3 outside \[0, 2\)"):
             kernel_op("filter_bipartite", backend, device)(bad_dst, 10, 2, 1, None, None, True)
+
+
+# --------------------------------------------------------------------------- same error everywhere (finding 2)
+
+
+def unvalidated_op(op, backend, device):
+    """The raw operator of ``backend`` with no Python value check: the compiled one, or the
+    Triton one with ``validate=False`` (its device-side checks)."""
+    fn = kernel_op(op, backend, device)
+    return (lambda *args: fn(*args, False)) if backend == "triton" else fn
+
+
+def cpu_kernel_error(op, *args):
+    """The text of the compiled CPU kernel's error for ``args`` (CPU tensors)."""
+    with pytest.raises(RuntimeError) as info:
+        getattr(torch.ops.stoichconv, op)(*args)
+    return str(info.value)
+
+
+def _edges_with(ei, *changes):
+    ei = ei.clone()
+    for row, col, value in changes:
+        ei[row, col] = value
+    return ei
+
+
+_FE_EI = random_edge_index(8, 20, seed=2)
+_FE_PERT, _FE_PTR = torch.tensor([3, 1, 3, 5]), torch.tensor([0, 2, 3, 4])
+# (id, edge_index, pert, pert_ptr, the argument the error names, its exact CPU text or None)
+FILTER_EDGES_BAD = [
+    ("ptr-decreasing", _FE_EI, _FE_PERT, torch.tensor([0, 3, 1, 4]), "`pert_ptr`",
+     "filter_edges: `pert_ptr` must be non-decreasing"),  # overlapping per-sample ranges
+    ("ptr-start", _FE_EI, _FE_PERT, torch.tensor([1, 2, 3, 4]), "`pert_ptr`",
+     "filter_edges: `pert_ptr` must start at 0, got 1"),
+    ("ptr-end-short", _FE_EI, _FE_PERT, torch.tensor([0, 2, 3, 3]), "`pert_ptr`",
+     "filter_edges: `pert_ptr` must end at len(pert) = 4, got 3"),
+    ("ptr-end-beyond", _FE_EI, _FE_PERT, torch.tensor([0, 2, 3, 9]), "`pert_ptr`", None),
+    ("id-too-large", _FE_EI, torch.tensor([3, 1, 8, 5]), _FE_PTR, "`pert`",
+     "filter_edges: `pert` has gene id 8 outside [0, num_nodes = 8)"),
+    ("id-negative", _FE_EI, torch.tensor([3, -1, 3, -4]), _FE_PTR, "`pert`",
+     "filter_edges: `pert` has gene id -1 outside [0, num_nodes = 8)"),  # the first bad one
+    ("src", _edges_with(_FE_EI, (0, 4, 8)), _FE_PERT, _FE_PTR, "`edge_index[0]`",
+     "filter_edges: `edge_index[0]` has id 8 outside [0, 8)"),
+    ("dst-negative", _edges_with(_FE_EI, (1, 2, -3)), _FE_PERT, _FE_PTR, "`edge_index[1]`",
+     "filter_edges: `edge_index[1]` has id -3 outside [0, 8)"),
+    ("first-bad-column", _edges_with(_FE_EI, (1, 2, 9), (0, 6, -1)), _FE_PERT, _FE_PTR, "`edge_index[1]`",
+     "filter_edges: `edge_index[1]` has id 9 outside [0, 8)"),
+    ("edges-before-pert", _edges_with(_FE_EI, (0, 11, 12)), torch.tensor([3, 1, 30, 5]), _FE_PTR,
+     "`edge_index[0]`", None),
+    ("no-samples", _edges_with(_FE_EI, (0, 0, 8)), torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+     "`edge_index[0]`", None),  # B = 0: the edges are still checked
+]
+
+
+@pytest.mark.parametrize("case", FILTER_EDGES_BAD, ids=[c[0] for c in FILTER_EDGES_BAD])
+@pytest.mark.parametrize("backend,device", FE_KERNELS)
+def test_filter_edges_bad_values_give_the_cpu_kernel_error_on_every_backend(backend, device, case):
+    # A raw operator (or validate=False) never answers bad input: every backend raises the
+    # compiled CPU kernel's RuntimeError, word for word, naming the argument.
+    _, ei, pert, ptr, argument, text = case
+    expected = cpu_kernel_error("filter_edges", ei, 8, pert, ptr, True)
+    assert argument in expected and expected.startswith("filter_edges: ")
+    if text is not None:
+        assert expected == text
+    for relabel in (True, False):
+        with pytest.raises(RuntimeError) as info:
+            unvalidated_op("filter_edges", backend, device)(*to(device, ei, 8, pert, ptr, relabel))
+        assert str(info.value) == expected
+    with pytest.raises(RuntimeError) as info:
+        filter_edges(*to(device, ei, 8, pert, ptr), backend=backend, validate=False)
+    assert str(info.value) == expected
+    with pytest.raises(ValueError, match="^`(edge_index|pert|pert_ptr)"):  # validated: the Python checks
+        filter_edges(*to(device, ei, 8, pert, ptr), backend=backend)
+
+
+_RK_GPR = gpr_graph()  # 30 genes, 20 reactions
+_RK_PERT, _RK_PTR = torch.tensor([3, 7, 2]), torch.tensor([0, 2, 3])
+REACTION_KEEP_BAD = [
+    ("ptr-decreasing", _RK_GPR, _RK_PERT, torch.tensor([0, 3, 2, 3]), "`pert_ptr`",
+     "reaction_keep: `pert_ptr` must be non-decreasing"),
+    ("ptr-end", _RK_GPR, _RK_PERT, torch.tensor([0, 2, 2]), "`pert_ptr`",
+     "reaction_keep: `pert_ptr` must end at len(pert) = 3, got 2"),
+    ("id-negative", _RK_GPR, torch.tensor([3, -2, 2]), _RK_PTR, "`pert`", "reaction_keep: `pert` has gene id -2 < 0"),
+    ("gene-negative", _edges_with(_RK_GPR, (0, 5, -1)), _RK_PERT, _RK_PTR, "`gpr_index[0]`",
+     "reaction_keep: `gpr_index[0]` has id -1 < 0"),
+    ("reaction-too-large", _edges_with(_RK_GPR, (1, 3, 20)), _RK_PERT, _RK_PTR, "`gpr_index[1]`",
+     "reaction_keep: `gpr_index[1]` has id 20 outside [0, 20)"),
+]
+
+
+@pytest.mark.parametrize("case", REACTION_KEEP_BAD, ids=[c[0] for c in REACTION_KEEP_BAD])
+@pytest.mark.parametrize("backend,device", RK_KERNELS)
+def test_reaction_keep_bad_values_give_the_cpu_kernel_error_on_every_backend(backend, device, case):
+    _, gpr, pert, ptr, argument, text = case
+    expected = cpu_kernel_error("reaction_keep", gpr, 20, pert, ptr)
+    assert argument in expected and expected == text
+    with pytest.raises(RuntimeError) as info:
+        unvalidated_op("reaction_keep", backend, device)(*to(device, gpr, 20, pert, ptr))
+    assert str(info.value) == expected
+    with pytest.raises(RuntimeError) as info:
+        reaction_keep(*to(device, gpr, 20, pert, ptr), backend=backend, validate=False)
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("backend,device", RK_KERNELS)
+def test_reaction_keep_gene_ids_have_no_upper_bound(backend, device):
+    # reaction_keep has no gene count: huge gene ids are valid on every backend (and match nothing).
+    gpr = _edges_with(_RK_GPR, (0, 0, 2**40))
+    pert, ptr = torch.tensor([3, 2**40, 7, 2**62]), torch.tensor([0, 3, 4])
+    want = brute_reaction_keep(gpr, 20, pert, ptr)
+    assert not bool(want.all())
+    assert torch.equal(torch.ops.stoichconv.reaction_keep(gpr, 20, pert, ptr), want)
+    assert torch.equal(unvalidated_op("reaction_keep", backend, device)(*to(device, gpr, 20, pert, ptr)).cpu(), want)
+
+
+_FB_EI = bipartite_inputs(3, 40, "both")[0]  # ids in [0, 17) x [0, 11)
+FILTER_BIPARTITE_BAD = [
+    ("src", _edges_with(_FB_EI, (0, 7, 17)), 3, "filter_bipartite: `edge_index[0]` has id 17 outside [0, 17)"),
+    ("dst-negative", _edges_with(_FB_EI, (1, 2, -1), (0, 9, 20)), 3,
+     "filter_bipartite: `edge_index[1]` has id -1 outside [0, 11)"),
+    ("no-samples", _edges_with(_FB_EI, (1, 30, 11)), 0, "filter_bipartite: `edge_index[1]` has id 11 outside [0, 11)"),
+]
+
+
+@pytest.mark.parametrize("case", FILTER_BIPARTITE_BAD, ids=[c[0] for c in FILTER_BIPARTITE_BAD])
+@pytest.mark.parametrize("backend,device", FB_KERNELS)
+def test_filter_bipartite_bad_values_give_the_cpu_kernel_error_on_every_backend(backend, device, case):
+    _, ei, B, text = case
+    sk, dk = torch.ones(B, 17, dtype=torch.bool), torch.ones(B, 11, dtype=torch.bool)
+    for masks in ((sk, dk), (None, None)):
+        expected = cpu_kernel_error("filter_bipartite", ei, 17, 11, B, *masks, True)
+        assert expected == text
+        with pytest.raises(RuntimeError) as info:
+            unvalidated_op("filter_bipartite", backend, device)(*to(device, ei, 17, 11, B, *masks, True))
+        assert str(info.value) == expected
+
+
+# --------------------------------------------------------------------------- large deletion sets (finding 4)
+
+
+def large_deletions(N, seed=0):
+    """Deletion sets around and beyond the 32 ids the kernels sort by insertion: empty, 32
+    distinct (the last small set), 33 ids of 20 distinct (the first large one, with repeats),
+    every node twice in descending order, 45 drawn with replacement, 3 ids; shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    distinct20 = torch.randperm(N, generator=g)[:20]
+    sets = [
+        torch.empty(0, dtype=torch.long),
+        torch.randperm(N, generator=g)[:32],
+        torch.cat([distinct20, distinct20[:13]])[torch.randperm(33, generator=g)],
+        torch.arange(N - 1, -1, -1).repeat_interleave(2),
+        torch.randint(N, (45,), generator=g),
+        torch.randperm(N, generator=g)[:3],
+    ]
+    ptr = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
+    return torch.cat(sets), ptr
+
+
+@pytest.mark.parametrize("relabel", [True, False])
+@pytest.mark.parametrize("backend,device", FE)
+def test_filter_edges_large_deletion_sets(backend, device, relabel):
+    N = 60
+    ei = random_edge_index(N, 300, seed=8)
+    pert, ptr = large_deletions(N, seed=1)
+    want = brute_filter_edges(ei, N, pert, ptr, relabel)
+    kept = want[4].diff().tolist()
+    assert kept == [60, 28, 40, 0, N - len(set(pert[ptr[4]:ptr[5]].tolist())), 57]
+    assert_same(filter_edges(*to(device, ei, N, pert, ptr), relabel=relabel, backend=backend), want, device)
+    if backend != "reference":
+        raw = unvalidated_op("filter_edges", backend, device)(*to(device, ei, N, pert, ptr, relabel))
+        assert_same(raw, want, device)
+
+
+@pytest.mark.parametrize("backend,device", RK)
+def test_reaction_keep_large_deletion_sets(backend, device):
+    gpr = gpr_graph(60, 45, 200, 5, seed=3)
+    pert, ptr = large_deletions(60, seed=2)
+    want = brute_reaction_keep(gpr, 45, pert, ptr)
+    with_genes = gpr[1].unique()
+    assert bool(want[0].all()) and not bool(want[3, with_genes].any())  # nothing / every gene deleted
+    assert int(want[3].sum()) == 45 - with_genes.numel()
+    got = reaction_keep(*to(device, gpr, 45, pert, ptr), backend=backend)
+    assert torch.equal(got.cpu(), want)
+
+
+# --------------------------------------------------------------------------- validate=False (finding 5)
+
+
+@pytest.fixture
+def value_check_calls(monkeypatch):
+    """Records every call of the Python value checks (the ones that host-sync on a GPU)."""
+    import stoichconv.ops.pert_mask.validation as validation
+
+    calls = []
+    for name in ("check_perturbation_values", "check_edge_index_values"):
+        def spy(*args, _real=getattr(validation, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(validation, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend,device", FE_KERNELS)
+def test_filter_edges_unvalidated_runs_no_python_value_check(backend, device, value_check_calls):
+    N = 12
+    ei = random_edge_index(N, 300, seed=3)
+    pert, ptr = random_deletions(N, 3, seed=3)
+    want = brute_filter_edges(ei, N, pert, ptr, True)
+    assert_same(filter_edges(*to(device, ei, N, pert, ptr), backend=backend, validate=False), want, device)
+    assert_same(unvalidated_op("filter_edges", backend, device)(*to(device, ei, N, pert, ptr, True)), want, device)
+    assert value_check_calls == []
+    # validate=True checks once (the public function; the operator does not repeat it) ...
+    assert_same(filter_edges(*to(device, ei, N, pert, ptr), backend=backend), want, device)
+    assert value_check_calls == ["check_perturbation_values", "check_edge_index_values"]
+    # ... and still refuses bad values in Python; unvalidated, the kernel refuses them
+    bad = pert.clone()
+    bad[0] = N
+    with pytest.raises(ValueError, match=r"`pert` has gene id 12 outside \[0, num_nodes=12\)"):
+        filter_edges(*to(device, ei, N, bad, ptr), backend=backend)
+    del value_check_calls[:]
+    with pytest.raises(RuntimeError, match=r"filter_edges: `pert` has gene id 12 outside \[0, num_nodes = 12\)"):
+        filter_edges(*to(device, ei, N, bad, ptr), backend=backend, validate=False)
+    assert value_check_calls == []
+
+
+class SyncCounter:
+    """Counts the host syncs that ``torch.cuda.set_sync_debug_mode`` sees (its warnings)."""
+
+    def __enter__(self):
+        self._mode = torch.cuda.get_sync_debug_mode()
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self._mode)
+        self._catch.__exit__(*exc)
+
+    @property
+    def count(self):
+        return sum("synchroniz" in str(w.message) for w in self.caught)
+
+
+CUDA_KERNELS = [p for p in ALL3 if p.values[1].type == "cuda"]  # cuda and triton on CUDA tensors
+
+
+@pytest.mark.parametrize("backend,device", CUDA_KERNELS)
+def test_unvalidated_ops_make_one_host_sync_on_cuda(backend, device):
+    # validate=False: no Python value check; the only host sync is the one read of the output
+    # size and the device-side checks (reaction_keep: the checks alone).
+    N = 40
+    ei = random_edge_index(N, 500, seed=4)
+    pert, ptr = large_deletions(N, seed=4)
+    gpr, ei_d, pert_d, ptr_d = to(device, gpr_graph(N, 20, 60, 2, seed=4), ei, pert, ptr)
+    B = ptr.numel() - 1
+    keep = torch.rand(B, N, generator=torch.Generator().manual_seed(4)) > 0.3
+    calls = {
+        "filter_edges": lambda validate: filter_edges(ei_d, N, pert_d, ptr_d, backend=backend, validate=validate),
+        "reaction_keep": lambda validate: reaction_keep(gpr, 20, pert_d, ptr_d, backend=backend, validate=validate),
+        "filter_bipartite": lambda validate: filter_bipartite(ei_d, N, N, B, keep.to(device), None, backend=backend,
+                                                              validate=validate),
+    }
+    for name, call in calls.items():
+        call(False)  # warm-up (Triton compiles)
+        torch.cuda.synchronize()
+        with SyncCounter() as unvalidated:
+            call(False)
+        assert unvalidated.count == 1, (name, [str(w.message) for w in unvalidated.caught])
+        with SyncCounter() as validated:
+            call(True)
+        assert validated.count > 1, name  # the Python checks' syncs: what validate=False saves
+    with SyncCounter() as unvalidated:
+        got = filter_edges(ei_d, N, pert_d, ptr_d, backend=backend, validate=False)
+    assert_same(got, brute_filter_edges(ei, N, pert, ptr, True), device)
+    assert unvalidated.count == 1
 
 
 # --------------------------------------------------------------------------- CUDA only

@@ -53,11 +53,25 @@ Backends (one :class:`~stoichconv.backends.OpSpec` per op: :data:`FILTER_EDGES`,
 compiled ops (``csrc/cpu/pert_mask.cpp``, ``csrc/cuda/pert_mask.cpp``),
 ``triton`` runs ``stoichconv::triton_filter_edges`` / ``triton_reaction_keep`` /
 ``triton_filter_bipartite`` (:mod:`.triton_kernels`; they take the compiled op's arguments
-plus ``validate``, which the public functions pass on: with ``validate=False`` on CUDA
-tensors no value check and no host sync beyond the output size runs), ``reference`` runs
-:mod:`stoichconv.reference.pert_mask`
+plus ``validate``), ``reference`` runs :mod:`stoichconv.reference.pert_mask`
 (PyG ``subgraph`` per sample and ``Batch.from_data_list``). Fake kernels:
 :mod:`.registration`.
+
+Validation. The public functions check types, shapes and devices, and with ``validate=True``
+(the default) the index values in Python (``ValueError``, one host sync per reduction on a
+GPU). Whatever ``validate`` says, the ``cpu``, ``cuda`` and ``triton`` kernels then check the
+values themselves and raise the compiled CPU kernel's ``RuntimeError`` for bad ones, word for
+word on every backend (texts in ``csrc/include/stoichconv/pert_mask_checks.h``): the CPU
+kernel on the host, the CUDA kernels and the Triton operators (called with
+``validate=False``: no Python check of their own) on the device, read in the one host sync of
+the call (with the output size of ``filter_edges`` / ``filter_bipartite``; ``reaction_keep``
+makes that one sync for the checks alone). So ``validate=False`` drops only the Python checks
+and their syncs; the ``reference`` backend does not check values.
+
+Deletion sets of any size: the compiled kernels sort each sample's ids, then drop the repeats;
+up to 32 ids (``kSmallSort``) by insertion, beyond that by a bottom-up merge sort (O(n log^2 n);
+on CUDA one thread block per such sample), the per-set steps being the same inline functions
+of ``csrc/include/stoichconv/pert_mask_math.h`` on the CPU and on CUDA.
 """
 
 from __future__ import annotations
@@ -118,8 +132,9 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     module docstring); returns a :class:`FilteredEdges`.
 
     ``validate=False`` skips the Python checks of index values (their host
-    syncs; types, shapes and devices are still checked, and the compiled
-    kernels check the values anyway) for callers that validated them already."""
+    syncs; types, shapes and devices are still checked, and every kernel checks
+    the values on its own, see the module docstring) for callers that validated
+    them already."""
     num_nodes = check_count("num_nodes", num_nodes)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=validate)
     edge_index = check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=validate)
@@ -129,8 +144,8 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     selected = select("filter_edges", backend, pert.device)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_nodes, pert, pert_ptr, relabel=bool(relabel))
-    if selected.backend == "triton":  # no value checks of its own with validate=False on CUDA
-        return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel), bool(validate)))
+    if selected.backend == "triton":  # values checked above or not at all in Python: on the device
+        return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel), False))
     return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel)))
 
 
@@ -148,7 +163,7 @@ def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr:
     check_size_product("reaction_keep", B=pert_ptr.numel() - 1, num_reactions=num_reactions)
     selected = select("reaction_keep", backend, pert.device)
     if selected.backend == "triton":
-        return selected.fn(gpr_index, num_reactions, pert, pert_ptr, bool(validate))
+        return selected.fn(gpr_index, num_reactions, pert, pert_ptr, False)
     return selected.fn(gpr_index, num_reactions, pert, pert_ptr)
 
 
@@ -177,6 +192,6 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
         return selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel=bool(relabel))
     if selected.backend == "triton":
         return FilteredBipartite(*selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
-                                              bool(relabel), bool(validate)))
+                                              bool(relabel), False))
     return FilteredBipartite(*selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
                                           bool(relabel)))

@@ -15,14 +15,24 @@ and outputs of its compiled counterpart plus a trailing ``bool validate=True``:
   -> (Tensor edge_index_out [2, E_out], Tensor edge_ptr [B + 1], Tensor edge_keep [B*E],
   Tensor edge_id [E_out])``.
 
-They are the ``backend="triton"`` of the public functions of :mod:`stoichconv.ops.pert_mask`,
-which pass their own ``validate`` on. Types, shapes and devices are always checked. Index
-*values* (their host syncs) are checked when ``validate`` is True, and always on CPU tensors:
-the interpreter has no bounds protection and there the checks cost no device sync. So a
-direct ``torch.ops`` call checks values by default, and ``filter_edges(..., validate=False,
-backend="triton")`` on CUDA tensors runs no value check at all (the caller validated them;
-the one host sync left is the output size E_out of the two filters). Integer inputs of any
-width are accepted and widened to int64.
+They are the ``backend="triton"`` of the public functions of :mod:`stoichconv.ops.pert_mask`
+(which check values themselves when asked and then call these with ``validate=False``). Types,
+shapes and devices are always checked. Index *values*:
+
+* ``validate=True`` (the default of a direct ``torch.ops`` call): the Python checks of
+  :mod:`.validation` (``ValueError``; one host sync per reduction on a GPU);
+* ``validate=False``: no Python value check; the operator computes the compiled kernels'
+  checks on the device (:func:`~stoichconv.ops.pert_mask.validation.value_witnesses`), reads
+  them in the host sync it makes anyway (the read of the output size E_out of the two
+  filters; ``reaction_keep``, whose output size is known, makes that one sync for them) and
+  raises the compiled CPU kernel's ``RuntimeError`` word for word
+  (:func:`~stoichconv.ops.pert_mask.validation.raise_kernel_value_error`). So bad input gives
+  the same error as the ``cpu`` and ``cuda`` operators, with one host sync per call, on CPU
+  tensors (the interpreter) and CUDA tensors alike. Until that read the kernels run on the
+  unchecked values: every id they use as an offset is masked to its bounds, so nothing reads
+  or writes outside the tensors.
+
+Integer inputs of any width are accepted and widened to int64.
 
 Kernels of ``filter_edges`` (one pass over the wildtype edges to count, one to write; no
 atomics, so the output is deterministic):
@@ -34,8 +44,8 @@ atomics, so the output is deterministic):
    flags of the block and the block's kept count.
 3. Scan (``torch.cumsum`` on the small [B, E / BLOCK_E] count array, plus the
    node-rank scan over ``node_keep`` when relabelling): output offsets of every
-   block, ``edge_ptr`` and ``node_ptr``. Besides the input value checks, the
-   one host sync reads E_out.
+   block, ``edge_ptr`` and ``node_ptr``. The one host sync reads E_out (with the
+   device-side value checks when ``validate=False``).
 4. ``_edge_write_kernel``, one program per (edge block, sample): compaction
    with a within-block exclusive scan (``tl.cumsum``) of the keep flags,
    writing the (relabelled) endpoints of kept edges.
@@ -50,7 +60,8 @@ each edge's gene is compared with the sample's deletions in tiles of ``_BLOCK_P`
 are few) and the edges hit store False into ``keep[b, reaction]``. Several edges may store
 that same False into one reaction: idempotent, no atomics, deterministic. Loads of ``pert``
 and stores into ``keep`` are masked to their bounds, so even unchecked values cannot reach
-outside the tensors. No host sync at all (the output size is known).
+outside the tensors. No host sync with ``validate=True`` beyond the Python checks' (the output
+size is known); one, for the device-side checks, with ``validate=False``.
 """
 
 from __future__ import annotations
@@ -64,7 +75,15 @@ import triton.language as tl
 from torch import Tensor
 
 from stoichconv.ops.pert_mask import registration
-from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_keep, check_perturbations
+from stoichconv.ops.pert_mask.validation import (
+    ANY_ID,
+    check_count,
+    check_edge_index,
+    check_keep,
+    check_perturbations,
+    raise_kernel_value_error,
+    value_witnesses,
+)
 
 __all__ = ["triton_filter_bipartite", "triton_filter_edges", "triton_reaction_keep"]
 
@@ -73,17 +92,18 @@ _BLOCK_P = 32  # deletions per loop iteration
 
 
 @triton.jit
-def _delete_nodes_kernel(pert, pert_ptr, node_keep, N, BLOCK_P: tl.constexpr):
+def _delete_nodes_kernel(pert, pert_ptr, node_keep, N, P, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    start = tl.load(pert_ptr + b)
-    end = tl.load(pert_ptr + b + 1)
+    # bounds clamped to [0, P] and ids masked to [0, N): unchecked values stay in the tensors
+    start = tl.minimum(tl.maximum(tl.load(pert_ptr + b), 0), P)
+    end = tl.minimum(tl.maximum(tl.load(pert_ptr + b + 1), start), P)
     offs = tl.arange(0, BLOCK_P)
     zeros = tl.zeros([BLOCK_P], dtype=node_keep.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + offs
         m = p < end
         v = tl.load(pert + p, mask=m, other=0)
-        tl.store(node_keep + b * N + v, zeros, mask=m)
+        tl.store(node_keep + b * N + v, zeros, mask=m & (v >= 0) & (v < N))
 
 
 @triton.jit
@@ -95,10 +115,11 @@ def _edge_count_kernel(edge_index, node_keep, edge_keep, counts, E, N, num_block
     m = e < E
     src = tl.load(edge_index + e, mask=m, other=0)
     dst = tl.load(edge_index + E + e, mask=m, other=0)
+    m = m & (src >= 0) & (src < N) & (dst >= 0) & (dst < N)  # an unchecked bad id: dropped, raised later
     keep_src = tl.load(node_keep + b * N + src, mask=m, other=0)
     keep_dst = tl.load(node_keep + b * N + dst, mask=m, other=0)
     kept = (keep_src != 0) & (keep_dst != 0) & m
-    tl.store(edge_keep + b * E + e, kept.to(edge_keep.dtype.element_ty), mask=m)
+    tl.store(edge_keep + b * E + e, kept.to(edge_keep.dtype.element_ty), mask=e < E)
     tl.store(counts + b * num_blocks + blk, tl.sum(kept.to(tl.int64), axis=0))
 
 
@@ -125,18 +146,26 @@ def _edge_write_kernel(edge_index, edge_keep, offsets, new_id, out, E, N, E_out,
     tl.store(out + E_out + pos, dst, mask=wm)
 
 
-def check_values(device: torch.device, validate: bool) -> bool:
-    """Whether a Triton pert-mask op checks index values: when asked to, and always on CPU
-    tensors (the interpreter has no bounds protection; the checks cost no device sync there)."""
-    return bool(validate) or device.type != "cuda"
-
-
 def _check_args(edge_index, num_nodes, pert, pert_ptr, values: bool = True) -> None:
     """The checks of the public :func:`~stoichconv.ops.pert_mask.filter_edges`; index values
-    only with ``values`` (see :func:`check_values`)."""
+    only with ``values``."""
     check_count("num_nodes", num_nodes)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=values)
     check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=values)
+
+
+def _read(sizes: Optional[Tensor], witnesses: Optional[Tensor], raise_error) -> list:
+    """The one host sync of an operator: ``sizes`` (device int64 [k], the output sizes) and the
+    device-side ``witnesses`` (or None: values checked in Python) in one copy; calls
+    ``raise_error(witness list)`` first. Returns the sizes as Python ints."""
+    parts = [t for t in (sizes, witnesses) if t is not None]
+    if not parts:
+        return []
+    host = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+    k = 0 if sizes is None else sizes.numel()
+    if witnesses is not None:
+        raise_error(host[k:])
+    return host[:k]
 
 
 def _device_guard(device: torch.device):
@@ -150,22 +179,27 @@ def triton_filter_edges(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton batched edge filter: ``(edge_index_out, edge_ptr, edge_keep, node_keep, node_ptr)``
     (semantics in the module docstring)."""
-    _check_args(edge_index, num_nodes, pert, pert_ptr, values=check_values(edge_index.device, validate))
+    _check_args(edge_index, num_nodes, pert, pert_ptr, values=bool(validate))
     with _device_guard(edge_index.device):
-        return _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel)
+        return _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device=not validate)
 
 
-def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
+def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device):
     device = edge_index.device
     N, E, B = num_nodes, edge_index.size(1), pert_ptr.numel() - 1
     edge_index = edge_index.to(torch.int64).contiguous()
     pert = pert.to(torch.int64).contiguous()
     pert_ptr = pert_ptr.to(torch.int64).contiguous()
+    P = pert.numel()
+    witnesses = value_witnesses(edge_index, N, N, pert, pert_ptr, N) if check_on_device else None
+
+    def raise_error(host):
+        raise_kernel_value_error("filter_edges", "edge_index", host, N, N, P, N)
 
     node_keep = torch.ones(B * N, dtype=torch.bool, device=device)
     edge_keep = torch.zeros(B * E, dtype=torch.bool, device=device)
-    if B > 0 and pert.numel() > 0:
-        _delete_nodes_kernel[(B,)](pert, pert_ptr, node_keep.view(torch.uint8), N, BLOCK_P=_BLOCK_P)
+    if B > 0 and P > 0:
+        _delete_nodes_kernel[(B,)](pert, pert_ptr, node_keep.view(torch.uint8), N, P, BLOCK_P=_BLOCK_P)
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     node_ptr = torch.cat([zero, torch.cumsum(node_keep.view(B, N).sum(1), 0)])
     if relabel:
@@ -177,6 +211,7 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
 
     num_blocks = triton.cdiv(E, _BLOCK_E)
     if B == 0 or num_blocks == 0:
+        _read(None, witnesses, raise_error)
         edge_ptr = torch.zeros(B + 1, dtype=torch.int64, device=device)
         return edge_index.new_empty(2, 0), edge_ptr, edge_keep, node_keep, node_ptr
     counts = torch.empty(B * num_blocks, dtype=torch.int64, device=device)
@@ -187,7 +222,7 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel):
     inclusive = torch.cumsum(counts, 0)
     offsets = inclusive - counts
     edge_ptr = torch.cat([zero, inclusive.view(B, num_blocks)[:, -1]])
-    E_out = int(edge_ptr[-1])  # the one host sync: the output size
+    (E_out,) = _read(edge_ptr[-1:], witnesses, raise_error)  # the one host sync: the output size
     out = torch.empty(2, E_out, dtype=torch.int64, device=device)
     if E_out > 0:
         _edge_write_kernel[(num_blocks, B)](
@@ -216,8 +251,8 @@ def _reaction_keep_kernel(gpr_index, pert, pert_ptr, keep, E, P, R,
     m = e < E
     gene = tl.load(gpr_index + e, mask=m, other=-1)
     reaction = tl.load(gpr_index + E + e, mask=m, other=0)
-    start = tl.load(pert_ptr + b)
-    end = tl.minimum(tl.load(pert_ptr + b + 1), P)
+    start = tl.minimum(tl.maximum(tl.load(pert_ptr + b), 0), P)  # unchecked bounds: clamped to [0, P]
+    end = tl.minimum(tl.maximum(tl.load(pert_ptr + b + 1), start), P)
     offs = tl.arange(0, BLOCK_P)
     hit = tl.zeros([BLOCK_E], dtype=tl.int32)
     for p0 in range(start, end, BLOCK_P):
@@ -235,18 +270,20 @@ def triton_reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pe
                          validate: bool = True) -> Tensor:
     """Triton reaction keep-mask [B, num_reactions] bool (semantics in :mod:`stoichconv.ops.pert_mask`)."""
     check_count("num_reactions", num_reactions)
-    values = check_values(pert.device if isinstance(pert, Tensor) else torch.device("cpu"), validate)
+    values = bool(validate)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, None, values=values)
     gpr_index = check_edge_index("gpr_index", gpr_index, None, num_reactions, pert.device,
                                  src_name="num_genes", dst_name="num_reactions", values=values)
     B, E, R, P = pert_ptr.numel() - 1, gpr_index.size(1), num_reactions, pert.numel()
+    witnesses = None if values else value_witnesses(gpr_index, ANY_ID, R, pert, pert_ptr, -1)
     keep = torch.ones(B, R, dtype=torch.bool, device=pert.device)
-    if B * R == 0 or E == 0 or P == 0:
-        return keep
-    with _device_guard(pert.device):
-        _reaction_keep_kernel[(triton.cdiv(E, _BLOCK_E), B)](
-            gpr_index, pert, pert_ptr, keep.view(torch.uint8), E, P, R, BLOCK_E=_BLOCK_E, BLOCK_P=_BLOCK_P,
-        )
+    if B * R > 0 and E > 0 and P > 0:
+        with _device_guard(pert.device):
+            _reaction_keep_kernel[(triton.cdiv(E, _BLOCK_E), B)](
+                gpr_index, pert, pert_ptr, keep.view(torch.uint8), E, P, R, BLOCK_E=_BLOCK_E, BLOCK_P=_BLOCK_P,
+            )
+    # with validate=False, the one host sync: the device-side checks
+    _read(None, witnesses, lambda host: raise_kernel_value_error("reaction_keep", "gpr_index", host, ANY_ID, R, P))
     return keep
 
 
@@ -267,13 +304,13 @@ def _bipartite_count_kernel(edge_index, src_keep, dst_keep, edge_keep, counts, E
     b = tl.program_id(1).to(tl.int64)
     e = blk * BLOCK_E + tl.arange(0, BLOCK_E)
     m = e < E
-    kept = m
+    u = tl.load(edge_index + e, mask=m, other=0)
+    v = tl.load(edge_index + E + e, mask=m, other=0)
+    kept = m & (u >= 0) & (u < num_src) & (v >= 0) & (v < num_dst)  # an unchecked bad id: dropped, raised later
     if HAS_SRC:
-        u = tl.load(edge_index + e, mask=m, other=0)
-        kept = kept & (tl.load(src_keep + b * num_src + u, mask=m, other=0) != 0)
+        kept = kept & (tl.load(src_keep + b * num_src + u, mask=kept, other=0) != 0)
     if HAS_DST:
-        v = tl.load(edge_index + E + e, mask=m, other=0)
-        kept = kept & (tl.load(dst_keep + b * num_dst + v, mask=m, other=0) != 0)
+        kept = kept & (tl.load(dst_keep + b * num_dst + v, mask=kept, other=0) != 0)
     tl.store(edge_keep + b * E + e, kept.to(edge_keep.dtype.element_ty), mask=m)
     tl.store(counts + b * num_blocks + blk, tl.sum(kept.to(tl.int64), axis=0))
 
@@ -317,11 +354,12 @@ def triton_filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_
         raise TypeError(f"`edge_index` must be a torch.Tensor, got {type(edge_index).__name__}")
     device = edge_index.device
     edge_index = check_edge_index("edge_index", edge_index, num_src, num_dst, device, src_name="num_src",
-                                  dst_name="num_dst", values=check_values(device, validate))
+                                  dst_name="num_dst", values=bool(validate))
     src_keep = check_keep("src_keep", src_keep, num_samples, num_src, device)
     dst_keep = check_keep("dst_keep", dst_keep, num_samples, num_dst, device)
+    witnesses = None if validate else value_witnesses(edge_index, num_src, num_dst)
     with _device_guard(device):
-        return _filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel)
+        return _filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel, witnesses)
 
 
 def _global_ranks(keep: Tensor) -> Tensor:
@@ -330,13 +368,18 @@ def _global_ranks(keep: Tensor) -> Tensor:
     return torch.cumsum(keep.reshape(-1).to(torch.int64), 0) - 1
 
 
-def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel):
+def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel, witnesses):
     device = edge_index.device
     E = edge_index.size(1)
+
+    def raise_error(host):
+        raise_kernel_value_error("filter_bipartite", "edge_index", host, num_src, num_dst)
+
     edge_keep = torch.zeros(B * E, dtype=torch.bool, device=device)
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     num_blocks = triton.cdiv(E, _BLOCK_E)
     if B == 0 or num_blocks == 0:
+        _read(None, witnesses, raise_error)
         return (edge_index.new_empty(2, 0), torch.zeros(B + 1, dtype=torch.int64, device=device), edge_keep,
                 edge_index.new_empty(0))
     counts = torch.empty(B * num_blocks, dtype=torch.int64, device=device)
@@ -349,7 +392,7 @@ def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relab
     inclusive = torch.cumsum(counts, 0)
     offsets = inclusive - counts
     edge_ptr = torch.cat([zero, inclusive.view(B, num_blocks)[:, -1]])
-    E_out = int(edge_ptr[-1])  # the one host sync: the output size
+    (E_out,) = _read(edge_ptr[-1:], witnesses, raise_error)  # the one host sync: the output size
     out = torch.empty(2, E_out, dtype=torch.int64, device=device)
     edge_id = torch.empty(E_out, dtype=torch.int64, device=device)
     if E_out > 0:
