@@ -101,7 +101,7 @@ def perturb_batch(cell_graph: HeteroData, pert: Tensor, pert_ptr: Tensor, layout
         backend: see :mod:`stoichconv.backends`; every op of the pass (``filter_edges``,
             ``reaction_keep``, ``filter_bipartite``) runs on it.
         validate_graph: check the wildtype index values (host syncs on GPU); pass False
-            for a graph already checked (the compiled kernels still check bounds).
+            for a graph already checked (every backend's kernels still check the bounds, on the device).
 
     Returns:
         a ``HeteroData`` with the fields listed in the module docstring.
