@@ -111,7 +111,7 @@ void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
         for (int64_t h = 0; h < H; ++h) {
           const acc_t a = gatv2_softmax_weight(w[(e - e0) * H + h], denom[h]);
           w[(e - e0) * H + h] = a;
-          gatv2_aggregate_row(o + h * C, a, xl + src[e] * W + h * C, C);
+          axpy_row(o + h * C, a, xl + src[e] * W + h * C, C);
         }
       store_row(alpha + e0 * H, w, (e1 - e0) * H);
       store_row(out + i * W, o, W);
@@ -188,7 +188,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t e = e0; e < e1; ++e) {
         row_of[e] = i;
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t ga = gatv2_dot<kLanes<acc_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
+          const acc_t ga = dot_row<kLanes<acc_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
           grad_logit[e * H + h] = ga;
           dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
         }

@@ -1,7 +1,8 @@
 // Per-element arithmetic of the fused GATv2 attention (semantics and dtypes:
 // stoichconv.ops.gatv2 docstring), shared by its C++ CPU kernels
 // (csrc/cpu/gatv2.cpp) and its CUDA kernels (csrc/cuda/gatv2_kernels.cu).
-// Nothing here depends on torch.
+// Nothing here depends on torch; the plain row sums and dot products
+// (axpy_row, dot_row) are the shared ones of stoichconv/row_math.h.
 //
 // The scalar functions take acc_t values (the accumulation type); the row
 // functions read rows of the storage type scalar_t, convert every element to
@@ -13,6 +14,7 @@
 
 #include "stoichconv/accumulate_type.h"
 #include "stoichconv/macros.h"
+#include "stoichconv/row_math.h"
 
 namespace stoichconv {
 
@@ -97,13 +99,6 @@ SC_INLINE void gatv2_destination_grad_row(acc_t* __restrict__ to_dst, acc_t gl,
     to_dst[c] += gatv2_destination_grad(gl, acc_t(att[c]), acc_t(x_l[c]), acc_t(x_r[c]), slope);
 }
 
-//   acc[c] += weight * x[c]   (the aggregation of one edge and head into an acc_t row)
-template <typename scalar_t, typename acc_t>
-SC_INLINE void gatv2_aggregate_row(acc_t* __restrict__ acc, acc_t weight,
-                                   const scalar_t* __restrict__ x, int64_t C) {
-  SC_SIMD for (int64_t c = 0; c < C; ++c) acc[c] += weight * acc_t(x[c]);
-}
-
 // One head's attention logit of an edge:
 //   sum_c att[c] * leaky_relu(x_l[c] + x_r[c])   over C channels,
 // in a fixed lane order: kLanes running sums (lane i takes channels i,
@@ -125,22 +120,5 @@ SC_INLINE acc_t gatv2_logit(const scalar_t* __restrict__ att, const scalar_t* __
   return acc;
 }
 
-// <a, b> over C channels of the storage type, in acc_type<scalar_t> and the
-// lane order of gatv2_logit (the backward's ga_e = <g_row, x_l[src_e]>).
-template <int kLanes = 1, typename scalar_t>
-SC_INLINE acc_type<scalar_t> gatv2_dot(const scalar_t* __restrict__ a,
-                                       const scalar_t* __restrict__ b, int64_t C) {
-  using acc_t = acc_type<scalar_t>;
-  acc_t part[kLanes];
-  for (int i = 0; i < kLanes; ++i) part[i] = acc_t(0);
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) {
-    SC_SIMD for (int i = 0; i < kLanes; ++i) part[i] += acc_t(a[c + i]) * acc_t(b[c + i]);
-  }
-  acc_t acc = acc_t(0);
-  for (int i = 0; i < kLanes; ++i) acc += part[i];
-  for (; c < C; ++c) acc += acc_t(a[c]) * acc_t(b[c]);
-  return acc;
-}
-
 }  // namespace stoichconv
+
