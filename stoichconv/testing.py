@@ -43,6 +43,7 @@ __all__ = [
     "INTERPRETED",
     "is_interpreted",
     "ROUNDINGS",
+    "CudaSyncCounter",
     "backend_cases",
     "backend_devices",
     "backend_params",
@@ -53,6 +54,7 @@ __all__ = [
     "random_cell_graph",
     "random_deletions",
     "random_edge_index",
+    "random_edge_set",
     "random_hypergraph",
     "random_keep",
     "random_perturbations",
@@ -111,6 +113,51 @@ def random_edge_index(num_nodes: int, num_edges: int, seed: int = 0, isolated: i
     if num_edges >= 4:
         edge_index[:, 3] = edge_index[:, 2].flip(0)  # reverse edge
     return edge_index
+
+
+def random_edge_set(num_src: int = 30, num_dst: int = 20, num_rows: int = 25, num_edges: int = 150, seed: int = 0,
+                    empty_rows: Sequence[int] = (3, 7), device="cpu"):
+    """A row-sorted :class:`~stoichconv.types.EdgeSet` (the GATv2 op's edges) with random
+    sources and destinations and the rows ``empty_rows`` without edges (they must give 0)."""
+    from stoichconv.types import EdgeSet
+
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randint(0, num_rows, (num_edges,), generator=g)
+    for r in empty_rows:
+        row[row == r] = (r + 1) % num_rows
+    row = torch.sort(row).values
+    src = torch.randint(0, num_src, (num_edges,), generator=g)
+    dst = torch.randint(0, num_dst, (num_edges,), generator=g)
+    crow = torch.zeros(num_rows + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_rows), 0)
+    return EdgeSet(src.to(device), dst.to(device), row.to(device), crow.to(device), num_rows)
+
+
+class CudaSyncCounter:
+    """Context manager counting the host syncs of CUDA work that
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports (its warnings), in ``.count``."""
+
+    def __enter__(self):
+        import warnings
+
+        self._mode = torch.cuda.get_sync_debug_mode()
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self._mode)
+        self._catch.__exit__(*exc)
+
+    @property
+    def messages(self) -> list:
+        return [str(w.message) for w in self.caught if "synchroniz" in str(w.message)]
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
 
 
 def random_deletions(num_genes: int, batch_size: int, seed: int = 0, max_size: int = 5) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,6 @@ on-device index checks)."""
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import pytest
@@ -21,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stoichconv.data import random_perturbations
 from stoichconv.models.hetero_cell import HeteroCell
-from stoichconv.testing import random_cell_graph
+from stoichconv.testing import CudaSyncCounter, random_cell_graph
 
 # ops whose output size or value must be read back by the host
 DATA_DEPENDENT = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
@@ -74,14 +73,8 @@ def test_cuda_step_syncs_no_more_than_its_compactions():
     assert stoichconv.has_cuda_kernels(), "stoichconv._C has no CUDA kernels"
     model, graph, pert, pert_ptr, counts = _count(8, device="cuda")
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            _step(model, graph, pert, pert_ptr)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    print(f"CUDA host syncs in one step: {len(syncs)} (data-dependent ops: {dict(counts)})")
+    with CudaSyncCounter() as syncs:
+        _step(model, graph, pert, pert_ptr)
+    print(f"CUDA host syncs in one step: {syncs.count} (data-dependent ops: {dict(counts)})")
     status_reads = 3  # the pert-mask ops' device checks, one read each
-    assert len(syncs) <= sum(counts.values()) + status_reads, [str(w.message) for w in syncs][:5]
+    assert syncs.count <= sum(counts.values()) + status_reads, syncs.messages[:5]

@@ -30,6 +30,7 @@ from stoichconv.testing import (
     backend_params,
     is_interpreted,
     kernel_op,
+    random_edge_set,
     random_hypergraph,
     random_keep,
 )
@@ -62,20 +63,6 @@ def softmax_setup(B=3, H=2, dtype=torch.bfloat16, mode="node", masked=True, seed
         grouping = (plan.metabolite_index, N, plan.metabolite_ptr, plan.metabolite_perm)
     return logits.to(device).requires_grad_(True), kept, tuple(t.to(device) if torch.is_tensor(t) else t
                                                               for t in grouping)
-
-
-def random_edges(num_src=30, num_dst=20, num_rows=25, num_edges=150, seed=0, empty_rows=(3, 7)):
-    """A row-sorted EdgeSet with rows ``empty_rows`` without edges."""
-    g = torch.Generator().manual_seed(seed)
-    row = torch.randint(0, num_rows, (num_edges,), generator=g)
-    for r in empty_rows:
-        row[row == r] = (r + 1) % num_rows
-    row = torch.sort(row).values
-    src = torch.randint(0, num_src, (num_edges,), generator=g)
-    dst = torch.randint(0, num_dst, (num_edges,), generator=g)
-    crow = torch.zeros(num_rows + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_rows), 0)
-    return EdgeSet(src, dst, row, crow, num_rows)
 
 
 SMALL = dict(num_src=12, num_dst=10, num_rows=10, num_edges=40)  # for the Triton interpreter
@@ -148,7 +135,7 @@ def test_float64_formulas_match_the_reference():
     grad = torch.randn_like(alpha)
     (want,) = torch.autograd.grad(alpha, logits, grad)
     torch.testing.assert_close(softmax_backward64(grad, alpha, group, G), want, rtol=1e-12, atol=1e-12)
-    edges = random_edges(seed=16)
+    edges = random_edge_set(seed=16)
     x_l, x_r, att = gat_features(edges, H=2, C=5, dtype=torch.float64)
     with torch.no_grad():
         x_l[:3] = 0  # zero pre-activations: the derivative takes the slope
@@ -206,7 +193,7 @@ def test_group_softmax_low_precision_stays_finite_on_large_logits(backend, devic
 @pytest.mark.parametrize("backend,device,H,C", backend_cases(backend_params("gatv2", reference=True),
                                                             [(1, 7), (2, 5), (2, 32)], [(2, 5)]))
 def test_gatv2_matches_float64(backend, device, H, C, dtype):
-    edges = random_edges(seed=H * C, **(SMALL if is_interpreted(backend, device) else {}))
+    edges = random_edge_set(seed=H * C, **(SMALL if is_interpreted(backend, device) else {}))
     x_l, x_r, att = gat_features(edges, H, C, dtype, device=device)
     edges = on(device, edges)
     out = gatv2_attention(x_l, x_r, att, edges, 0.2, backend=backend)
@@ -236,7 +223,7 @@ def test_gatv2_matches_float64(backend, device, H, C, dtype):
 def test_gatv2_backward_kernel_with_per_row_destinations_and_zero_preactivations(backend, device, dtype):
     # dst == output row (the CPU kernel then groups by the rows) and zero rows, so that some
     # pre-activations are exactly 0 (where the derivative is the slope)
-    edges = random_edges(seed=21, **(SMALL if is_interpreted(backend, device) else {}))
+    edges = random_edge_set(seed=21, **(SMALL if is_interpreted(backend, device) else {}))
     edges = EdgeSet(edges.src, edges.row.clone(), edges.row, edges.crow, edges.num_rows)
     x_l, x_r, att = (t.detach() for t in gat_features(edges, H=2, C=6, dtype=dtype))
     x_l[:4] = 0
@@ -291,7 +278,7 @@ def test_group_softmax_low_precision_is_the_float32_kernel_rounded_once(backend,
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("backend,device", backend_params("gatv2"))
 def test_gatv2_low_precision_is_the_float32_kernel_rounded_once(backend, device, dtype):
-    edges = on(device, random_edges(seed=17, **(SMALL if is_interpreted(backend, device) else {})))
+    edges = on(device, random_edge_set(seed=17, **(SMALL if is_interpreted(backend, device) else {})))
     x_l, x_r, att = (t.detach() for t in gat_features(edges, H=2, C=9, dtype=dtype, device=device))
     e = (edges.src, edges.dst, edges.crow, 0.2)
     forward, backward = kernel_op("gatv2", backend, device), kernel_op("gatv2", backend, device, name="backward")
@@ -338,7 +325,7 @@ def test_cpu_group_softmax_is_bit_identical_across_runs_and_threads(dtype):
 @pytest.mark.parametrize("dtype", LOW)
 def test_cpu_gatv2_is_bit_identical_across_runs_and_threads(dtype):
     # 600 rows and 300 sources: several tasks of 64 rows and 5 blocks of 64 sources
-    edges = random_edges(num_rows=600, num_edges=5000, num_src=300, num_dst=200, seed=9)
+    edges = random_edge_set(num_rows=600, num_edges=5000, num_src=300, num_dst=200, seed=9)
     x_l, x_r, att = (t.detach() for t in gat_features(edges, H=2, C=12, dtype=dtype))
     args = (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
     grad = torch.randn(edges.num_rows, 2, 12, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -375,7 +362,7 @@ def test_gatv2_opcheck(backend, device, dtype):
     forward, backward = kernel_op("gatv2", backend, device), kernel_op("gatv2", backend, device, name="backward")
     tiny = dict(num_src=5, num_dst=4, num_rows=4, num_edges=10, empty_rows=(2,))
     interpreted = is_interpreted(backend, device)
-    edges = on(device, random_edges(seed=11, **(tiny if interpreted else {})))
+    edges = on(device, random_edge_set(seed=11, **(tiny if interpreted else {})))
     x_l, x_r, att = (t.detach() for t in gat_features(edges, C=3 if interpreted else 5, dtype=dtype, device=device))
     torch.library.opcheck(forward, (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2))
     out, alpha = forward(x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
@@ -395,7 +382,7 @@ def test_compiled_kernels_name_the_argument_of_a_bad_dtype():
         OPS.group_softmax_backward(logits.long(), logits.long(), ptr, perm)
     with pytest.raises(RuntimeError, match="`grad` must match `alpha` in shape, dtype and device"):
         OPS.group_softmax_backward(logits.bfloat16(), logits, ptr, perm)
-    edges = random_edges(seed=12)
+    edges = random_edge_set(seed=12)
     x_l, x_r, att = (t.detach() for t in gat_features(edges, dtype=torch.float32))
     e = (edges.src, edges.dst, edges.crow, 0.2)
     with pytest.raises(RuntimeError, match="`x_l` must be float16, bfloat16, float32 or float64, got Int"):
@@ -409,7 +396,7 @@ def test_compiled_kernels_name_the_argument_of_a_bad_dtype():
 
 @pytest.mark.parametrize("backend,device", backend_params("gatv2", reference=True))
 def test_gatv2_refuses_mixed_dtypes_outside_autocast(backend, device):
-    edges = random_edges(seed=13, **SMALL)
+    edges = random_edge_set(seed=13, **SMALL)
     x_l, x_r, att = (t.detach() for t in gat_features(edges, dtype=torch.bfloat16, device=device))
     edges = on(device, edges)
     with pytest.raises(TypeError, match="`x_r` has dtype torch.float32 but `x_l` has torch.bfloat16"):
@@ -419,7 +406,7 @@ def test_gatv2_refuses_mixed_dtypes_outside_autocast(backend, device):
 
 
 def test_public_gatv2_ops_refuse_mixed_dtypes_outside_autocast():
-    edges = random_edges(seed=14)
+    edges = random_edge_set(seed=14)
     x_l, x_r, att = (t.detach() for t in gat_features(edges, dtype=torch.float16))
     e = (edges.src, edges.dst, edges.crow)
     with pytest.raises(TypeError, match="`att` has dtype torch.float32 but `x_l` has torch.float16"):
@@ -463,7 +450,7 @@ def test_group_softmax_under_autocast_runs_in_the_autocast_dtype(backend, device
 
 @pytest.mark.parametrize("backend,device", backend_params("gatv2", reference=True))
 def test_gatv2_under_autocast_runs_in_the_autocast_dtype(backend, device):
-    edges = random_edges(seed=15, **(SMALL if is_interpreted(backend, device) else {}))
+    edges = random_edge_set(seed=15, **(SMALL if is_interpreted(backend, device) else {}))
     x_l, x_r, att = gat_features(edges, H=2, C=5, dtype=torch.float32, device=device)
     edges = on(device, edges)
     with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -8,24 +8,11 @@ import torch
 
 from stoichconv.backends import available_backends
 from stoichconv.ops.gatv2 import gatv2_attention, gatv2_backward, gatv2_forward
-from stoichconv.testing import backend_cases, backend_params, is_interpreted, kernel_op
+from stoichconv.testing import backend_cases, backend_params, is_interpreted, kernel_op, random_edge_set
 from stoichconv.types import EdgeSet
 
 OP = "gatv2"
 KERNELS = backend_params(OP)
-
-
-def random_edges(num_src=30, num_dst=20, num_rows=25, num_edges=150, seed=0, empty_rows=(3, 7)):
-    g = torch.Generator().manual_seed(seed)
-    row = torch.randint(0, num_rows, (num_edges,), generator=g)
-    for r in empty_rows:  # rows without edges must give 0
-        row[row == r] = (r + 1) % num_rows
-    row = torch.sort(row).values
-    src = torch.randint(0, num_src, (num_edges,), generator=g)
-    dst = torch.randint(0, num_dst, (num_edges,), generator=g)
-    crow = torch.zeros(num_rows + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_rows), 0)
-    return EdgeSet(src, dst, row, crow, num_rows)
 
 
 # a smaller edge set for the Triton interpreter (it runs every program in numpy); rows 3 and 7 empty
@@ -53,7 +40,7 @@ def test_available_backends():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("backend,device,H,C", backend_cases(KERNELS, [(1, 7), (2, 5), (2, 32)], [(1, 7), (2, 5)]))
 def test_kernel_matches_chunked_pytorch(backend, device, H, C, dtype, tol):
-    edges = random_edges(seed=H * C, **(SMALL if is_interpreted(backend, device) else {}))
+    edges = random_edge_set(seed=H * C, **(SMALL if is_interpreted(backend, device) else {}))
     x_l, x_r, att = features(edges, H, C, dtype, device=device)
     edges = on(device, edges)
     got = gatv2_attention(x_l, x_r, att, edges, 0.2, backend=backend)
@@ -73,7 +60,7 @@ def test_backward_kernel_with_per_row_destinations_and_zero_preactivations(backe
     # exactly 0 (where the derivative must be the slope, as in torch).
     size = dict(num_src=15, num_dst=10, num_rows=10, num_edges=50) if is_interpreted(backend, device) else \
         dict(num_src=40, num_dst=25, num_rows=25, num_edges=200)
-    edges = random_edges(seed=21, **size)
+    edges = random_edge_set(seed=21, **size)
     edges = EdgeSet(edges.src, edges.row.clone(), edges.row, edges.crow, edges.num_rows)
     x_l, x_r, att = features(edges, H=2, C=6, dtype=dtype, device=device)
     edges = on(device, edges)
@@ -99,7 +86,7 @@ def raw_ops(backend, device):
 @pytest.mark.parametrize("backend,device,rows,E,S,D", DETERMINISM)
 def test_deterministic_across_runs_and_threads_and_empty_edge_set(backend, device, rows, E, S, D):
     forward, backward = raw_ops(backend, device)
-    edges = random_edges(num_rows=rows, num_edges=E, num_src=S, num_dst=D, seed=9)
+    edges = random_edge_set(num_rows=rows, num_edges=E, num_src=S, num_dst=D, seed=9)
     x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32, device=device))
     edges = on(device, edges)
     args = (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
@@ -122,7 +109,7 @@ def test_deterministic_across_runs_and_threads_and_empty_edge_set(backend, devic
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_alpha_is_a_softmax_per_row(backend, device):
-    edges = random_edges(seed=3, **(SMALL if is_interpreted(backend, device) else {}))
+    edges = random_edge_set(seed=3, **(SMALL if is_interpreted(backend, device) else {}))
     x_l, x_r, att = (t.detach() for t in features(edges, device=device))
     edges = on(device, edges)
     out, alpha = raw_ops(backend, device)[0](x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)
@@ -134,7 +121,7 @@ def test_alpha_is_a_softmax_per_row(backend, device):
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_gradcheck_through_the_kernel_forward(backend, device):
-    edges = random_edges(num_src=6, num_dst=5, num_rows=5, num_edges=14, seed=5, empty_rows=(2,))
+    edges = random_edge_set(num_src=6, num_dst=5, num_rows=5, num_edges=14, seed=5, empty_rows=(2,))
     x_l, x_r, att = features(edges, H=2, C=3, device=device)
     edges = on(device, edges)
     fn = lambda a, b, c: gatv2_attention(a, b, c, edges, 0.2, backend=backend)  # noqa: E731
@@ -147,7 +134,7 @@ def test_opcheck(backend, device, dtype):
     forward, backward = raw_ops(backend, device)
     tiny = dict(num_src=5, num_dst=4, num_rows=4, num_edges=10, empty_rows=(2,))  # opcheck calls the op often
     interpreted = is_interpreted(backend, device)
-    edges = random_edges(seed=11, **(tiny if interpreted else {}))
+    edges = random_edge_set(seed=11, **(tiny if interpreted else {}))
     x_l, x_r, att = (t.detach() for t in features(edges, C=3 if interpreted else 5, dtype=dtype, device=device))
     edges = on(device, edges)
     torch.library.opcheck(forward, (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2))
@@ -156,7 +143,7 @@ def test_opcheck(backend, device, dtype):
 
 
 def test_compiled_kernels_reject_bad_input():
-    edges = random_edges(seed=12)
+    edges = random_edge_set(seed=12)
     x_l, x_r, att = (t.detach() for t in features(edges))
     args = [x_l, x_r, att, edges.src, edges.dst, edges.crow]
     with pytest.raises(RuntimeError, match=r"`src` has id .* outside \[0, "):

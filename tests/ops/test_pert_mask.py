@@ -8,7 +8,6 @@ device mismatches) at the end."""
 
 import dataclasses
 import sys
-import warnings
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from stoichconv.backends import OPS, BackendUnavailableError, resolve
 from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
 from stoichconv.reference.pert_mask import filter_bipartite_reference, filter_edges_reference, reaction_keep_reference
 from stoichconv.testing import (
+    CudaSyncCounter,
     backend_cases,
     backend_params,
     device_params,
@@ -785,26 +785,6 @@ def test_filter_edges_unvalidated_runs_no_python_value_check(backend, device, va
     assert value_check_calls == []
 
 
-class SyncCounter:
-    """Counts the host syncs that ``torch.cuda.set_sync_debug_mode`` sees (its warnings)."""
-
-    def __enter__(self):
-        self._mode = torch.cuda.get_sync_debug_mode()
-        self._catch = warnings.catch_warnings(record=True)
-        self.caught = self._catch.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode(self._mode)
-        self._catch.__exit__(*exc)
-
-    @property
-    def count(self):
-        return sum("synchroniz" in str(w.message) for w in self.caught)
-
-
 CUDA_KERNELS = [p for p in ALL3 if p.values[1].type == "cuda"]  # cuda and triton on CUDA tensors
 
 
@@ -827,13 +807,13 @@ def test_unvalidated_ops_make_one_host_sync_on_cuda(backend, device):
     for name, call in calls.items():
         call(False)  # warm-up (Triton compiles)
         torch.cuda.synchronize()
-        with SyncCounter() as unvalidated:
+        with CudaSyncCounter() as unvalidated:
             call(False)
         assert unvalidated.count == 1, (name, [str(w.message) for w in unvalidated.caught])
-        with SyncCounter() as validated:
+        with CudaSyncCounter() as validated:
             call(True)
         assert validated.count > 1, name  # the Python checks' syncs: what validate=False saves
-    with SyncCounter() as unvalidated:
+    with CudaSyncCounter() as unvalidated:
         got = filter_edges(ei_d, N, pert_d, ptr_d, backend=backend, validate=False)
     assert_same(got, brute_filter_edges(ei, N, pert, ptr, True), device)
     assert unvalidated.count == 1

@@ -12,7 +12,6 @@ Graphs are tiny: the interpreter runs every program in numpy."""
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from stoichconv.ops.group_softmax import group_softmax
 from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
 from stoichconv.ops.stoich_conv import build_stoich_plan, stoich_conv
 from stoichconv.reference.group_softmax import group_softmax_reference
-from stoichconv.types import EdgeSet
+from stoichconv.testing import CudaSyncCounter, random_edge_set
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [
@@ -86,16 +85,8 @@ def softmax_case(B, H, dtype, device, mode="node", masked=True, seed=0, nnz=16):
 
 
 def edge_set(num_src=7, num_dst=5, num_rows=6, num_edges=24, seed=0, empty_rows=(2,), device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    row = torch.randint(0, num_rows, (num_edges,), generator=g)
-    for r in empty_rows:  # rows without edges give 0
-        row[row == r] = (r + 1) % num_rows
-    row = torch.sort(row).values
-    src = torch.randint(0, num_src, (num_edges,), generator=g)
-    dst = torch.randint(0, num_dst, (num_edges,), generator=g)
-    crow = torch.zeros(num_rows + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=num_rows), 0)
-    return EdgeSet(src.to(device), dst.to(device), row.to(device), crow.to(device), num_rows)
+    """A small EdgeSet (interpreter-sized defaults) of :func:`stoichconv.testing.random_edge_set`."""
+    return random_edge_set(num_src, num_dst, num_rows, num_edges, seed, empty_rows, device)
 
 
 def gat_features(num_src, num_dst, H, C, dtype, device, seed=1):
@@ -335,26 +326,6 @@ def test_pert_mask_bad_values_raise_validated_or_not():
         torch.ops.stoichconv.triton_filter_bipartite(edge_index, 6, 4, 3, src_keep, dst_keep, True)
 
 
-class _SyncCounter:
-    """Counts the host syncs of CUDA ops (torch.cuda sync-debug warnings)."""
-
-    def __enter__(self):
-        self._mode = torch.cuda.get_sync_debug_mode()
-        self._warnings = warnings.catch_warnings(record=True)
-        self.caught = self._warnings.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.set_sync_debug_mode(self._mode)
-        self._warnings.__exit__(*exc)
-
-    @property
-    def count(self):
-        return sum("synchroniz" in str(w.message) for w in self.caught)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_unvalidated_filters_sync_only_for_the_output_size():
@@ -371,13 +342,13 @@ def test_unvalidated_filters_sync_only_for_the_output_size():
     filter_bipartite(ei, 6, 4, 3, sk, dk, backend="triton", validate=False)
     torch.cuda.synchronize()
     homo = torch.randint(0, 6, (2, 50), device=device)
-    with _SyncCounter() as counter:
+    with CudaSyncCounter() as counter:
         filter_edges(homo, 6, p, pp, backend="triton", validate=False)
     assert counter.count == 1, [str(w.message) for w in counter.caught]
-    with _SyncCounter() as counter:
+    with CudaSyncCounter() as counter:
         reaction_keep(ei, 4, p, pp, backend="triton", validate=False)
     assert counter.count == 1, [str(w.message) for w in counter.caught]
-    with _SyncCounter() as counter:
+    with CudaSyncCounter() as counter:
         filter_bipartite(ei, 6, 4, 3, sk, dk, backend="triton", validate=False)
     assert counter.count == 1, [str(w.message) for w in counter.caught]
 
