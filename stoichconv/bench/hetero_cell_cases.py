@@ -187,7 +187,7 @@ def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: di
     initial parameters; ``max_rel_err_vs_fp64``: its first predictions against the reference
     model's in float64 from the same parameters."""
     from stoichconv.bench.core import max_relative_error
-    from stoichconv.train import model_step
+    from stoichconv.train import build_model, model_step
 
     setup = _setup("fast", B, hidden, device, state=state, heads=heads)
     first: list = []
@@ -197,7 +197,9 @@ def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: di
         graph64 = graph.clone()
         met = graph64["metabolite", "reaction", "metabolite"]
         met.stoichiometry = met.stoichiometry.double()
-        reference = _setup("reference", B, hidden, device, state=state, heads=heads)[1].double()
+        reference = build_model("reference", graph, hidden, LAYERS, heads, False).to(device)
+        reference.load_state_dict(state)
+        reference = reference.double()
         with torch.no_grad():
             expected, _ = model_step(reference, "reference", graph64, pert, ptr)
         return {"max_rel_err_vs_fp64": f"{max_relative_error(first[0], expected):.1e}"}

@@ -68,8 +68,7 @@ from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastSto
 from stoichconv.ops._dtypes import accumulate_dtype
 from stoichconv.ops.gatv2 import gatv2_attention
 from stoichconv.ops.pert_mask import filter_edges, reaction_keep
-from stoichconv.ops.pert_mask.validation import check_perturbations
-from stoichconv.ops.stoich_conv.validation import require
+from stoichconv.ops.pert_mask.validation import check_perturbation_values, check_perturbations
 from stoichconv.reference.hetero_cell import HeteroCell as ReferenceHeteroCell
 from stoichconv.types import EdgeSet
 
@@ -346,17 +345,6 @@ class _MetabolismConv(FastStoichHypergraphConv):
         return _scatter_rows(F.dropout(flat.index_select(0, rows), p, True), rows, flat.size(0)).view_as(alpha)
 
 
-def _check_perturbation_values(pert: Tensor, pert_ptr: Tensor, num_genes: int) -> None:
-    """The value checks of :func:`stoichconv.ops.pert_mask.validation.check_perturbations`, once
-    per forward, as in-graph assertions under ``torch.compile`` (no graph break, no host sync)."""
-    require(pert_ptr[0] == 0, ValueError, "`pert_ptr` must start at 0")
-    require((pert_ptr[1:] >= pert_ptr[:-1]).all(), ValueError, "`pert_ptr` must be non-decreasing")
-    require(pert_ptr[-1] == pert.numel(), ValueError, f"`pert_ptr` must end at len(pert) = {pert.numel()}")
-    if pert.numel() > 0:
-        require(pert.min() >= 0, ValueError, "`pert` has a negative gene id")
-        require(pert.max() < num_genes, ValueError, f"`pert` has a gene id outside [0, num_nodes={num_genes})")
-
-
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +558,7 @@ class HeteroCell(ReferenceHeteroCell):
         if pert_ptr.dim() != 1 or pert_ptr.numel() < 2:
             raise ValueError(f"`pert_ptr` must be [B + 1] with B >= 1, got shape {tuple(pert_ptr.shape)}")
         pert, pert_ptr = check_perturbations(pert.to(device), pert_ptr.to(device), values=False)
-        _check_perturbation_values(pert, pert_ptr, self.num_nodes["gene"])
+        check_perturbation_values(pert, pert_ptr, self.num_nodes["gene"])  # once; in-graph under compile
         plan = self._get_plan(cell_graph, device, dtype)
         batch = self.perturbation_masks(plan, pert, pert_ptr)
         z_w = self._wildtype_embedding(plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_count", "check_index_tensor", "check_size_product"]
+__all__ = ["check_count", "check_index_tensor", "check_size_product", "require"]
 
 
 def check_count(name: str, value) -> int:
@@ -40,3 +40,13 @@ def check_size_product(output: str, unit: str = "entries", **factors: int) -> No
     if total > INT64_MAX:
         named = " * ".join(f"{name} = {value}" for name, value in factors.items())
         raise ValueError(f"`{output}` would have {named} = {total} {unit}, more than int64 can index")
+
+
+def require(cond: Tensor, error: type, message: str) -> None:
+    """Raise ``error(message)`` unless the 0-d bool tensor ``cond`` holds. Under
+    ``torch.compile`` the check becomes an in-graph assertion (no graph break, no host sync
+    traced), raising ``RuntimeError(message)`` when it fails."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise error(message)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from stoichconv.ops._checks import check_count, check_index_tensor
+from stoichconv.ops._checks import check_count, check_index_tensor, require
 
 __all__ = [
     "ANY_ID",
@@ -64,7 +64,18 @@ def check_perturbations(pert, pert_ptr, num_nodes: Optional[int] = None, values:
 
 
 def check_perturbation_values(pert: Tensor, pert_ptr: Tensor, num_nodes: Optional[int] = None) -> None:
-    """The value checks of :func:`check_perturbations` (host syncs on a GPU)."""
+    """The value checks of :func:`check_perturbations` (host syncs on a GPU). Inside a
+    ``torch.compile`` graph they are in-graph assertions (:func:`~stoichconv.ops._checks.require`:
+    no graph break, no host sync), with the same messages less the offending values."""
+    if torch.compiler.is_compiling():
+        require(pert_ptr[0] == 0, ValueError, "`pert_ptr` must start at 0")
+        require((pert_ptr[1:] >= pert_ptr[:-1]).all(), ValueError, "`pert_ptr` must be non-decreasing")
+        require(pert_ptr[-1] == pert.numel(), ValueError, f"`pert_ptr` must end at len(pert) = {pert.numel()}")
+        if pert.numel() > 0:
+            require(pert.min() >= 0, ValueError, "`pert` has a negative gene id")
+            if num_nodes is not None:
+                require(pert.max() < num_nodes, ValueError, f"`pert` has a gene id outside [0, num_nodes={num_nodes})")
+        return
     if int(pert_ptr[0]) != 0:
         raise ValueError(f"`pert_ptr` must start at 0, got {int(pert_ptr[0])}")
     if pert_ptr.numel() > 1 and bool((pert_ptr[1:] < pert_ptr[:-1]).any()):

@@ -57,12 +57,12 @@ and share the fake kernels and the autograd formula of :mod:`.registration`.
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from stoichconv._tensor_key import TensorsKey, cacheable
 from stoichconv.backends import OpSpec, register_op, select
 from stoichconv.ops._dtypes import accumulate_dtype, cast_for_autocast
 from stoichconv.ops.stoich_conv import registration  # noqa: F401  (fake kernels and autograd)
@@ -140,19 +140,14 @@ def build_stoich_plan(edge_index: Tensor, stoich: Tensor, num_nodes: int, num_ed
     )
 
 
-def _version(t: Tensor) -> Optional[int]:
-    """The tensor's version counter; None for inference tensors, which have none."""
-    return None if t.is_inference() else t._version
-
-
 class PlanCache:
     """One cached :class:`~stoichconv.types.StoichPlan`, reused while the same ``edge_index``
-    and ``stoich`` tensor objects (unmodified in place: their version counters are part of the
-    key), sizes and device are passed again. A new graph is never served a stale plan: the key
-    holds weak references to the very tensors. Tensors made under ``torch.inference_mode()``
-    have no version counter: their plan is rebuilt on every call, as it is inside a
-``torch.compile`` graph (a sort of the nnz incidences per call). The cache is not pickled
-    (a copy starts empty and rebuilds its plan on first use)."""
+    and ``stoich`` tensor objects (unmodified in place), sizes and device are passed again: the
+    key is a :class:`~stoichconv._tensor_key.TensorsKey` (the tensors held weakly plus their
+    version counters), so a new graph is never served a stale plan. Tensors made under
+    ``torch.inference_mode()`` have no version counter: their plan is rebuilt on every call, as
+    it is inside a ``torch.compile`` graph (a sort of the nnz incidences per call). The cache is
+    not pickled (a copy starts empty and rebuilds its plan on first use)."""
 
     def __init__(self) -> None:
         self.clear()
@@ -161,21 +156,17 @@ class PlanCache:
         for name, t in (("edge_index", edge_index), ("stoich", stoich)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-        if torch.compiler.is_compiling():  # built inside the graph: no guards on cache state
+        tensors, sizes = (edge_index, stoich), (num_nodes, num_edges)
+        if not cacheable(tensors):  # inside a compiled graph: built there, no guards on cache state
             return build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
-        key = (_version(edge_index), _version(stoich), num_nodes, num_edges)
-        if None in key[:2]:
-            return build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
-        alive = tuple(ref() for ref in self._refs)
-        same_tensors = len(alive) == 2 and alive[0] is edge_index and alive[1] is stoich
-        if self._plan is not None and key == self._key and same_tensors:
+        if self._plan is not None and self._key.matches(tensors, sizes):
             return self._plan
-        plan = build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
-        self._key, self._refs, self._plan = key, (weakref.ref(edge_index), weakref.ref(stoich)), plan
-        return plan
+        self._plan = build_stoich_plan(edge_index, stoich, num_nodes, num_edges)
+        self._key = TensorsKey(tensors, sizes)
+        return self._plan
 
     def clear(self) -> None:
-        self._key, self._refs, self._plan = None, (), None
+        self._key, self._plan = None, None
 
     def __getstate__(self) -> dict:
         return {}

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from stoichconv.ops._checks import check_count, check_index_tensor  # noqa: F401  (re-exported)
+from stoichconv.ops._checks import check_count, check_index_tensor, require  # noqa: F401  (re-exported)
 from stoichconv.ops._dtypes import check_float, check_same_dtype
 from stoichconv.types import StoichPlan
 
@@ -43,16 +43,6 @@ def check_weight(weight, y: Tensor, nnz: int) -> None:
     check_same_dtype("y", y, weight=weight)
     if weight.device != y.device:
         raise ValueError(f"`weight` is on {weight.device} but `y` is on {y.device}")
-
-
-def require(cond: Tensor, error: type, message: str) -> None:
-    """Raise ``error(message)`` unless the 0-d bool tensor ``cond`` holds. Under
-    ``torch.compile`` the check becomes an in-graph assertion (no graph break, no host sync
-    traced), raising ``RuntimeError(message)`` when it fails."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(cond, message)
-    elif not bool(cond):
-        raise error(message)
 
 
 def check_plan_consistent(plan: StoichPlan) -> None:
