@@ -60,6 +60,21 @@ TORCH_LIBRARY(stoichconv, m) {
   m.def(
       "filter_bipartite(Tensor edge_index, int num_src, int num_dst, int num_samples, "
       "Tensor? src_keep, Tensor? dst_keep, bool relabel) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same three ops writing into caller buffers (a batcher's reused memory,
+  // stoichconv.perturb.PerturbBatcher), sized for the worst case (no deletion):
+  // edge lists as 2 * E_out contiguous values at the start of a buffer of at
+  // least 2 * B * E, the other outputs flat at the start of theirs.  CPU and CUDA.
+  m.def(
+      "filter_edges_out(Tensor edge_index, int num_nodes, Tensor pert, Tensor pert_ptr, "
+      "bool relabel, Tensor(a!) edge_index_out, Tensor(b!) edge_ptr_out, "
+      "Tensor(c!) edge_keep_out, Tensor(d!) node_keep_out, Tensor(e!) node_ptr_out) -> ()");
+  m.def(
+      "reaction_keep_out(Tensor gpr_index, int num_reactions, Tensor pert, Tensor pert_ptr, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "filter_bipartite_out(Tensor edge_index, int num_src, int num_dst, int num_samples, "
+      "Tensor? src_keep, Tensor? dst_keep, bool relabel, Tensor(a!) edge_index_out, "
+      "Tensor(b!) edge_ptr_out, Tensor(c!) edge_keep_out, Tensor(d!) edge_id_out) -> ()");
 }
 
 // The module itself holds nothing: importing it runs the registrations above

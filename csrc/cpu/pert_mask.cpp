@@ -101,6 +101,32 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
   return sets;
 }
 
+// An output of `n` elements of the op: the first n of the caller's buffer
+// (the *_out variants; checked by check_out_buffer) or a fresh tensor.
+at::Tensor output(const at::Tensor& given, const char* op, const char* name, int64_t n,
+                  const at::TensorOptions& opts) {
+  if (given.defined()) return given.view(-1).narrow(0, 0, n);
+  return allocate(op, name, {n}, opts);
+}
+
+// The edge list [2, total] of an output: a view of the first 2 * total
+// elements of the caller's buffer, or a fresh tensor.
+at::Tensor output_edges(const at::Tensor& given, const char* op, int64_t total,
+                        const at::TensorOptions& opts) {
+  if (given.defined()) return given.view(-1).narrow(0, 0, 2 * total).view({2, total});
+  return allocate(op, "edge_index (output)", {2, total}, opts);
+}
+
+// Caller buffers of filter_edges_out (all undefined: filter_edges allocates).
+struct FilterEdgesBuffers {
+  at::Tensor edge_index, edge_ptr, edge_keep, node_keep, node_ptr;
+};
+
+// Caller buffers of filter_bipartite_out.
+struct FilterBipartiteBuffers {
+  at::Tensor edge_index, edge_ptr, edge_keep, edge_id;
+};
+
 // Count / scan / write filter over B samples x E edges for sparse removals.
 class EdgeFilter {
  public:
@@ -176,10 +202,9 @@ class EdgeFilter {
   const int64_t* edge_ptr_ = nullptr;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_impl(
     const at::Tensor& edge_index_in, int64_t num_nodes, const at::Tensor& pert,
-    const at::Tensor& pert_ptr, bool relabel) {
-  const char* op = "filter_edges";
+    const at::Tensor& pert_ptr, bool relabel, const char* op, const FilterEdgesBuffers& given) {
   TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
   check_edge_index(edge_index_in, op, "edge_index", num_nodes, num_nodes);
   const DeletionSets sets = deletion_sets(pert, pert_ptr, num_nodes, op);
@@ -192,8 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   const auto long_opts = edge_index.options();
 
   // Nodes: keep-mask and per-sample kept counts.
-  auto node_keep = allocate(op, "node_keep", {B * N}, long_opts.dtype(at::kBool)).fill_(true);
-  auto node_ptr = allocate(op, "node_ptr", {B + 1}, long_opts);
+  auto node_keep = output(given.node_keep, op, "node_keep", B * N, long_opts.dtype(at::kBool)).fill_(true);
+  auto node_ptr = output(given.node_ptr, op, "node_ptr", B + 1, long_opts);
   bool* nk = node_keep.data_ptr<bool>();
   int64_t* np = node_ptr.data_ptr<int64_t>();
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
@@ -210,15 +235,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   std::vector<char> deleted_anywhere = allocate_buffer<char>(op, "deleted_anywhere [num_nodes]", N, 0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < sets.count[b]; ++i) deleted_anywhere[sets.ids(b)[i]] = 1;
-  auto edge_keep = allocate(op, "edge_keep", {B * E}, long_opts.dtype(at::kBool));
-  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, long_opts);
+  auto edge_keep = output(given.edge_keep, op, "edge_keep", B * E, long_opts.dtype(at::kBool));
+  auto edge_ptr = output(given.edge_ptr, op, "edge_ptr", B + 1, long_opts);
   EdgeFilter filter(B, E);
   filter.find_touched([&](int64_t e) { return (deleted_anywhere[src[e]] | deleted_anywhere[dst[e]]) != 0; });
   const int64_t total = filter.count(
       edge_keep.data_ptr<bool>(), edge_ptr.data_ptr<int64_t>(), [&](int64_t b, int64_t e) {
         return edge_kept_by_mask(nk + b * N, src[e], dst[e]);
       });
-  auto out = allocate(op, "edge_index (output)", {2, total}, long_opts);
+  auto out = output_edges(given.edge_index, op, total, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   if (relabel) {
@@ -251,9 +276,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   return {out, edge_ptr, edge_keep, node_keep, node_ptr};
 }
 
-at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactions,
-                             const at::Tensor& pert, const at::Tensor& pert_ptr) {
-  const char* op = "reaction_keep";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cpu(
+    const at::Tensor& edge_index, int64_t num_nodes, const at::Tensor& pert,
+    const at::Tensor& pert_ptr, bool relabel) {
+  return filter_edges_impl(edge_index, num_nodes, pert, pert_ptr, relabel, "filter_edges", {});
+}
+
+// filter_edges into the caller's buffers, sized for the worst case (no
+// deletion): edge_index_out >= 2 * B * E, edge_keep_out >= B * E,
+// node_keep_out >= B * N, edge_ptr_out / node_ptr_out >= B + 1.
+void filter_edges_out_cpu(const at::Tensor& edge_index, int64_t num_nodes, const at::Tensor& pert,
+                          const at::Tensor& pert_ptr, bool relabel, at::Tensor& edge_index_out,
+                          at::Tensor& edge_ptr_out, at::Tensor& edge_keep_out,
+                          at::Tensor& node_keep_out, at::Tensor& node_ptr_out) {
+  const char* op = "filter_edges_out";
+  TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
+  check_cpu_long(edge_index, op, "edge_index");
+  check_edge_index_shape(edge_index, op, "edge_index");
+  check_cpu_long(pert_ptr, op, "pert_ptr");
+  check_pert_shapes(pert, pert_ptr, op);
+  const int64_t B = pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  check_batched_layout(op, B, N, "B * `num_nodes`", E);
+  const at::Device cpu(at::kCPU);
+  const int64_t BE = checked_product(op, "2 * B * E", {2, B, E});
+  check_out_buffer(edge_index_out, op, "edge_index_out", at::kLong, cpu, BE, "2 * B * E");
+  check_out_buffer(edge_ptr_out, op, "edge_ptr_out", at::kLong, cpu, B + 1, "B + 1");
+  check_out_buffer(edge_keep_out, op, "edge_keep_out", at::kBool, cpu, B * E, "B * E");
+  check_out_buffer(node_keep_out, op, "node_keep_out", at::kBool, cpu, B * N, "B * num_nodes");
+  check_out_buffer(node_ptr_out, op, "node_ptr_out", at::kLong, cpu, B + 1, "B + 1");
+  // Value errors word for word those of filter_edges (same input, same text).
+  filter_edges_impl(edge_index, num_nodes, pert, pert_ptr, relabel, "filter_edges",
+                    {edge_index_out, edge_ptr_out, edge_keep_out, node_keep_out, node_ptr_out});
+}
+
+at::Tensor reaction_keep_impl(const at::Tensor& gpr_index_in, int64_t num_reactions,
+                              const at::Tensor& pert, const at::Tensor& pert_ptr, const char* op,
+                              const at::Tensor& given) {
   TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
               num_reactions);
   check_edge_index(gpr_index_in, op, "gpr_index", kAnyId, num_reactions);
@@ -263,7 +321,7 @@ at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactio
   checked_product(op, "B * `num_reactions`", {B, R});
   const int64_t* gene = gpr_index.data_ptr<int64_t>();
   const int64_t* reaction = gene + E;
-  auto keep = allocate(op, "keep", {B, R}, gpr_index.options().dtype(at::kBool)).fill_(true);
+  auto keep = output(given, op, "keep", B * R, gpr_index.options().dtype(at::kBool)).fill_(true).view({B, R});
   bool* k = keep.data_ptr<bool>();
   // One sample per task: each task owns its row, so there are no races.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -277,6 +335,25 @@ at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index_in, int64_t num_reactio
     }
   });
   return keep;
+}
+
+at::Tensor reaction_keep_cpu(const at::Tensor& gpr_index, int64_t num_reactions,
+                             const at::Tensor& pert, const at::Tensor& pert_ptr) {
+  return reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, "reaction_keep", {});
+}
+
+// reaction_keep into the caller's buffer `out` (>= B * num_reactions bool).
+void reaction_keep_out_cpu(const at::Tensor& gpr_index, int64_t num_reactions,
+                           const at::Tensor& pert, const at::Tensor& pert_ptr, at::Tensor& out) {
+  const char* op = "reaction_keep_out";
+  TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
+              num_reactions);
+  check_cpu_long(pert_ptr, op, "pert_ptr");
+  check_pert_shapes(pert, pert_ptr, op);
+  const int64_t B = pert_ptr.size(0) - 1;
+  const int64_t needed = checked_product(op, "B * `num_reactions`", {B, num_reactions});
+  check_out_buffer(out, op, "out", at::kBool, at::Device(at::kCPU), needed, "B * num_reactions");
+  reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, "reaction_keep", out);
 }
 
 // Global ids of the nodes of one side of a bipartite relation: [B, N] table
@@ -304,11 +381,10 @@ at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N, const cha
   return ids;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl(
     const at::Tensor& edge_index_in, int64_t num_src, int64_t num_dst, int64_t num_samples,
     const std::optional<at::Tensor>& src_keep_in, const std::optional<at::Tensor>& dst_keep_in,
-    bool relabel) {
-  const char* op = "filter_bipartite";
+    bool relabel, const char* op, const FilterBipartiteBuffers& given) {
   TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
               ": `num_src`, `num_dst` and `num_samples` must be non-negative");
   check_edge_index(edge_index_in, op, "edge_index", num_src, num_dst);
@@ -342,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   const std::vector<char> dst_removed = removed_anywhere(dk, num_dst);
 
   const auto long_opts = edge_index.options();
-  auto edge_keep = allocate(op, "edge_keep", {B * E}, long_opts.dtype(at::kBool));
-  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, long_opts);
+  auto edge_keep = output(given.edge_keep, op, "edge_keep", B * E, long_opts.dtype(at::kBool));
+  auto edge_ptr = output(given.edge_ptr, op, "edge_ptr", B + 1, long_opts);
   EdgeFilter filter(B, E);
   filter.find_touched([&](int64_t e) {
     return (sk != nullptr && src_removed[src[e]]) || (dk != nullptr && dst_removed[dst[e]]);
@@ -353,8 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
         return (sk == nullptr || sk[b * num_src + src[e]]) &&
                (dk == nullptr || dk[b * num_dst + dst[e]]);
       });
-  auto out = allocate(op, "edge_index (output)", {2, total}, long_opts);
-  auto edge_id = allocate(op, "edge_id", {total}, long_opts);
+  auto out = output_edges(given.edge_index, op, total, long_opts);
+  auto edge_id = output(given.edge_id, op, "edge_id", total, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   int64_t* out_id = edge_id.data_ptr<int64_t>();
@@ -370,12 +446,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
   return {out, edge_ptr, edge_keep, edge_id};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cpu(
+    const at::Tensor& edge_index, int64_t num_src, int64_t num_dst, int64_t num_samples,
+    const std::optional<at::Tensor>& src_keep, const std::optional<at::Tensor>& dst_keep,
+    bool relabel) {
+  return filter_bipartite_impl(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
+                               relabel, "filter_bipartite", {});
+}
+
+// filter_bipartite into the caller's buffers, sized for the worst case:
+// edge_index_out >= 2 * B * E, edge_keep_out / edge_id_out >= B * E,
+// edge_ptr_out >= B + 1.
+void filter_bipartite_out_cpu(const at::Tensor& edge_index, int64_t num_src, int64_t num_dst,
+                              int64_t num_samples, const std::optional<at::Tensor>& src_keep,
+                              const std::optional<at::Tensor>& dst_keep, bool relabel,
+                              at::Tensor& edge_index_out, at::Tensor& edge_ptr_out,
+                              at::Tensor& edge_keep_out, at::Tensor& edge_id_out) {
+  const char* op = "filter_bipartite_out";
+  TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
+              ": `num_src`, `num_dst` and `num_samples` must be non-negative");
+  check_cpu_long(edge_index, op, "edge_index");
+  check_edge_index_shape(edge_index, op, "edge_index");
+  const int64_t B = num_samples, E = edge_index.size(1);
+  const at::Device cpu(at::kCPU);
+  const int64_t BE = checked_product(op, "2 * B * E", {2, B, E});
+  check_out_buffer(edge_index_out, op, "edge_index_out", at::kLong, cpu, BE, "2 * B * E");
+  check_out_buffer(edge_ptr_out, op, "edge_ptr_out", at::kLong, cpu, B + 1, "B + 1");
+  check_out_buffer(edge_keep_out, op, "edge_keep_out", at::kBool, cpu, B * E, "B * E");
+  check_out_buffer(edge_id_out, op, "edge_id_out", at::kLong, cpu, B * E, "B * E");
+  filter_bipartite_impl(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel,
+                        "filter_bipartite",
+                        {edge_index_out, edge_ptr_out, edge_keep_out, edge_id_out});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
   m.impl("filter_edges", &filter_edges_cpu);
   m.impl("reaction_keep", &reaction_keep_cpu);
   m.impl("filter_bipartite", &filter_bipartite_cpu);
+  m.impl("filter_edges_out", &filter_edges_out_cpu);
+  m.impl("reaction_keep_out", &reaction_keep_out_cpu);
+  m.impl("filter_bipartite_out", &filter_bipartite_out_cpu);
 }
 
 }  // namespace stoichconv

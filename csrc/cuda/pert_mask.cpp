@@ -131,9 +131,33 @@ void prepare(Deletions& d, bool* node_keep, int64_t N, int64_t* kept_counts,
            op);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cuda(
+// An output of `n` elements: the first n of the caller's buffer (the *_out
+// variants; checked by check_out_buffer) or a fresh tensor.
+at::Tensor output(const at::Tensor& given, const char* op, const char* name, int64_t n,
+                  const at::TensorOptions& opts) {
+  if (given.defined()) return given.view(-1).narrow(0, 0, n);
+  return allocate(op, name, {n}, opts);
+}
+
+// The edge list [2, total]: a view of the first 2 * total elements of the
+// caller's buffer, or a fresh tensor.
+at::Tensor output_edges(const at::Tensor& given, const char* op, int64_t total,
+                        const at::TensorOptions& opts) {
+  if (given.defined()) return given.view(-1).narrow(0, 0, 2 * total).view({2, total});
+  return allocate(op, "edge_index (output)", {2, total}, opts);
+}
+
+// Caller buffers of filter_edges_out / filter_bipartite_out (undefined: allocate).
+struct FilterEdgesBuffers {
+  at::Tensor edge_index, edge_ptr, edge_keep, node_keep, node_ptr;
+};
+struct FilterBipartiteBuffers {
+  at::Tensor edge_index, edge_ptr, edge_keep, edge_id;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_impl(
     const at::Tensor& edge_index_in, int64_t num_nodes, const at::Tensor& pert,
-    const at::Tensor& pert_ptr, bool relabel) {
+    const at::Tensor& pert_ptr, bool relabel, const FilterEdgesBuffers& given) {
   const char* op = "filter_edges";
   TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
   TORCH_CHECK(pert.is_cuda(), op, ": `pert` must be a CUDA tensor, got ", pert.device());
@@ -156,17 +180,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
                                  B, N, src, dst, E, N, N, status.data_ptr<int64_t>(), stream),
            op);
 
-  auto node_keep = allocate(op, "node_keep", {B * N}, opts.dtype(at::kBool)).fill_(true);
+  auto node_keep = output(given.node_keep, op, "node_keep", B * N, opts.dtype(at::kBool)).fill_(true);
   auto kept_counts = allocate(op, "kept counts", {B + 1}, opts);
   prepare(del, node_keep.data_ptr<bool>(), N, kept_counts.data_ptr<int64_t>(), status, stream, op);
-  auto node_ptr = allocate(op, "node_ptr", {B + 1}, opts);
+  auto node_ptr = output(given.node_ptr, op, "node_ptr", B + 1, opts);
   scan(kept_counts, node_ptr, B + 1, stream, op);
 
   const int64_t tiles = B * cuda::tiles_per_sample(E);
-  auto edge_keep = allocate(op, "edge_keep", {B * E}, opts.dtype(at::kBool));
+  auto edge_keep = output(given.edge_keep, op, "edge_keep", B * E, opts.dtype(at::kBool));
   auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
   auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
-  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
+  auto edge_ptr = output(given.edge_ptr, op, "edge_ptr", B + 1, opts);
   check_ok(cuda::launch_filter_edges_count(src, dst, E, B, N, del.view(),
                                            edge_keep.data_ptr<bool>(),
                                            tile_counts.data_ptr<int64_t>(), stream),
@@ -177,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
            op);
   const int64_t total = read_status(
       status, stream, op, {"edge_index", edge_index, N, N, del.pert, del.pert_ptr, N});
-  auto out = allocate(op, "edge_index (output)", {2, total}, opts);
+  auto out = output_edges(given.edge_index, op, total, opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   check_ok(cuda::launch_filter_edges_write(src, dst, E, B, N, del.view(),
                                            edge_keep.data_ptr<bool>(),
@@ -188,8 +212,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   return {out, edge_ptr, edge_keep, node_keep, node_ptr};
 }
 
-at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reactions,
-                              const at::Tensor& pert, const at::Tensor& pert_ptr) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_cuda(
+    const at::Tensor& edge_index, int64_t num_nodes, const at::Tensor& pert,
+    const at::Tensor& pert_ptr, bool relabel) {
+  return filter_edges_impl(edge_index, num_nodes, pert, pert_ptr, relabel, {});
+}
+
+// filter_edges into the caller's buffers (sizes: csrc/cpu/pert_mask.cpp,
+// filter_edges_out_cpu); value errors as filter_edges's.
+void filter_edges_out_cuda(const at::Tensor& edge_index, int64_t num_nodes,
+                           const at::Tensor& pert, const at::Tensor& pert_ptr, bool relabel,
+                           at::Tensor& edge_index_out, at::Tensor& edge_ptr_out,
+                           at::Tensor& edge_keep_out, at::Tensor& node_keep_out,
+                           at::Tensor& node_ptr_out) {
+  const char* op = "filter_edges_out";
+  TORCH_CHECK(num_nodes >= 0, op, ": `num_nodes` must be non-negative, got ", num_nodes);
+  TORCH_CHECK(pert.is_cuda(), op, ": `pert` must be a CUDA tensor, got ", pert.device());
+  const at::Device device = pert.device();
+  check_cuda_long(pert_ptr, op, "pert_ptr", device);
+  check_cuda_edge_index(edge_index, op, "edge_index", device);
+  check_pert_shapes(pert, pert_ptr, op);
+  const int64_t B = pert_ptr.size(0) - 1, N = num_nodes, E = edge_index.size(1);
+  check_batched_layout(op, B, N, "B * `num_nodes`", E);
+  const int64_t BE = checked_product(op, "2 * B * E", {2, B, E});
+  check_out_buffer(edge_index_out, op, "edge_index_out", at::kLong, device, BE, "2 * B * E");
+  check_out_buffer(edge_ptr_out, op, "edge_ptr_out", at::kLong, device, B + 1, "B + 1");
+  check_out_buffer(edge_keep_out, op, "edge_keep_out", at::kBool, device, B * E, "B * E");
+  check_out_buffer(node_keep_out, op, "node_keep_out", at::kBool, device, B * N, "B * num_nodes");
+  check_out_buffer(node_ptr_out, op, "node_ptr_out", at::kLong, device, B + 1, "B + 1");
+  filter_edges_impl(edge_index, num_nodes, pert, pert_ptr, relabel,
+                    {edge_index_out, edge_ptr_out, edge_keep_out, node_keep_out, node_ptr_out});
+}
+
+at::Tensor reaction_keep_impl(const at::Tensor& gpr_index_in, int64_t num_reactions,
+                              const at::Tensor& pert, const at::Tensor& pert_ptr,
+                              const at::Tensor& given) {
   const char* op = "reaction_keep";
   TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
               num_reactions);
@@ -212,13 +269,33 @@ at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index_in, int64_t num_reacti
                                  status.data_ptr<int64_t>(), stream),
            op);
   prepare(del, nullptr, 0, nullptr, status, stream, op);
-  auto keep = allocate(op, "keep", {B, R}, opts.dtype(at::kBool)).fill_(true);
+  auto keep = output(given, op, "keep", B * R, opts.dtype(at::kBool)).fill_(true).view({B, R});
   check_ok(cuda::launch_reaction_keep(gene, gene + E, E, B, R, del.view(), keep.data_ptr<bool>(),
                                       stream),
            op);
   // The host synchronisation of reaction_keep: only the validation result.
   read_status(status, stream, op, {"gpr_index", gpr_index, kAnyId, R, del.pert, del.pert_ptr, -1});
   return keep;
+}
+
+at::Tensor reaction_keep_cuda(const at::Tensor& gpr_index, int64_t num_reactions,
+                              const at::Tensor& pert, const at::Tensor& pert_ptr) {
+  return reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, {});
+}
+
+// reaction_keep into the caller's buffer `out` (>= B * num_reactions bool).
+void reaction_keep_out_cuda(const at::Tensor& gpr_index, int64_t num_reactions,
+                            const at::Tensor& pert, const at::Tensor& pert_ptr, at::Tensor& out) {
+  const char* op = "reaction_keep_out";
+  TORCH_CHECK(num_reactions >= 0, op, ": `num_reactions` must be non-negative, got ",
+              num_reactions);
+  TORCH_CHECK(pert.is_cuda(), op, ": `pert` must be a CUDA tensor, got ", pert.device());
+  const at::Device device = pert.device();
+  check_cuda_long(pert_ptr, op, "pert_ptr", device);
+  check_pert_shapes(pert, pert_ptr, op);
+  const int64_t needed = checked_product(op, "B * `num_reactions`", {pert_ptr.size(0) - 1, num_reactions});
+  check_out_buffer(out, op, "out", at::kBool, device, needed, "B * num_reactions");
+  reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, out);
 }
 
 at::Tensor compacted_ids(const at::Tensor& keep, cudaStream_t stream, const char* op) {
@@ -235,10 +312,10 @@ at::Tensor compacted_ids(const at::Tensor& keep, cudaStream_t stream, const char
   return ids;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl(
     const at::Tensor& edge_index_in, int64_t num_src, int64_t num_dst, int64_t num_samples,
     const std::optional<at::Tensor>& src_keep_in, const std::optional<at::Tensor>& dst_keep_in,
-    bool relabel) {
+    bool relabel, const FilterBipartiteBuffers& given) {
   const char* op = "filter_bipartite";
   TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
               ": `num_src`, `num_dst` and `num_samples` must be non-negative");
@@ -270,10 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
                                  status.data_ptr<int64_t>(), stream),
            op);
   const int64_t tiles = B * cuda::tiles_per_sample(E);
-  auto edge_keep = allocate(op, "edge_keep", {B * E}, opts.dtype(at::kBool));
+  auto edge_keep = output(given.edge_keep, op, "edge_keep", B * E, opts.dtype(at::kBool));
   auto tile_counts = allocate(op, "tile counts", {tiles + 1}, opts).zero_();
   auto tile_offsets = allocate(op, "tile offsets", {tiles + 1}, opts);
-  auto edge_ptr = allocate(op, "edge_ptr", {B + 1}, opts);
+  auto edge_ptr = output(given.edge_ptr, op, "edge_ptr", B + 1, opts);
   check_ok(cuda::launch_filter_bipartite_count(
                src, dst, E, B, num_src, num_dst,
                src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr,
@@ -286,8 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
            op);
   const int64_t total =
       read_status(status, stream, op, {"edge_index", edge_index, num_src, num_dst, {}, {}, -1});
-  auto out = allocate(op, "edge_index (output)", {2, total}, opts);
-  auto edge_id = allocate(op, "edge_id", {total}, opts);
+  auto out = output_edges(given.edge_index, op, total, opts);
+  auto edge_id = output(given.edge_id, op, "edge_id", total, opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   check_ok(cuda::launch_filter_bipartite_write(
                src, dst, E, B, num_src, num_dst,
@@ -299,12 +376,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda
   return {out, edge_ptr, edge_keep, edge_id};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_cuda(
+    const at::Tensor& edge_index, int64_t num_src, int64_t num_dst, int64_t num_samples,
+    const std::optional<at::Tensor>& src_keep, const std::optional<at::Tensor>& dst_keep,
+    bool relabel) {
+  return filter_bipartite_impl(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
+                               relabel, {});
+}
+
+// filter_bipartite into the caller's buffers (sizes: filter_bipartite_out_cpu).
+void filter_bipartite_out_cuda(const at::Tensor& edge_index, int64_t num_src, int64_t num_dst,
+                               int64_t num_samples, const std::optional<at::Tensor>& src_keep,
+                               const std::optional<at::Tensor>& dst_keep, bool relabel,
+                               at::Tensor& edge_index_out, at::Tensor& edge_ptr_out,
+                               at::Tensor& edge_keep_out, at::Tensor& edge_id_out) {
+  const char* op = "filter_bipartite_out";
+  TORCH_CHECK(num_src >= 0 && num_dst >= 0 && num_samples >= 0, op,
+              ": `num_src`, `num_dst` and `num_samples` must be non-negative");
+  TORCH_CHECK(edge_index.is_cuda(), op, ": `edge_index` must be a CUDA tensor, got ",
+              edge_index.device());
+  const at::Device device = edge_index.device();
+  check_cuda_edge_index(edge_index, op, "edge_index", device);
+  const int64_t B = num_samples, E = edge_index.size(1);
+  const int64_t BE = checked_product(op, "2 * B * E", {2, B, E});
+  check_out_buffer(edge_index_out, op, "edge_index_out", at::kLong, device, BE, "2 * B * E");
+  check_out_buffer(edge_ptr_out, op, "edge_ptr_out", at::kLong, device, B + 1, "B + 1");
+  check_out_buffer(edge_keep_out, op, "edge_keep_out", at::kBool, device, B * E, "B * E");
+  check_out_buffer(edge_id_out, op, "edge_id_out", at::kLong, device, B * E, "B * E");
+  filter_bipartite_impl(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel,
+                        {edge_index_out, edge_ptr_out, edge_keep_out, edge_id_out});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stoichconv, CUDA, m) {
   m.impl("filter_edges", &filter_edges_cuda);
   m.impl("reaction_keep", &reaction_keep_cuda);
   m.impl("filter_bipartite", &filter_bipartite_cuda);
+  m.impl("filter_edges_out", &filter_edges_out_cuda);
+  m.impl("reaction_keep_out", &reaction_keep_out_cuda);
+  m.impl("filter_bipartite_out", &filter_bipartite_out_cuda);
 }
 
 }  // namespace stoichconv

@@ -95,4 +95,20 @@ inline void check_keep(const std::optional<at::Tensor>& keep, const char* name, 
               keep->sizes());
 }
 
+// An `out` buffer of the *_out variants: a contiguous tensor of `dtype` on
+// `device` with at least `needed` elements (the op writes its first `needed`,
+// flat; the edge list [2, E_out] as 2 * E_out contiguous values).  `needed`
+// is the worst case (no deletion), so the check does not depend on the data.
+inline void check_out_buffer(const at::Tensor& out, const char* op, const char* name,
+                             at::ScalarType dtype, const at::Device& device, int64_t needed,
+                             const char* what) {
+  TORCH_CHECK(out.device() == device, op, ": `", name, "` is on ", out.device(),
+              " but the inputs are on ", device);
+  TORCH_CHECK(out.scalar_type() == dtype, op, ": `", name, "` must be ", dtype, ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), op, ": `", name, "` must be contiguous");
+  TORCH_CHECK(out.numel() >= needed, op, ": `", name, "` holds ", out.numel(),
+              " elements but needs at least ", needed, " (", what, ")");
+}
+
 }  // namespace stoichconv

@@ -78,12 +78,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from stoichconv.backends import OpSpec, register_op, select
 from stoichconv.ops._checks import check_size_product
 from stoichconv.ops.pert_mask import registration  # noqa: F401  (fake kernels)
-from stoichconv.ops.pert_mask.validation import check_count, check_edge_index, check_keep, check_perturbations
+from stoichconv.ops.pert_mask.validation import (
+    check_count,
+    check_edge_index,
+    check_keep,
+    check_out_buffer,
+    check_perturbations,
+)
 from stoichconv.types import FilteredBipartite, FilteredEdges
 
 __all__ = [
@@ -92,6 +99,8 @@ __all__ = [
     "REACTION_KEEP",
     "FilteredBipartite",
     "FilteredEdges",
+    "allocate_bipartite_out",
+    "allocate_filter_edges_out",
     "check_perturbations",
     "filter_bipartite",
     "filter_edges",
@@ -122,19 +131,75 @@ FILTER_BIPARTITE = register_op(OpSpec(
 
 
 # --------------------------------------------------------------------------
+# out= buffers
+# --------------------------------------------------------------------------
+
+
+def allocate_filter_edges_out(num_samples: int, num_edges: int, num_nodes: int,
+                              device=None) -> FilteredEdges:
+    """Buffers for ``filter_edges(..., out=)`` sized for the worst case (no deletion) of up to
+    ``num_samples`` samples: ``edge_index`` [2 * B * E] int64 (flat: the op writes the
+    [2, E_out] list as its first 2 * E_out values), ``edge_ptr`` / ``node_ptr`` [B + 1] int64,
+    ``edge_keep`` [B * E] / ``node_keep`` [B * N] bool."""
+    B, E, N = (check_count(n, v) for n, v in (("num_samples", num_samples), ("num_edges", num_edges),
+                                                ("num_nodes", num_nodes)))
+    long = dict(dtype=torch.int64, device=device)
+    return FilteredEdges(torch.empty(2 * B * E, **long), torch.empty(B + 1, **long),
+                         torch.empty(B * E, dtype=torch.bool, device=device),
+                         torch.empty(B * N, dtype=torch.bool, device=device), torch.empty(B + 1, **long))
+
+
+def allocate_bipartite_out(num_samples: int, num_edges: int, device=None) -> FilteredBipartite:
+    """Buffers for ``filter_bipartite(..., out=)`` sized for the worst case: ``edge_index``
+    [2 * B * E] int64 (flat), ``edge_ptr`` [B + 1] int64, ``edge_keep`` [B * E] bool,
+    ``edge_id`` [B * E] int64."""
+    B, E = check_count("num_samples", num_samples), check_count("num_edges", num_edges)
+    long = dict(dtype=torch.int64, device=device)
+    return FilteredBipartite(torch.empty(2 * B * E, **long), torch.empty(B + 1, **long),
+                             torch.empty(B * E, dtype=torch.bool, device=device), torch.empty(B * E, **long))
+
+
+def _check_out_tuple(out, kind: type, specs: dict, device) -> None:
+    if not isinstance(out, kind):
+        raise TypeError(f"`out` must be a {kind.__name__} of buffers (see allocate_*_out), got {type(out).__name__}")
+    for field, (dtype, needed, what) in specs.items():
+        check_out_buffer(f"out.{field}", getattr(out, field), dtype, device, needed, what)
+
+
+def _edge_view(buffer: Tensor, total: int) -> Tensor:
+    return buffer.view(-1)[:2 * total].view(2, total)
+
+
+def _copy_into(buffer: Tensor, value: Tensor) -> Tensor:
+    """``value`` copied into the first ``value.numel()`` values of ``buffer``, as a view of
+    ``value``'s shape (the reference backend's out= path)."""
+    return buffer.view(-1)[:value.numel()].copy_(value.reshape(-1)).view(value.shape)
+
+
+# --------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------
 
 
 def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Tensor, *,
-                 relabel: bool = True, backend: str = "auto", validate: bool = True) -> FilteredEdges:
+                 relabel: bool = True, backend: str = "auto", validate: bool = True,
+                 out: Optional[FilteredEdges] = None) -> FilteredEdges:
     """Filter one gene-gene relation for a batch of gene deletions (see the
     module docstring); returns a :class:`FilteredEdges`.
 
     ``validate=False`` skips the Python checks of index values (their host
     syncs; types, shapes and devices are still checked, and every kernel checks
     the values on its own, see the module docstring) for callers that validated
-    them already."""
+    them already.
+
+    ``out``: a :class:`FilteredEdges` of caller buffers (:func:`allocate_filter_edges_out`),
+    contiguous, on the inputs' device, at least ``edge_index`` 2 * B * E int64 (the worst
+    case, no deletion), ``edge_ptr`` / ``node_ptr`` B + 1 int64, ``edge_keep`` B * E and
+    ``node_keep`` B * N bool. The op writes into their first elements (``cpu`` / ``cuda``:
+    ``stoichconv::filter_edges_out``; ``triton``: ``stoichconv::triton_filter_edges_out``;
+    ``reference``: computed, then copied) and returns views of them, equal to the result
+    without ``out``; the edge list is the first 2 * E_out values viewed as [2, E_out]
+    (contiguous). The buffers must not overlap the inputs or each other."""
     num_nodes = check_count("num_nodes", num_nodes)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_nodes, values=validate)
     edge_index = check_edge_index("edge_index", edge_index, num_nodes, num_nodes, pert.device, values=validate)
@@ -142,6 +207,8 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     check_size_product("node_keep", B=B, num_nodes=num_nodes)
     check_size_product("edge_keep", B=B, E=edge_index.size(1))
     selected = select("filter_edges", backend, pert.device)
+    if out is not None:
+        return _filter_edges_out(selected, edge_index, num_nodes, pert, pert_ptr, bool(relabel), out)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_nodes, pert, pert_ptr, relabel=bool(relabel))
     if selected.backend == "triton":  # values checked above or not at all in Python: on the device
@@ -149,19 +216,53 @@ def filter_edges(edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Ten
     return FilteredEdges(*selected.fn(edge_index, num_nodes, pert, pert_ptr, bool(relabel)))
 
 
+def _filter_edges_out(selected, edge_index, num_nodes, pert, pert_ptr, relabel, out) -> FilteredEdges:
+    B, E, N = pert_ptr.numel() - 1, edge_index.size(1), num_nodes
+    check_size_product("out.edge_index", B=B, E=E, two=2)
+    long, flag = torch.int64, torch.bool
+    _check_out_tuple(out, FilteredEdges, {
+        "edge_index": (long, 2 * B * E, "2 * B * E"), "edge_ptr": (long, B + 1, "B + 1"),
+        "edge_keep": (flag, B * E, "B * E"), "node_keep": (flag, B * N, "B * num_nodes"),
+        "node_ptr": (long, B + 1, "B + 1")}, pert.device)
+    if selected.backend == "reference":
+        result = selected.fn(edge_index, num_nodes, pert, pert_ptr, relabel=relabel)
+        return FilteredEdges(*(_copy_into(buffer, value) for buffer, value in zip(out, result)))
+    if selected.backend == "triton":
+        torch.ops.stoichconv.triton_filter_edges_out(edge_index, num_nodes, pert, pert_ptr, relabel, *out, False)
+    else:
+        torch.ops.stoichconv.filter_edges_out(edge_index, num_nodes, pert, pert_ptr, relabel, *out)
+    edge_ptr = out.edge_ptr.view(-1)[:B + 1]
+    total = int(edge_ptr[B])
+    return FilteredEdges(_edge_view(out.edge_index, total), edge_ptr, out.edge_keep.view(-1)[:B * E],
+                         out.node_keep.view(-1)[:B * N], out.node_ptr.view(-1)[:B + 1])
+
+
 def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr: Tensor,
-                  backend: str = "auto", *, num_genes: Optional[int] = None, validate: bool = True) -> Tensor:
+                  backend: str = "auto", *, num_genes: Optional[int] = None, validate: bool = True,
+                  out: Optional[Tensor] = None) -> Tensor:
     """[B, num_reactions] bool reaction keep-mask (see the module docstring).
     ``num_genes``, when given, bounds the gene ids of ``pert`` and ``gpr_index[0]``;
-    ``validate`` as in :func:`filter_edges`."""
+    ``validate`` as in :func:`filter_edges`. ``out``: a contiguous bool buffer of at least
+    B * num_reactions elements on the inputs' device; the mask is written into its first
+    ones and returned as a [B, num_reactions] view of them."""
     num_reactions = check_count("num_reactions", num_reactions)
     if num_genes is not None:
         num_genes = check_count("num_genes", num_genes)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, num_genes, values=validate)
     gpr_index = check_edge_index("gpr_index", gpr_index, num_genes, num_reactions, pert.device,
                                  src_name="num_genes", dst_name="num_reactions", values=validate)
-    check_size_product("reaction_keep", B=pert_ptr.numel() - 1, num_reactions=num_reactions)
+    B = pert_ptr.numel() - 1
+    check_size_product("reaction_keep", B=B, num_reactions=num_reactions)
     selected = select("reaction_keep", backend, pert.device)
+    if out is not None:
+        check_out_buffer("out", out, torch.bool, pert.device, B * num_reactions, "B * num_reactions")
+        if selected.backend == "reference":
+            return _copy_into(out, selected.fn(gpr_index, num_reactions, pert, pert_ptr))
+        if selected.backend == "triton":
+            torch.ops.stoichconv.triton_reaction_keep_out(gpr_index, num_reactions, pert, pert_ptr, out, False)
+        else:
+            torch.ops.stoichconv.reaction_keep_out(gpr_index, num_reactions, pert, pert_ptr, out)
+        return out.view(-1)[:B * num_reactions].view(B, num_reactions)
     if selected.backend == "triton":
         return selected.fn(gpr_index, num_reactions, pert, pert_ptr, False)
     return selected.fn(gpr_index, num_reactions, pert, pert_ptr)
@@ -169,10 +270,14 @@ def reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr:
 
 def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples: int,
                      src_keep: Optional[Tensor] = None, dst_keep: Optional[Tensor] = None, *,
-                     relabel: bool = True, backend: str = "auto", validate: bool = True) -> FilteredBipartite:
+                     relabel: bool = True, backend: str = "auto", validate: bool = True,
+                     out: Optional[FilteredBipartite] = None) -> FilteredBipartite:
     """Filter a bipartite relation by per-sample node keep-masks (see the
     module docstring); returns a :class:`FilteredBipartite` (``validate`` as
-    in :func:`filter_edges`)."""
+    in :func:`filter_edges`). ``out``: a :class:`FilteredBipartite` of caller buffers
+    (:func:`allocate_bipartite_out`), contiguous, on the inputs' device, at least
+    ``edge_index`` 2 * B * E int64, ``edge_ptr`` B + 1 int64, ``edge_keep`` B * E bool and
+    ``edge_id`` B * E int64; filled and returned as views as in :func:`filter_edges`."""
     num_src = check_count("num_src", num_src)
     num_dst = check_count("num_dst", num_dst)
     num_samples = check_count("num_samples", num_samples)
@@ -188,6 +293,9 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
     check_size_product("edge_index[0]", "ids", num_samples=num_samples, num_src=num_src)
     check_size_product("edge_index[1]", "ids", num_samples=num_samples, num_dst=num_dst)
     selected = select("filter_bipartite", backend, device)
+    if out is not None:
+        return _filter_bipartite_out(selected, edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
+                                     bool(relabel), out)
     if selected.backend == "reference":
         return selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel=bool(relabel))
     if selected.backend == "triton":
@@ -195,3 +303,25 @@ def filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_samples
                                               bool(relabel), False))
     return FilteredBipartite(*selected.fn(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep,
                                           bool(relabel)))
+
+
+def _filter_bipartite_out(selected, edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel,
+                          out) -> FilteredBipartite:
+    E = edge_index.size(1)
+    check_size_product("out.edge_index", B=B, E=E, two=2)
+    long = torch.int64
+    _check_out_tuple(out, FilteredBipartite, {
+        "edge_index": (long, 2 * B * E, "2 * B * E"), "edge_ptr": (long, B + 1, "B + 1"),
+        "edge_keep": (torch.bool, B * E, "B * E"), "edge_id": (long, B * E, "B * E")}, edge_index.device)
+    if selected.backend == "reference":
+        result = selected.fn(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel=relabel)
+        return FilteredBipartite(*(_copy_into(buffer, value) for buffer, value in zip(out, result)))
+    args = (edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel, *out)
+    if selected.backend == "triton":
+        torch.ops.stoichconv.triton_filter_bipartite_out(*args, False)
+    else:
+        torch.ops.stoichconv.filter_bipartite_out(*args)
+    edge_ptr = out.edge_ptr.view(-1)[:B + 1]
+    total = int(edge_ptr[B])
+    return FilteredBipartite(_edge_view(out.edge_index, total), edge_ptr, out.edge_keep.view(-1)[:B * E],
+                             out.edge_id.view(-1)[:total])

@@ -1,6 +1,7 @@
 """Fake kernels of the compiled pert-mask ops (data-dependent output sizes are declared with
 ``torch.library.get_ctx().new_dynamic_size()`` so that ``torch.compile`` can trace around them);
-the Triton ``filter_edges`` registers the same fake for its own op."""
+the Triton ``filter_edges`` registers the same fake for its own op. The ``*_out`` variants
+(mutating their buffers, returning nothing) have fakes that do nothing."""
 
 from __future__ import annotations
 
@@ -40,3 +41,6 @@ if has_compiled_kernels():
     torch.library.register_fake("stoichconv::filter_edges")(filter_edges_fake)
     torch.library.register_fake("stoichconv::reaction_keep")(reaction_keep_fake)
     torch.library.register_fake("stoichconv::filter_bipartite")(filter_bipartite_fake)
+    # The out= variants write into their buffers and return nothing.
+    for _name in ("filter_edges_out", "reaction_keep_out", "filter_bipartite_out"):
+        torch.library.register_fake(f"stoichconv::{_name}")(lambda *args, **kwargs: None)

@@ -168,6 +168,22 @@ def _read(sizes: Optional[Tensor], witnesses: Optional[Tensor], raise_error) -> 
     return host[:k]
 
 
+def _buffer(into: Optional[dict], name: str, n: int, make):
+    """An output of ``n`` elements: the first ``n`` of the caller's buffer ``into[name]`` (the
+    ``*_out`` operators, buffers checked by their public wrapper) or ``make()``."""
+    if into is None:
+        return make()
+    return into[name].view(-1)[:n]
+
+
+def _edges(into: Optional[dict], E_out: int, device) -> Tensor:
+    """The edge list [2, E_out]: a view of the first 2 * E_out values of ``into["edge_index"]``
+    or a fresh tensor."""
+    if into is None:
+        return torch.empty(2, E_out, dtype=torch.int64, device=device)
+    return into["edge_index"].view(-1)[:2 * E_out].view(2, E_out)
+
+
 def _device_guard(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -184,7 +200,7 @@ def triton_filter_edges(
         return _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device=not validate)
 
 
-def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device):
+def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device, into=None):
     device = edge_index.device
     N, E, B = num_nodes, edge_index.size(1), pert_ptr.numel() - 1
     edge_index = edge_index.to(torch.int64).contiguous()
@@ -196,12 +212,16 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_devic
     def raise_error(host):
         raise_kernel_value_error("filter_edges", "edge_index", host, N, N, P, N)
 
-    node_keep = torch.ones(B * N, dtype=torch.bool, device=device)
-    edge_keep = torch.zeros(B * E, dtype=torch.bool, device=device)
+    node_keep = _buffer(into, "node_keep", B * N, lambda: torch.empty(B * N, dtype=torch.bool, device=device))
+    node_keep.fill_(True)
+    edge_keep = _buffer(into, "edge_keep", B * E, lambda: torch.empty(B * E, dtype=torch.bool, device=device))
+    edge_keep.zero_()
     if B > 0 and P > 0:
         _delete_nodes_kernel[(B,)](pert, pert_ptr, node_keep.view(torch.uint8), N, P, BLOCK_P=_BLOCK_P)
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     node_ptr = torch.cat([zero, torch.cumsum(node_keep.view(B, N).sum(1), 0)])
+    if into is not None:
+        node_ptr = into["node_ptr"].view(-1)[:B + 1].copy_(node_ptr)
     if relabel:
         # Rank among all kept nodes in sample-major order = rank within the
         # sample + kept nodes of the earlier samples (the PyG collate numbering).
@@ -212,8 +232,8 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_devic
     num_blocks = triton.cdiv(E, _BLOCK_E)
     if B == 0 or num_blocks == 0:
         _read(None, witnesses, raise_error)
-        edge_ptr = torch.zeros(B + 1, dtype=torch.int64, device=device)
-        return edge_index.new_empty(2, 0), edge_ptr, edge_keep, node_keep, node_ptr
+        edge_ptr = _buffer(into, "edge_ptr", B + 1, lambda: torch.empty(B + 1, dtype=torch.int64, device=device))
+        return _edges(into, 0, device), edge_ptr.zero_(), edge_keep, node_keep, node_ptr
     counts = torch.empty(B * num_blocks, dtype=torch.int64, device=device)
     _edge_count_kernel[(num_blocks, B)](
         edge_index, node_keep.view(torch.uint8), edge_keep.view(torch.uint8), counts, E, N, num_blocks,
@@ -222,8 +242,10 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_devic
     inclusive = torch.cumsum(counts, 0)
     offsets = inclusive - counts
     edge_ptr = torch.cat([zero, inclusive.view(B, num_blocks)[:, -1]])
+    if into is not None:
+        edge_ptr = into["edge_ptr"].view(-1)[:B + 1].copy_(edge_ptr)
     (E_out,) = _read(edge_ptr[-1:], witnesses, raise_error)  # the one host sync: the output size
-    out = torch.empty(2, E_out, dtype=torch.int64, device=device)
+    out = _edges(into, E_out, device)
     if E_out > 0:
         _edge_write_kernel[(num_blocks, B)](
             edge_index, edge_keep.view(torch.uint8), offsets, new_id, out, E, N, E_out, num_blocks,
@@ -235,6 +257,26 @@ def _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_devic
 triton_filter_edges.register_fake(
     lambda edge_index, num_nodes, pert, pert_ptr, relabel, validate=True:
     registration.filter_edges_fake(edge_index, num_nodes, pert, pert_ptr, relabel))
+
+
+@torch.library.custom_op("stoichconv::triton_filter_edges_out",
+                         mutates_args=("edge_index_out", "edge_ptr_out", "edge_keep_out", "node_keep_out",
+                                       "node_ptr_out"))
+def triton_filter_edges_out(
+    edge_index: Tensor, num_nodes: int, pert: Tensor, pert_ptr: Tensor, relabel: bool, edge_index_out: Tensor,
+    edge_ptr_out: Tensor, edge_keep_out: Tensor, node_keep_out: Tensor, node_ptr_out: Tensor,
+    validate: bool = True,
+) -> None:
+    """:func:`triton_filter_edges` into caller buffers (the ``stoichconv::filter_edges_out``
+    layout; the buffers are checked by :func:`stoichconv.ops.pert_mask.filter_edges`)."""
+    _check_args(edge_index, num_nodes, pert, pert_ptr, values=bool(validate))
+    into = dict(edge_index=edge_index_out, edge_ptr=edge_ptr_out, edge_keep=edge_keep_out,
+                node_keep=node_keep_out, node_ptr=node_ptr_out)
+    with _device_guard(edge_index.device):
+        _filter_edges(edge_index, num_nodes, pert, pert_ptr, relabel, check_on_device=not validate, into=into)
+
+
+triton_filter_edges_out.register_fake(lambda *args, **kwargs: None)
 
 
 # --------------------------------------------------------------------------
@@ -269,6 +311,10 @@ def _reaction_keep_kernel(gpr_index, pert, pert_ptr, keep, E, P, R,
 def triton_reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr: Tensor,
                          validate: bool = True) -> Tensor:
     """Triton reaction keep-mask [B, num_reactions] bool (semantics in :mod:`stoichconv.ops.pert_mask`)."""
+    return _reaction_keep(gpr_index, num_reactions, pert, pert_ptr, validate, None)
+
+
+def _reaction_keep(gpr_index, num_reactions, pert, pert_ptr, validate, into):
     check_count("num_reactions", num_reactions)
     values = bool(validate)
     pert, pert_ptr = check_perturbations(pert, pert_ptr, None, values=values)
@@ -276,7 +322,10 @@ def triton_reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pe
                                  src_name="num_genes", dst_name="num_reactions", values=values)
     B, E, R, P = pert_ptr.numel() - 1, gpr_index.size(1), num_reactions, pert.numel()
     witnesses = None if values else value_witnesses(gpr_index, ANY_ID, R, pert, pert_ptr, -1)
-    keep = torch.ones(B, R, dtype=torch.bool, device=pert.device)
+    if into is None:
+        keep = torch.ones(B, R, dtype=torch.bool, device=pert.device)
+    else:
+        keep = into.view(-1)[:B * R].fill_(True).view(B, R)
     if B * R > 0 and E > 0 and P > 0:
         with _device_guard(pert.device):
             _reaction_keep_kernel[(triton.cdiv(E, _BLOCK_E), B)](
@@ -290,6 +339,16 @@ def triton_reaction_keep(gpr_index: Tensor, num_reactions: int, pert: Tensor, pe
 triton_reaction_keep.register_fake(
     lambda gpr_index, num_reactions, pert, pert_ptr, validate=True:
     registration.reaction_keep_fake(gpr_index, num_reactions, pert, pert_ptr))
+
+
+@torch.library.custom_op("stoichconv::triton_reaction_keep_out", mutates_args=("out",))
+def triton_reaction_keep_out(gpr_index: Tensor, num_reactions: int, pert: Tensor, pert_ptr: Tensor, out: Tensor,
+                             validate: bool = True) -> None:
+    """:func:`triton_reaction_keep` into the first B * num_reactions values of ``out``."""
+    _reaction_keep(gpr_index, num_reactions, pert, pert_ptr, validate, out)
+
+
+triton_reaction_keep_out.register_fake(lambda *args, **kwargs: None)
 
 
 # --------------------------------------------------------------------------
@@ -362,26 +421,47 @@ def triton_filter_bipartite(edge_index: Tensor, num_src: int, num_dst: int, num_
         return _filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel, witnesses)
 
 
+@torch.library.custom_op("stoichconv::triton_filter_bipartite_out",
+                         mutates_args=("edge_index_out", "edge_ptr_out", "edge_keep_out", "edge_id_out"))
+def triton_filter_bipartite_out(edge_index: Tensor, num_src: int, num_dst: int, num_samples: int,
+                                src_keep: Optional[Tensor], dst_keep: Optional[Tensor], relabel: bool,
+                                edge_index_out: Tensor, edge_ptr_out: Tensor, edge_keep_out: Tensor,
+                                edge_id_out: Tensor, validate: bool = True) -> None:
+    """:func:`triton_filter_bipartite` into caller buffers (the ``stoichconv::filter_bipartite_out``
+    layout; buffers checked by :func:`stoichconv.ops.pert_mask.filter_bipartite`)."""
+    device = edge_index.device
+    edge_index = check_edge_index("edge_index", edge_index, num_src, num_dst, device, src_name="num_src",
+                                  dst_name="num_dst", values=bool(validate))
+    src_keep = check_keep("src_keep", src_keep, num_samples, num_src, device)
+    dst_keep = check_keep("dst_keep", dst_keep, num_samples, num_dst, device)
+    witnesses = None if validate else value_witnesses(edge_index, num_src, num_dst)
+    into = dict(edge_index=edge_index_out, edge_ptr=edge_ptr_out, edge_keep=edge_keep_out, edge_id=edge_id_out)
+    with _device_guard(device):
+        _filter_bipartite(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel, witnesses, into)
+
+
 def _global_ranks(keep: Tensor) -> Tensor:
     """Compacted ids [B * N]: the rank of each kept node among all kept nodes in sample-major
     order (the PyG collate numbering); removed nodes are never read."""
     return torch.cumsum(keep.reshape(-1).to(torch.int64), 0) - 1
 
 
-def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel, witnesses):
+def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relabel, witnesses, into=None):
     device = edge_index.device
     E = edge_index.size(1)
 
     def raise_error(host):
         raise_kernel_value_error("filter_bipartite", "edge_index", host, num_src, num_dst)
 
-    edge_keep = torch.zeros(B * E, dtype=torch.bool, device=device)
+    edge_keep = _buffer(into, "edge_keep", B * E, lambda: torch.empty(B * E, dtype=torch.bool, device=device))
+    edge_keep.zero_()
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     num_blocks = triton.cdiv(E, _BLOCK_E)
     if B == 0 or num_blocks == 0:
         _read(None, witnesses, raise_error)
-        return (edge_index.new_empty(2, 0), torch.zeros(B + 1, dtype=torch.int64, device=device), edge_keep,
-                edge_index.new_empty(0))
+        edge_ptr = _buffer(into, "edge_ptr", B + 1, lambda: torch.empty(B + 1, dtype=torch.int64, device=device))
+        edge_id = _buffer(into, "edge_id", 0, lambda: edge_index.new_empty(0))
+        return _edges(into, 0, device), edge_ptr.zero_(), edge_keep, edge_id
     counts = torch.empty(B * num_blocks, dtype=torch.int64, device=device)
     src_bytes = src_keep.view(torch.uint8) if src_keep is not None else counts
     dst_bytes = dst_keep.view(torch.uint8) if dst_keep is not None else counts
@@ -392,9 +472,11 @@ def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relab
     inclusive = torch.cumsum(counts, 0)
     offsets = inclusive - counts
     edge_ptr = torch.cat([zero, inclusive.view(B, num_blocks)[:, -1]])
+    if into is not None:
+        edge_ptr = into["edge_ptr"].view(-1)[:B + 1].copy_(edge_ptr)
     (E_out,) = _read(edge_ptr[-1:], witnesses, raise_error)  # the one host sync: the output size
-    out = torch.empty(2, E_out, dtype=torch.int64, device=device)
-    edge_id = torch.empty(E_out, dtype=torch.int64, device=device)
+    out = _edges(into, E_out, device)
+    edge_id = _buffer(into, "edge_id", E_out, lambda: torch.empty(E_out, dtype=torch.int64, device=device))
     if E_out > 0:
         src_relabel = bool(relabel) and src_keep is not None
         dst_relabel = bool(relabel) and dst_keep is not None
@@ -410,3 +492,6 @@ def _filter_bipartite(edge_index, num_src, num_dst, B, src_keep, dst_keep, relab
 triton_filter_bipartite.register_fake(
     lambda edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel, validate=True:
     registration.filter_bipartite_fake(edge_index, num_src, num_dst, num_samples, src_keep, dst_keep, relabel))
+
+
+triton_filter_bipartite_out.register_fake(lambda *args, **kwargs: None)

@@ -29,6 +29,7 @@ __all__ = [
     "check_edge_index",
     "check_edge_index_values",
     "check_keep",
+    "check_out_buffer",
     "check_perturbation_values",
     "check_perturbations",
     "raise_kernel_value_error",
@@ -126,6 +127,24 @@ def check_keep(name: str, keep, num_samples: int, num_nodes: int, device: torch.
     if keep.device != device:
         raise ValueError(f"`{name}` is on {keep.device} but `edge_index` is on {device}")
     return keep.contiguous()
+
+
+def check_out_buffer(name: str, buffer, dtype: torch.dtype, device: torch.device, needed: int,
+                     what: str) -> Tensor:
+    """An ``out=`` buffer of the pert-mask ops: a contiguous tensor of ``dtype`` on ``device``
+    with at least ``needed`` elements (the op writes the first ``needed``, flat; ``what`` names
+    the size formula). ``TypeError`` for a wrong type or dtype, ``ValueError`` otherwise."""
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(buffer).__name__}")
+    if buffer.dtype != dtype:
+        raise TypeError(f"`{name}` must have dtype {dtype}, got {buffer.dtype}")
+    if buffer.device != device:
+        raise ValueError(f"`{name}` is on {buffer.device} but the inputs are on {device}")
+    if not buffer.is_contiguous():
+        raise ValueError(f"`{name}` must be contiguous")
+    if buffer.numel() < needed:
+        raise ValueError(f"`{name}` holds {buffer.numel()} elements but needs at least {needed} ({what})")
+    return buffer
 
 
 # --------------------------------------------------------------------------- device-side checks
