@@ -11,6 +11,8 @@ from stoichconv.bench.pert_mask_cases import cases
 ARGS = argparse.Namespace(device="cpu", batches=[1, 8, 32], backends=["reference", "padded-table", "cpu"])
 PARAMS = [(op, batch, backend) for op in ("filter_edges", "perturb_batch") for batch in ARGS.batches
           for backend in ARGS.backends]
+# perturb_batch through the PerturbBatcher (reused output buffers), against the same reference
+PARAMS += [("perturb_batch", batch, "cpu batcher") for batch in ARGS.batches]
 
 
 @pytest.fixture(scope="module")

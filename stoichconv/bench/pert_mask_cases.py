@@ -8,7 +8,10 @@ physical gene-gene relation and ``perturb_batch`` on the whole cell graph,
 * ``padded-table``: the seed's later vectorised mask from a padded gene ->
   incident-edge table (:mod:`stoichconv.reference.padded_mask`; the table is
   built once per graph, outside the timing);
-* ``cpu`` / ``cuda`` / ``triton``: the fused ops (:mod:`stoichconv.perturb`).
+* ``cpu`` / ``cuda`` / ``triton``: the fused ops (:mod:`stoichconv.perturb`);
+* ``<backend> batcher``: ``perturb_batch`` through a :class:`stoichconv.perturb.PerturbBatcher`
+  (the same ops writing into a reused ring of buffers sized for the largest B; built, and
+  its buffers touched, outside the timing).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def batch_tensors(batch) -> tuple:
 def cases(args) -> list:
     from stoichconv.backends import available_backends
     from stoichconv.data import load_cell_graph
-    from stoichconv.perturb import filter_edges, perturb_batch
+    from stoichconv.perturb import PerturbBatcher, filter_edges, perturb_batch
     from stoichconv.reference.padded_mask import PaddedIncidenceTable, PaddedPerturber, filter_edges_padded
     from stoichconv.reference.pert_mask import filter_edges_reference
     from stoichconv.reference.perturb import perturb_batch_reference
@@ -48,6 +51,8 @@ def cases(args) -> list:
     runnable = available_backends(device, "filter_edges")["filter_edges"]
     fast_backends = [b for b in args.backends if b in KERNEL_BACKENDS and b in runnable]
     graph_on_device = graph.to(device)
+    batchers = {b: PerturbBatcher(graph_on_device, max_batch=max(args.batches), backend=b)
+                for b in fast_backends if b != "triton"}
     result = []
     for B in args.batches:
         pert, pert_ptr = random_perturbations(num_genes, B, sizes=(1, 2, 3), seed=B)
@@ -69,4 +74,6 @@ def cases(args) -> list:
             if backend != "triton":  # the Triton backend covers the edge filter only
                 result.append(BenchCase("perturb_batch", backend, "cell graph", B, partial(
                     lambda p, q, b: batch_tensors(perturb_batch(graph_on_device, p, q, backend=b)), pert_d, pert_ptr_d, backend)))
+                result.append(BenchCase("perturb_batch", f"{backend} batcher", "cell graph", B, partial(
+                    lambda p, q, b: batch_tensors(batchers[b](p, q)), pert_d, pert_ptr_d, backend)))
     return result
