@@ -123,11 +123,13 @@ def _prepare_graph(cell_graph: HeteroData, device: torch.device, validate_graph:
 
 @dataclass
 class _NodeSlot:
-    """Buffers of one node type's compacted fields (n_id, batch [max_batch * N], ptr [max_batch + 1])."""
+    """Buffers of one node type's compacted fields (n_id, batch [max_batch * N], ptr [max_batch + 1],
+    and ``kept`` [2 * max_batch * N], the (sample, node) pairs of the kept nodes)."""
 
     n_id: Tensor
     batch: Tensor
     ptr: Tensor
+    kept: Tensor
 
 
 @dataclass
@@ -181,11 +183,11 @@ def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: O
             kept = keep.view(B, N).nonzero()
             store.batch = kept[:, 0].contiguous()
             store.n_id = kept[:, 1].contiguous()
-        else:
-            # nonzero's row-major order is masked_select's: the same ids, into the slot
-            mask = keep.view(-1)
-            store.n_id = torch.masked_select(full.n_id[:B * N], mask, out=_into(slot.n_id))
-            store.batch = torch.masked_select(full.batch[:B * N], mask, out=_into(slot.batch))
+        else:  # the same nonzero, into the slot (then its columns, contiguous)
+            kept = torch.nonzero(keep.view(B, N), out=_into(slot.kept).view(0, 2))
+            K = kept.size(0)
+            store.batch = slot.batch[:K].copy_(kept[:, 0])
+            store.n_id = slot.n_id[:K].copy_(kept[:, 1])
         if node_ptr is None:
             counts = keep.view(B, N).sum(dim=1)
             if slot is None:
@@ -389,10 +391,6 @@ class PerturbBatcher:
         if self.layout == "full":
             full["gene"] = _full_nodes(M, g.num_genes, device)
             full["reaction"] = _full_nodes(M, g.num_reactions, device)
-        else:  # the masked_select sources of the compacted ids
-            for t, N in (("gene", g.num_genes), ("reaction", g.num_reactions)):
-                full[t] = _FullNodes(torch.arange(N, device=device).repeat(M),
-                                     torch.arange(M, device=device).repeat_interleave(N), None, None)
         slots = []
         for _ in range(self.ring):
             nodes = {}
@@ -400,7 +398,7 @@ class PerturbBatcher:
                 for t, N in (("gene", g.num_genes), ("reaction", g.num_reactions)):
                     long = dict(dtype=torch.int64, device=device)
                     nodes[t] = _NodeSlot(torch.empty(M * N, **long), torch.empty(M * N, **long),
-                                         torch.empty(M + 1, **long))
+                                         torch.empty(M + 1, **long), torch.empty(2 * M * N, **long))
             slot = _Slot(
                 edges={r: allocate_filter_edges_out(M, g.indices[r].size(1), g.num_genes, device)
                        for r in GENE_GENE_RELATIONS},
@@ -446,7 +444,7 @@ class PerturbBatcher:
         if self._slots is None:
             return 0
         tensors = [t for slot in self._slots for t in _slot_tensors(slot)]
-        tensors += [t for f in self._full.values() for t in (f.n_id, f.batch, f.ptr, f.keep) if t is not None]
+        tensors += [t for f in self._full.values() for t in (f.n_id, f.batch, f.ptr, f.keep)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
@@ -457,7 +455,7 @@ class PerturbBatcher:
 def _slot_tensors(slot: _Slot) -> list:
     tensors = [t for edges in slot.edges.values() for t in edges]
     tensors += [slot.reaction_keep, *slot.gpr, *slot.metabolism, slot.stoichiometry]
-    tensors += [t for node in slot.nodes.values() for t in (node.n_id, node.batch, node.ptr)]
+    tensors += [t for node in slot.nodes.values() for t in (node.n_id, node.batch, node.ptr, node.kept)]
     return tensors
 
 
