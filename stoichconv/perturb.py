@@ -340,8 +340,10 @@ class PerturbBatcher:
         validate: check the deletions' values on every call (host syncs on a GPU; the
             kernels check the bounds either way).
 
-    Memory: about ``ring * max_batch * (17 E_gene_gene + 25 (E_gpr + nnz) + 10 N_gene +
-    9 N_reaction + 8 nnz)`` bytes (a few hundred MB at max_batch = 32 on the bundled graph).
+    Memory (:attr:`nbytes`): about ``ring * max_batch * (17 E_gene_gene + 25 (E_gpr + nnz) +
+    s * nnz + 34 N_gene + 33 N_reaction)`` bytes (``s`` the stoichiometry's element size;
+    compacted layout, the full one has no node buffers): 248 MB at max_batch = 32, ring = 2 on
+    the bundled graph. The buffers are allocated and touched on the first call.
     """
 
     def __init__(self, cell_graph: HeteroData, layout: str = "compacted", max_batch: int = 32, *,

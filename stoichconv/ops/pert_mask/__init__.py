@@ -68,6 +68,19 @@ the call (with the output size of ``filter_edges`` / ``filter_bipartite``; ``rea
 makes that one sync for the checks alone). So ``validate=False`` drops only the Python checks
 and their syncs; the ``reference`` backend does not check values.
 
+``out=`` variants. Each public function takes ``out=``, caller buffers sized for the worst
+case (no deletion; :func:`allocate_filter_edges_out`, :func:`allocate_bipartite_out`, a bool
+tensor of at least B * R elements for ``reaction_keep``): the op writes into their first
+elements, flat (an edge list [2, E_out] as the first 2 * E_out values, so its view is
+contiguous), and returns views equal to the result without ``out``. The compiled operators
+``stoichconv::filter_edges_out`` / ``reaction_keep_out`` / ``filter_bipartite_out`` (CPU and
+CUDA; schemas in ``csrc/stoichconv.cpp``) and the Triton ``stoichconv::triton_*_out`` take the
+normal op's arguments plus the buffers and return nothing (fake kernels: no-ops); the
+reference backend computes, then copies. A buffer of the wrong type, dtype or device, not
+contiguous or too small raises before anything is written, naming it (``out.edge_index``,
+...; the compiled ops name ``edge_index_out``, ...); value errors are the normal op's, word
+for word. :class:`stoichconv.perturb.PerturbBatcher` is built on them.
+
 Deletion sets of any size: the compiled kernels sort each sample's ids, then drop the repeats;
 up to 32 ids (``kSmallSort``) by insertion, beyond that by a bottom-up merge sort (O(n log^2 n);
 on CUDA one thread block per such sample), the per-set steps being the same inline functions
