@@ -69,6 +69,25 @@ def test_batcher_equals_perturb_batch_and_reference(backend, device, layout):
                 assert_full_layout(out.cpu(), ref, graph.cpu())
 
 
+@pytest.mark.parametrize("layout", ["compacted", "full"])
+def test_batcher_large_deletion_sets(layout):
+    """Sets beyond the insertion-sort size (the merge-sort path), with repeats, next to empty ones."""
+    graph = random_cell_graph(14)
+    gen = torch.Generator().manual_seed(14)
+    big = torch.randint(0, NUM_GENES, (45,), generator=gen)  # > 32 ids, many repeats
+    pert = torch.cat([big, torch.tensor([3, 3]), torch.randperm(NUM_GENES, generator=gen)])
+    ptr = torch.tensor([0, 45, 45, 47, 47 + NUM_GENES])  # the last sample deletes every gene
+    batcher = PerturbBatcher(graph, layout=layout, max_batch=4, backend="cpu")
+    out = batcher(pert, ptr)
+    assert_batches_equal(out, perturb_batch(graph, pert, ptr, layout=layout))
+    assert out["gene"].ptr[-1] - out["gene"].ptr[-2] == (NUM_GENES if layout == "full" else 0)
+    ref = perturb_batch_reference(graph, pert, ptr)
+    if layout == "compacted":
+        assert_batches_equal(out, ref)
+    else:
+        assert_full_layout(out, ref, graph)
+
+
 def test_batcher_writes_into_its_ring():
     """The outputs are views of the slot buffers, reused every `ring` calls; a batch stays valid
     for exactly ring - 1 further calls and is overwritten by the ring-th."""
