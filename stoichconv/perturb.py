@@ -319,7 +319,9 @@ class PerturbBatcher:
     can be consumed while call n + 1 is built, as a DataLoader with prefetch does, and is
     overwritten by call n + 2). :meth:`is_valid` tells whether a batch is still intact;
     ``batch.clone()`` keeps one for longer. A call that fails its argument checks (``B >
-    max_batch``, bad ``pert``) writes nothing and does not advance the ring. The fields that
+    max_batch``, bad ``pert``) writes nothing and does not advance the ring; one that fails in
+    a kernel (bad ids with ``validate=False``) has started writing: it advances the ring and
+    the batch of its slot is no longer valid. The fields that
     do not depend on the deletions (full-layout ``n_id`` / ``batch`` / ``ptr``, the
     metabolites' ``node_keep``) are views of tables shared by all slots: treat every field
     as read-only. On CUDA the buffers are reused in stream order (the current stream): a

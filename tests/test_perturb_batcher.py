@@ -126,6 +126,12 @@ def test_batcher_ring_one_and_errors():
     assert batcher.is_valid(a)
     b = batcher(*_deletions(3, 2))
     assert batcher.is_valid(b) and not batcher.is_valid(a)
+    # without the Python value checks the kernel refuses, after the call started on the slot
+    unchecked = PerturbBatcher(graph, max_batch=3, ring=1, backend="cpu", validate=False)
+    c = unchecked(*_deletions(2, 3))
+    with pytest.raises(RuntimeError, match=r"`pert` has gene id 40 outside \[0, num_nodes = 40\)"):
+        unchecked(torch.tensor([40]), torch.tensor([0, 1]))
+    assert not unchecked.is_valid(c)
     with pytest.raises(ValueError, match="`ring` must be >= 1"):
         PerturbBatcher(graph, ring=0)
     with pytest.raises(ValueError, match="`layout` must be one of"):
