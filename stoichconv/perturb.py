@@ -56,6 +56,7 @@ __all__ = [
     "FilteredEdges",
     "LAYOUTS",
     "PerturbBatcher",
+    "PerturbationBatches",
     "PerturbationCollate",
     "filter_bipartite",
     "filter_edges",
@@ -524,3 +525,38 @@ class PerturbationCollate:
         if torch.utils.data.get_worker_info() is not None:
             return _detached_batch(batch)
         return batch
+
+
+class PerturbationBatches(torch.utils.data.IterableDataset):
+    """An iterable dataset of ready batches built on a :class:`PerturbBatcher`: batch i is
+    ``batcher`` applied to deletion sets ``[i * batch_size, (i + 1) * batch_size)`` of
+    ``deletion_sets`` (a sequence of 1-D gene-id tensors or int sequences; the last batch may
+    be smaller; ``batch_size <= batcher.max_batch``). Use it with
+    ``DataLoader(PerturbationBatches(...), batch_size=None)``.
+
+    Same validity rules as :class:`PerturbationCollate`: iterated in the main process
+    (``num_workers=0``) the batches are the batcher's ring views (valid until ``ring``
+    further batches); in ``num_workers > 0`` workers, worker w builds batches w, w + k,
+    w + 2k, ... (k workers, the DataLoader interleaves them back in order) with its own
+    batcher and each batch is copied into fresh shared memory."""
+
+    def __init__(self, batcher: PerturbBatcher, deletion_sets: Sequence, batch_size: int):
+        if not isinstance(batcher, PerturbBatcher):
+            raise TypeError(f"`batcher` must be a PerturbBatcher, got {type(batcher).__name__}")
+        check_count("batch_size", batch_size)
+        if not 1 <= batch_size <= batcher.max_batch:
+            raise ValueError(f"`batch_size` must be in [1, batcher.max_batch = {batcher.max_batch}], got {batch_size}")
+        self.batcher = batcher
+        self.deletion_sets = deletion_sets
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.deletion_sets) // self.batch_size)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        first, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(first, len(self), step):
+            samples = self.deletion_sets[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = self.batcher(*_deletions_of(samples))
+            yield batch if info is None else _detached_batch(batch)

@@ -16,7 +16,7 @@ from stoichconv.ops.pert_mask import (
     filter_edges,
     reaction_keep,
 )
-from stoichconv.perturb import PerturbationCollate, PerturbBatcher, perturb_batch
+from stoichconv.perturb import PerturbationBatches, PerturbationCollate, PerturbBatcher, perturb_batch
 from stoichconv.reference.perturb import perturb_batch_reference
 from stoichconv.testing import (
     backend_params,
@@ -204,6 +204,23 @@ def test_dataloader(num_workers):
             assert_batches_equal(batch, expected)
             assert batch[PHYSICAL].edge_index.is_shared()
     assert batcher.nbytes > 0 if num_workers == 0 else batcher.nbytes == 0  # workers own their rings
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterable_dataset(num_workers):
+    graph = random_cell_graph(15)
+    dataset = _DeletionSets(10, seed=20 + num_workers)
+    batcher = PerturbBatcher(graph, layout="full", max_batch=3, backend="cpu")
+    batches = PerturbationBatches(batcher, dataset.sets, batch_size=3)
+    assert len(batches) == 4
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
+    received = list(loader) if num_workers else None
+    for i, batch in enumerate(received if num_workers else loader):
+        sets = dataset.sets[3 * i: 3 * i + 3]
+        assert_batches_equal(batch, perturb_batch(graph, *_csr(sets), layout="full"))
+    assert i == 3
+    with pytest.raises(ValueError, match=r"`batch_size` must be in \[1, batcher.max_batch = 3\], got 4"):
+        PerturbationBatches(batcher, dataset.sets, batch_size=4)
 
 
 def test_collate_lists_of_ints():
