@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "stoichconv/pert_mask_checks.h"
@@ -247,24 +249,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   if (relabel) {
-    // Compacted ids of every node of every sample, [B, N] (the removed ones
-    // are never read): one table lookup per endpoint in the write pass.
-    std::vector<int64_t> ids = allocate_buffer<int64_t>(op, "relabelled ids [B, num_nodes]", B * N);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t* del = sets.ids(b);
-        const int64_t n = sets.count[b];
-        int64_t* row = ids.data() + b * N;
-        for (int64_t v = 0; v < N; ++v) row[v] = compacted_id(np[b], del, n, v);
-      }
-    });
-    filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-      const int64_t* row = ids.data() + b * N;
-      for (int64_t e = lo; e < hi; ++e, ++pos) {
-        out_src[pos] = row[src[e]];
-        out_dst[pos] = row[dst[e]];
-      }
-    });
+    // Ranks among the kept nodes of every sample, [B, N] (the removed ones
+    // are never read): one lookup per endpoint in the write pass, id =
+    // node_ptr[b] + rank.  Ranks are < N, so an int32 table (half the cache
+    // footprint of int64 ids: a sample's row stays in L1) whenever N fits.
+    const auto relabel_with = [&](auto tag) {
+      using Rank = decltype(tag);
+      std::vector<Rank> ranks = allocate_buffer<Rank>(op, "kept ranks [B, num_nodes]", B * N);
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t* del = sets.ids(b);
+          const int64_t n = sets.count[b];
+          Rank* row = ranks.data() + b * N;
+          for (int64_t v = 0; v < N; ++v) row[v] = static_cast<Rank>(compacted_id(0, del, n, v));
+        }
+      });
+      filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+        const Rank* row = ranks.data() + b * N;
+        const int64_t base = np[b];
+        for (int64_t e = lo; e < hi; ++e, ++pos) {
+          out_src[pos] = base + row[src[e]];
+          out_dst[pos] = base + row[dst[e]];
+        }
+      });
+    };
+    if (N <= std::numeric_limits<int32_t>::max()) {
+      relabel_with(int32_t{});
+    } else {
+      relabel_with(int64_t{});
+    }
   } else {
     filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
       for (int64_t e = lo; e < hi; ++e, ++pos) {
