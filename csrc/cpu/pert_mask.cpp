@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "stoichconv/pert_mask_checks.h"
@@ -369,29 +370,29 @@ void reaction_keep_out_cpu(const at::Tensor& gpr_index, int64_t num_reactions,
   reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, "reaction_keep", out);
 }
 
-// Global ids of the nodes of one side of a bipartite relation: [B, N] table
-// (compacted layout: rank among kept + cumulative kept count; -1 if removed).
-at::Tensor compacted_ids(const at::Tensor& keep, int64_t B, int64_t N, const char* op,
-                         const char* name) {
-  auto ids = allocate(op, name, {B, N}, keep.options().dtype(at::kLong));
-  const bool* k = keep.data_ptr<bool>();
-  int64_t* out = ids.data_ptr<int64_t>();
-  std::vector<int64_t> offset = allocate_buffer<int64_t>(op, "sample offsets", B + 1, 0);
+// The compacted numbering of one side of a bipartite relation: node v of
+// sample b is base[b] + rank[b * N + v], base[b] the kept nodes of the earlier
+// samples and rank its rank among the kept ones of its sample (ranks of
+// removed nodes are never read).  Ranks are < N: Rank = int32_t whenever N
+// fits, half the cache footprint of int64 ids in the write pass's lookups.
+template <typename Rank>
+void kept_ranks(const bool* k, int64_t B, int64_t N, Rank* rank, int64_t* base) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      int64_t n = 0;
-      for (int64_t v = 0; v < N; ++v) n += k[b * N + v];
-      offset[b + 1] = n;
+      int64_t next = 0;
+      for (int64_t v = 0; v < N; ++v) {
+        rank[b * N + v] = static_cast<Rank>(next);
+        next += k[b * N + v];
+      }
+      base[b] = next;  // the count, turned into the offset below
     }
   });
-  for (int64_t b = 0; b < B; ++b) offset[b + 1] += offset[b];
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      int64_t next = offset[b];
-      for (int64_t v = 0; v < N; ++v) out[b * N + v] = k[b * N + v] ? next++ : -1;
-    }
-  });
-  return ids;
+  int64_t offset = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t count = base[b];
+    base[b] = offset;
+    offset += count;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl(
@@ -409,16 +410,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl
   checked_product(op, "B * `num_dst` (`num_samples` times `num_dst`)", {B, num_dst});
   const int64_t* src = edge_index.data_ptr<int64_t>();
   const int64_t* dst = src + E;
-  at::Tensor src_keep, dst_keep, src_ids, dst_ids;
+  at::Tensor src_keep, dst_keep;
   if (src_keep_in.has_value()) src_keep = src_keep_in->contiguous();
   if (dst_keep_in.has_value()) dst_keep = dst_keep_in->contiguous();
   const bool* sk = src_keep.defined() ? src_keep.data_ptr<bool>() : nullptr;
   const bool* dk = dst_keep.defined() ? dst_keep.data_ptr<bool>() : nullptr;
-  // A side without a mask keeps every node, so both layouts number it b*N + v.
-  if (relabel && sk != nullptr) src_ids = compacted_ids(src_keep, B, num_src, op, "src ids");
-  if (relabel && dk != nullptr) dst_ids = compacted_ids(dst_keep, B, num_dst, op, "dst ids");
-  const int64_t* si = src_ids.defined() ? src_ids.data_ptr<int64_t>() : nullptr;
-  const int64_t* di = dst_ids.defined() ? dst_ids.data_ptr<int64_t>() : nullptr;
 
   // An edge is touched when one of its nodes is removed in some sample.
   const auto removed_anywhere = [B, op](const bool* keep, int64_t N) {
@@ -447,15 +443,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
   int64_t* out_id = edge_id.data_ptr<int64_t>();
-  filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-    const int64_t* src_row = si ? si + b * num_src : nullptr;
-    const int64_t* dst_row = di ? di + b * num_dst : nullptr;
-    for (int64_t e = lo; e < hi; ++e, ++pos) {
-      out_src[pos] = src_row ? src_row[src[e]] : full_layout_id(b, num_src, src[e]);
-      out_dst[pos] = dst_row ? dst_row[dst[e]] : full_layout_id(b, num_dst, dst[e]);
-      out_id[pos] = e;
-    }
-  });
+  // A side without a mask keeps every node, so both layouts number it
+  // b * N + v (full_layout_id); a masked side of the compacted layout is
+  // numbered by kept_ranks.  The write loop is specialised per side.
+  const auto write_with = [&](auto rank_tag) {
+    using Rank = decltype(rank_tag);
+    const bool src_table = relabel && sk != nullptr, dst_table = relabel && dk != nullptr;
+    std::vector<Rank> src_rank = allocate_buffer<Rank>(op, "src ranks", src_table ? B * num_src : 0);
+    std::vector<Rank> dst_rank = allocate_buffer<Rank>(op, "dst ranks", dst_table ? B * num_dst : 0);
+    std::vector<int64_t> src_base = allocate_buffer<int64_t>(op, "src offsets", src_table ? B : 0);
+    std::vector<int64_t> dst_base = allocate_buffer<int64_t>(op, "dst offsets", dst_table ? B : 0);
+    if (src_table) kept_ranks(sk, B, num_src, src_rank.data(), src_base.data());
+    if (dst_table) kept_ranks(dk, B, num_dst, dst_rank.data(), dst_base.data());
+    const auto run = [&](auto src_flag, auto dst_flag) {
+      constexpr bool S = decltype(src_flag)::value, D = decltype(dst_flag)::value;
+      filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+        const Rank* src_row = S ? src_rank.data() + b * num_src : nullptr;
+        const Rank* dst_row = D ? dst_rank.data() + b * num_dst : nullptr;
+        const int64_t src_at = S ? src_base[b] : full_layout_id(b, num_src, 0);
+        const int64_t dst_at = D ? dst_base[b] : full_layout_id(b, num_dst, 0);
+        for (int64_t e = lo; e < hi; ++e, ++pos) {
+          out_src[pos] = src_at + (S ? static_cast<int64_t>(src_row[src[e]]) : src[e]);
+          out_dst[pos] = dst_at + (D ? static_cast<int64_t>(dst_row[dst[e]]) : dst[e]);
+          out_id[pos] = e;
+        }
+      });
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (src_table && dst_table) run(Yes{}, Yes{});
+    else if (src_table) run(Yes{}, No{});
+    else if (dst_table) run(No{}, Yes{});
+    else run(No{}, No{});
+  };
+  if (std::max(num_src, num_dst) <= std::numeric_limits<int32_t>::max()) {
+    write_with(int32_t{});
+  } else {
+    write_with(int64_t{});
+  }
   return {out, edge_ptr, edge_keep, edge_id};
 }
 
