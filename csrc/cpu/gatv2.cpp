@@ -156,19 +156,55 @@ void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector
   for (int64_t e = 0; e < E; ++e) order[next[key[e]]++] = e;
 }
 
-// Source rows per block of the x_l pass: grad_att is summed per block, then
-// over the blocks in order, so it does not depend on the thread count.
-constexpr int64_t kSrcBlock = 64;
+// The same grouping by `key`, as each edge's slot: edge e is the slot[e]-th edge
+// in key order (the inverse of group_edges_by's order).
+void slots_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
+              std::vector<int64_t>& slot) {
+  ptr.assign(static_cast<size_t>(num_keys + 1), 0);
+  for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
+  for (int64_t k = 0; k < num_keys; ++k) ptr[k + 1] += ptr[k];
+  std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+  slot.resize(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) slot[e] = next[key[e]]++;
+}
 
-// The backward of forward_kernel, in three passes (every output row written
-// by one thread, sums in a fixed order, all in acc_t):
-//  A. per output row i (row-local softmax backward):
-//       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e')
-//  B. per source row s, over its edges (grouped by src):
-//       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e),
-//       pre_e = x_l[src_e] + x_r[dst_e];  grad_att += gl_e lrelu(pre_e)
-//  C. per destination row d, over its edges (grouped by dst; the output rows
-//     themselves when dst is the row):  grad_x_r[d] = sum_e gl_e att * lrelu'(pre_e)
+// Whether every edge's destination is its output row (the usual case: the
+// destination features are not shared by the samples of a batch).
+bool destination_is_row(const int64_t* dst, const int64_t* crow, int64_t R, int64_t Nd) {
+  if (Nd != R) return false;
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e)
+      if (dst[e] != i) return false;
+  return true;
+}
+
+// The source pass reads two rows per edge at random places (x_r[dst], g[row]):
+// they are prefetched this many slots ahead, every cache line of them.
+constexpr int64_t kPrefetchSlots = 2;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(scalar_t)); b += 64)
+    __builtin_prefetch(p + b);
+}
+
+// Output rows per block of the destination pass: grad_att is summed per
+// block, then over the blocks in order, so it does not depend on the thread count.
+constexpr int64_t kRowBlock = 64;
+
+// The backward of forward_kernel (every output row written by one thread,
+// sums in a fixed order, all in acc_t), in two passes over the edges:
+//  1. per output row i (its edges in order; rows in fixed blocks):
+//       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e'),
+//       pre_e = x_l[src_e] + x_r[dst_e],  grad_att += gl_e lrelu(pre_e),
+//       grad_x_r[i] = sum_e gl_e att * lrelu'(pre_e)        (when dst is the row);
+//     and each edge's (alpha, gl, dst, row) is written to its slot in source
+//     order, so that the source pass reads them in sequence;
+//  2. per source row s, over its edges in edge order (its slots):
+//       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e).
+// When dst is not the row (destination features shared by the samples),
+// grad_x_r is a third pass per destination row over its edges grouped by dst.
 template <typename scalar_t>
 void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                      const scalar_t* alpha, const int64_t* src, const int64_t* dst,
@@ -177,52 +213,56 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
                      scalar_t* gatt) {
   using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
-  std::vector<acc_t> grad_logit(static_cast<size_t>(E * H));
-  std::vector<int64_t> row_of(static_cast<size_t>(E));
-  // A.
-  at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dot(H);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = crow[i], e1 = crow[i + 1];
-      for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
-      for (int64_t e = e0; e < e1; ++e) {
-        row_of[e] = i;
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t ga = dot_row<kLanes<acc_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
-          grad_logit[e * H + h] = ga;
-          dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
-        }
-      }
-      for (int64_t e = e0; e < e1; ++e)
-        for (int64_t h = 0; h < H; ++h)
-          grad_logit[e * H + h] = gatv2_logit_grad(static_cast<acc_t>(alpha[e * H + h]),
-                                                   grad_logit[e * H + h], dot[h]);
-    }
-  });
-  // B.
-  std::vector<int64_t> src_ptr, by_src;
-  group_edges_by(src, E, Ns, src_ptr, by_src);
-  const int64_t num_blocks = (Ns + kSrcBlock - 1) / kSrcBlock;
+  const bool dst_is_row = destination_is_row(dst, crow, R, Nd);
+  std::vector<int64_t> src_ptr, slot;
+  slots_by(src, E, Ns, src_ptr, slot);
+  std::vector<acc_t> slot_alpha(static_cast<size_t>(E * H)), slot_gl(static_cast<size_t>(E * H));
+  std::vector<int64_t> slot_dst(static_cast<size_t>(E));
+  std::vector<int64_t> slot_row(dst_is_row ? 0 : static_cast<size_t>(E));
+  std::vector<acc_t> grad_logit(dst_is_row ? 0 : static_cast<size_t>(E * H));
+  // 1.
+  const int64_t num_blocks = (R + kRowBlock - 1) / kRowBlock;
   std::vector<acc_t> att_partial(static_cast<size_t>(num_blocks * W), acc_t(0));
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch;
+    std::vector<acc_t> dot(H), gl, scratch;
     for (int64_t blk = begin; blk < end; ++blk) {
       acc_t* part = att_partial.data() + blk * W;
-      for (int64_t s = blk * kSrcBlock; s < std::min(Ns, (blk + 1) * kSrcBlock); ++s) {
-        acc_t* acc = accumulator_for(gxl + s * W, scratch, W);
-        for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
-        const scalar_t* xs = xl + s * W;
-        for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
-          const int64_t e = by_src[j];
-          const scalar_t* xd = xr + dst[e] * W;
-          const scalar_t* gr = g + row_of[e] * W;
+      for (int64_t i = blk * kRowBlock; i < std::min(R, (blk + 1) * kRowBlock); ++i) {
+        const int64_t e0 = crow[i], e1 = crow[i + 1];
+        const scalar_t* gi = g + i * W;
+        gl.resize(static_cast<size_t>((e1 - e0) * H));
+        for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
+        for (int64_t e = e0; e < e1; ++e) {
+          if (e + kPrefetchSlots < E) prefetch_row(xl + src[e + kPrefetchSlots] * W, W);
           for (int64_t h = 0; h < H; ++h) {
-            const int64_t o = h * C;
-            gatv2_source_grad_row(acc + o, part + o, static_cast<acc_t>(alpha[e * H + h]), gr + o,
-                                  grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
+            const acc_t ga = dot_row<kLanes<acc_t>>(gi + h * C, xl + src[e] * W + h * C, C);
+            gl[(e - e0) * H + h] = ga;
+            dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
           }
         }
-        store_row(gxl + s * W, acc, W);
+        acc_t* to_dst = dst_is_row ? accumulator_for(gxr + i * W, scratch, W) : nullptr;
+        for (int64_t c = 0; dst_is_row && c < W; ++c) to_dst[c] = acc_t(0);
+        for (int64_t e = e0; e < e1; ++e) {
+          const scalar_t* xs = xl + src[e] * W;
+          const scalar_t* xd = xr + dst[e] * W;
+          const int64_t j = slot[e];
+          slot_dst[j] = dst[e];
+          if (!dst_is_row) slot_row[j] = i;
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = h * C;
+            const acc_t a = static_cast<acc_t>(alpha[e * H + h]);
+            const acc_t gle = gatv2_logit_grad(a, gl[(e - e0) * H + h], dot[h]);
+            slot_alpha[j * H + h] = a;
+            slot_gl[j * H + h] = gle;
+            if (dst_is_row) {
+              gatv2_destination_grad_row(to_dst + o, part + o, gle, att + o, xs + o, xd + o, slope, C);
+            } else {
+              gatv2_attention_grad_row(part + o, gle, xs + o, xd + o, slope, C);
+              grad_logit[e * H + h] = gle;
+            }
+          }
+        }
+        if (dst_is_row) store_row(gxr + i * W, to_dst, W);
       }
     }
   });
@@ -232,13 +272,34 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
   for (int64_t blk = 0; blk < num_blocks; ++blk)
     for (int64_t c = 0; c < W; ++c) gatt_acc[c] += att_partial[blk * W + c];
   store_row(gatt, gatt_acc, W);
-  // C.
-  bool dst_is_row = Nd == R;
-  for (int64_t e = 0; dst_is_row && e < E; ++e) dst_is_row = dst[e] == row_of[e];
-  std::vector<int64_t> dst_ptr_v, by_dst_v;
-  if (!dst_is_row) group_edges_by(dst, E, Nd, dst_ptr_v, by_dst_v);
-  const int64_t* dst_ptr = dst_is_row ? crow : dst_ptr_v.data();
-  const int64_t* by_dst = dst_is_row ? nullptr : by_dst_v.data();
+  // 2.
+  at::parallel_for(0, Ns, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;
+    for (int64_t s = begin; s < end; ++s) {
+      acc_t* acc = accumulator_for(gxl + s * W, scratch, W);
+      for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
+      const scalar_t* xs = xl + s * W;
+      for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
+        if (j + kPrefetchSlots < E) {
+          const int64_t jn = j + kPrefetchSlots;
+          prefetch_row(xr + slot_dst[jn] * W, W);
+          prefetch_row(g + (dst_is_row ? slot_dst[jn] : slot_row[jn]) * W, W);
+        }
+        const scalar_t* xd = xr + slot_dst[j] * W;
+        const scalar_t* gr = g + (dst_is_row ? slot_dst[j] : slot_row[j]) * W;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * C;
+          gatv2_source_grad_row(acc + o, slot_alpha[j * H + h], gr + o, slot_gl[j * H + h],
+                                att + o, xs + o, xd + o, slope, C);
+        }
+      }
+      store_row(gxl + s * W, acc, W);
+    }
+  });
+  if (dst_is_row) return;
+  // 3. grad_x_r per destination row, over its edges grouped by dst.
+  std::vector<int64_t> dst_ptr, by_dst;
+  group_edges_by(dst, E, Nd, dst_ptr, by_dst);
   at::parallel_for(0, Nd, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch;
     for (int64_t d = begin; d < end; ++d) {
@@ -246,12 +307,11 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xd = xr + d * W;
       for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
-        const int64_t e = by_dst ? by_dst[j] : j;
+        const int64_t e = by_dst[j];
         const scalar_t* xs = xl + src[e] * W;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
-          gatv2_destination_grad_row(acc + o, grad_logit[e * H + h], att + o, xs + o, xd + o,
-                                     slope, C);
+          gatv2_x_r_grad_row(acc + o, grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
         }
       }
       store_row(gxr + d * W, acc, W);
