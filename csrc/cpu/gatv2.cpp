@@ -77,10 +77,23 @@ void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
   }
 }
 
+// The edge loops read rows at random places (x_l[src], x_r[dst], g[row]): the
+// rows of the edge this many edges (slots) ahead are prefetched, every cache
+// line of them.
+constexpr int64_t kPrefetchEdges = 2;
+constexpr int64_t kPrefetchSlots = kPrefetchEdges;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(scalar_t)); b += 64)
+    __builtin_prefetch(p + b);
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                     const int64_t* src, const int64_t* dst, const int64_t* crow, int64_t R,
-                    int64_t H, int64_t C, acc_type<scalar_t> slope, scalar_t* out,
+                    int64_t E, int64_t H, int64_t C, acc_type<scalar_t> slope, scalar_t* out,
                     scalar_t* alpha) {
   using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
@@ -91,13 +104,18 @@ void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
       // The row's logits, then exps, then softmax weights [e1 - e0, H].
       acc_t* w = accumulator_for(alpha + e0 * H, weight_scratch, (e1 - e0) * H);
       for (int64_t h = 0; h < H; ++h) row_max[h] = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t e = e0; e < e1; ++e)
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + kPrefetchEdges < E) {
+          prefetch_row(xl + src[e + kPrefetchEdges] * W, W);
+          prefetch_row(xr + dst[e + kPrefetchEdges] * W, W);
+        }
         for (int64_t h = 0; h < H; ++h) {
           const acc_t a = gatv2_logit<kLanes<acc_t>>(att + h * C, xl + src[e] * W + h * C,
                                                      xr + dst[e] * W + h * C, slope, C);
           w[(e - e0) * H + h] = a;
           row_max[h] = std::max(row_max[h], a);
         }
+      }
       for (int64_t h = 0; h < H; ++h) denom[h] = acc_t(0);
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
@@ -137,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
                                   "gatv2_forward_cpu", [&] {
     forward_kernel<scalar_t>(x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
                              att.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-                             dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, H, C,
+                             dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, E, H, C,
                              static_cast<acc_type<scalar_t>>(negative_slope),
                              out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>());
   });
@@ -176,17 +194,6 @@ bool destination_is_row(const int64_t* dst, const int64_t* crow, int64_t R, int6
     for (int64_t e = crow[i]; e < crow[i + 1]; ++e)
       if (dst[e] != i) return false;
   return true;
-}
-
-// The source pass reads two rows per edge at random places (x_r[dst], g[row]):
-// they are prefetched this many slots ahead, every cache line of them.
-constexpr int64_t kPrefetchSlots = 2;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(scalar_t)); b += 64)
-    __builtin_prefetch(p + b);
 }
 
 // Output rows per block of the destination pass: grad_att is summed per
