@@ -80,7 +80,7 @@ void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
 // The edge loops read rows at random places (x_l[src], x_r[dst], g[row]): the
 // rows of the edge this many edges (slots) ahead are prefetched, every cache
 // line of them.
-constexpr int64_t kPrefetchEdges = 2;
+constexpr int64_t kPrefetchEdges = 4;
 constexpr int64_t kPrefetchSlots = kPrefetchEdges;
 
 template <typename scalar_t>
