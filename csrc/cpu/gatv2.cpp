@@ -336,9 +336,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
   check_gatv2_backward_args(grad_out_in, alpha_in, x_l_in, R, E, at::kCPU);
   const auto grad_out = grad_out_in.contiguous(), x_l = x_l_in.contiguous(),
              x_r = x_r_in.contiguous(), att = att_in.contiguous(), alpha = alpha_in.contiguous();
-  auto grad_x_l = at::empty_like(x_l);
-  auto grad_x_r = at::empty_like(x_r);
-  auto grad_att = at::empty_like(att);
+  const char* op = "gatv2_backward";
+  auto grad_x_l = allocate(op, "grad_x_l", x_l.sizes(), x_l.options());
+  auto grad_x_r = allocate(op, "grad_x_r", x_r.sizes(), x_r.options());
+  auto grad_att = allocate(op, "grad_att", att.sizes(), att.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_l.scalar_type(),
                                   "gatv2_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), x_l.data_ptr<scalar_t>(),
