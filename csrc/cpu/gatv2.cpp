@@ -177,14 +177,28 @@ void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector
 // The same grouping by `key`, as each edge's slot: edge e is the slot[e]-th edge
 // in key order (the inverse of group_edges_by's order).
 void slots_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
-              std::vector<int64_t>& slot) {
+              int64_t* slot) {
   ptr.assign(static_cast<size_t>(num_keys + 1), 0);
   for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
   for (int64_t k = 0; k < num_keys; ++k) ptr[k + 1] += ptr[k];
   std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
-  slot.resize(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) slot[e] = next[key[e]]++;
 }
+
+// An uninitialised host buffer of n values of T for the per-edge data of one
+// call (a tensor's storage: allocated like the outputs, so that a large one
+// is advised into huge pages and is not zeroed first as a std::vector is).
+template <typename T>
+struct EdgeScratch {
+  at::Tensor storage;
+  T* data;
+  EdgeScratch(const char* name, int64_t n)
+      : storage(allocate("gatv2_backward", name,
+                         {checked_product("gatv2_backward", name, {n, int64_t(sizeof(T))})},
+                         at::TensorOptions().dtype(at::kByte))),
+        data(reinterpret_cast<T*>(storage.data_ptr())) {}
+  T& operator[](int64_t i) const { return data[i]; }
+};
 
 // Whether every edge's destination is its output row (the usual case: the
 // destination features are not shared by the samples of a batch).
@@ -221,12 +235,15 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
   using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
   const bool dst_is_row = destination_is_row(dst, crow, R, Nd);
-  std::vector<int64_t> src_ptr, slot;
-  slots_by(src, E, Ns, src_ptr, slot);
-  std::vector<acc_t> slot_alpha(static_cast<size_t>(E * H)), slot_gl(static_cast<size_t>(E * H));
-  std::vector<int64_t> slot_dst(static_cast<size_t>(E));
-  std::vector<int64_t> slot_row(dst_is_row ? 0 : static_cast<size_t>(E));
-  std::vector<acc_t> grad_logit(dst_is_row ? 0 : static_cast<size_t>(E * H));
+  std::vector<int64_t> src_ptr;
+  const EdgeScratch<int64_t> slot("the edge slots", E);
+  slots_by(src, E, Ns, src_ptr, slot.data);
+  // every slot written once by the row pass (slot is a permutation of the edges)
+  const EdgeScratch<acc_t> slot_alpha("the edge weights in source order", E * H),
+      slot_gl("the logit gradients in source order", E * H);
+  const EdgeScratch<int64_t> slot_dst("the destinations in source order", E);
+  const EdgeScratch<int64_t> slot_row("the rows in source order", dst_is_row ? 0 : E);
+  const EdgeScratch<acc_t> grad_logit("the logit gradients", dst_is_row ? 0 : E * H);
   // 1.
   const int64_t num_blocks = (R + kRowBlock - 1) / kRowBlock;
   std::vector<acc_t> att_partial(static_cast<size_t>(num_blocks * W), acc_t(0));
