@@ -162,20 +162,9 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
   return {out, alpha};
 }
 
-// Edges grouped by `key` (counting sort, stable): ptr [num_keys + 1] and the
-// edge ids in key order, increasing within a key.
-void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
-                    std::vector<int64_t>& order) {
-  ptr.assign(static_cast<size_t>(num_keys + 1), 0);
-  for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
-  for (int64_t k = 0; k < num_keys; ++k) ptr[k + 1] += ptr[k];
-  std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
-  order.resize(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) order[next[key[e]]++] = e;
-}
-
-// The same grouping by `key`, as each edge's slot: edge e is the slot[e]-th edge
-// in key order (the inverse of group_edges_by's order).
+// The edges grouped by `key` (a stable counting sort), as each edge's slot:
+// ptr [num_keys + 1], and edge e is the slot[e]-th edge in key order (edges
+// of one key in increasing edge id).
 void slots_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
               int64_t* slot) {
   ptr.assign(static_cast<size_t>(num_keys + 1), 0);
@@ -210,7 +199,7 @@ bool destination_is_row(const int64_t* dst, const int64_t* crow, int64_t R, int6
   return true;
 }
 
-// Output rows per block of the destination pass: grad_att is summed per
+// Output rows per block of the row pass: grad_att is summed per
 // block, then over the blocks in order, so it does not depend on the thread count.
 constexpr int64_t kRowBlock = 64;
 
@@ -224,8 +213,9 @@ constexpr int64_t kRowBlock = 64;
 //     order, so that the source pass reads them in sequence;
 //  2. per source row s, over its edges in edge order (its slots):
 //       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e).
-// When dst is not the row (destination features shared by the samples),
-// grad_x_r is a third pass per destination row over its edges grouped by dst.
+// When dst is not the row (destination features shared by the samples), the
+// row pass also writes each edge's (gl, src) to its slot in destination order,
+// and grad_x_r is a third pass per destination row over its slots.
 template <typename scalar_t>
 void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                      const scalar_t* alpha, const int64_t* src, const int64_t* dst,
@@ -243,7 +233,12 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       slot_gl("the logit gradients in source order", E * H);
   const EdgeScratch<int64_t> slot_dst("the destinations in source order", E);
   const EdgeScratch<int64_t> slot_row("the rows in source order", dst_is_row ? 0 : E);
-  const EdgeScratch<acc_t> grad_logit("the logit gradients", dst_is_row ? 0 : E * H);
+  // dst shared: the logit gradients and sources in destination order as well
+  std::vector<int64_t> dst_ptr;
+  const EdgeScratch<int64_t> dst_slot("the destination slots", dst_is_row ? 0 : E);
+  if (!dst_is_row) slots_by(dst, E, Nd, dst_ptr, dst_slot.data);
+  const EdgeScratch<acc_t> dst_slot_gl("the logit gradients in destination order", dst_is_row ? 0 : E * H);
+  const EdgeScratch<int64_t> dst_slot_src("the sources in destination order", dst_is_row ? 0 : E);
   // 1.
   const int64_t num_blocks = (R + kRowBlock - 1) / kRowBlock;
   std::vector<acc_t> att_partial(static_cast<size_t>(num_blocks * W), acc_t(0));
@@ -271,7 +266,10 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
           const scalar_t* xd = xr + dst[e] * W;
           const int64_t j = slot[e];
           slot_dst[j] = dst[e];
-          if (!dst_is_row) slot_row[j] = i;
+          if (!dst_is_row) {
+            slot_row[j] = i;
+            dst_slot_src[dst_slot[e]] = src[e];
+          }
           for (int64_t h = 0; h < H; ++h) {
             const int64_t o = h * C;
             const acc_t a = static_cast<acc_t>(alpha[e * H + h]);
@@ -282,7 +280,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
               gatv2_destination_grad_row(to_dst + o, part + o, gle, att + o, xs + o, xd + o, slope, C);
             } else {
               gatv2_attention_grad_row(part + o, gle, xs + o, xd + o, slope, C);
-              grad_logit[e * H + h] = gle;
+              dst_slot_gl[dst_slot[e] * H + h] = gle;
             }
           }
         }
@@ -321,9 +319,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
     }
   });
   if (dst_is_row) return;
-  // 3. grad_x_r per destination row, over its edges grouped by dst.
-  std::vector<int64_t> dst_ptr, by_dst;
-  group_edges_by(dst, E, Nd, dst_ptr, by_dst);
+  // 3. grad_x_r per destination row, over its edges in edge order (its slots).
   at::parallel_for(0, Nd, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch;
     for (int64_t d = begin; d < end; ++d) {
@@ -331,11 +327,11 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xd = xr + d * W;
       for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
-        const int64_t e = by_dst[j];
-        const scalar_t* xs = xl + src[e] * W;
+        if (j + kPrefetchSlots < E) prefetch_row(xl + dst_slot_src[j + kPrefetchSlots] * W, W);
+        const scalar_t* xs = xl + dst_slot_src[j] * W;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
-          gatv2_x_r_grad_row(acc + o, grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
+          gatv2_x_r_grad_row(acc + o, dst_slot_gl[j * H + h], att + o, xs + o, xd + o, slope, C);
         }
       }
       store_row(gxr + d * W, acc, W);
