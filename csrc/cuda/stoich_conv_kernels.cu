@@ -41,7 +41,9 @@
 //   long rows are then summed by the whole warp, lane p taking split p of
 //   the same schedule.
 // * grad_weight: a group of G lanes per (sample, incidence, head) computes
-//   both dot products of incidence_weight_grad with shuffles; for a weight
+//   both dot products of incidence_weight_grad with shuffles, lane l taking
+//   the chunks l, l + G, ... of kWide channels (G and the chunks fixed by C,
+//   not by the access width); for a weight
 //   shared by the batch, a group per (incidence, head) loops over the samples
 //   in order and stores their sum once (deterministic, no atomics).
 // * Index values are not validated on the device (that would need a host
@@ -438,7 +440,18 @@ struct WeightGradArgs {
   bool shared;
 };
 
-template <typename scalar_t, int VEC, int G>
+// CHUNK consecutive channels of one lane's dot products, loaded with accesses of
+// VEC channels (VEC = CHUNK: one wide access; VEC = 1: CHUNK scalar ones, for
+// misaligned pointers): the values, hence the order of the sums, do not depend
+// on VEC.
+template <typename scalar_t, int VEC, int CHUNK>
+__device__ __forceinline__ void load_chunk(acc_type<scalar_t>* d, const scalar_t* s) {
+  static_assert(CHUNK % VEC == 0, "a chunk is whole accesses");
+#pragma unroll
+  for (int i = 0; i < CHUNK; i += VEC) Vec<scalar_t, VEC>::load(d + i, s + i);
+}
+
+template <typename scalar_t, int VEC, int CHUNK, int G>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -469,14 +482,14 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(const WeightGradA
       be = a.edge_norm[bn * M + e];
       const int64_t row_size = H * C;
       const int64_t vo = (b * N + v) * row_size + h * C, eo = (b * M + e) * row_size + h * C;
-      for (int64_t c = int64_t(lane) * VEC; c < C; c += int64_t(G) * VEC) {
-        acc_t gv[VEC], he[VEC], re[VEC], yv[VEC];
-        Vec<scalar_t, VEC>::load(gv, a.grad_out + vo + c);
-        Vec<scalar_t, VEC>::load(he, a.hidden + eo + c);
-        Vec<scalar_t, VEC>::load(re, a.reaction_grad + eo + c);
-        Vec<scalar_t, VEC>::load(yv, a.y + vo + c);
-        dot_g += dot_row(gv, he, VEC);
-        dot_r += dot_row(re, yv, VEC);
+      for (int64_t c = int64_t(lane) * CHUNK; c < C; c += int64_t(G) * CHUNK) {
+        acc_t gv[CHUNK], he[CHUNK], re[CHUNK], yv[CHUNK];
+        load_chunk<scalar_t, VEC, CHUNK>(gv, a.grad_out + vo + c);
+        load_chunk<scalar_t, VEC, CHUNK>(he, a.hidden + eo + c);
+        load_chunk<scalar_t, VEC, CHUNK>(re, a.reaction_grad + eo + c);
+        load_chunk<scalar_t, VEC, CHUNK>(yv, a.y + vo + c);
+        dot_g += dot_row(gv, he, CHUNK);
+        dot_r += dot_row(re, yv, CHUNK);
       }
     }
     // Groups are G-aligned inside the warp, so a butterfly over G lanes stays in the group.
@@ -544,17 +557,20 @@ cudaError_t launch_segment_reduce(SegmentArgs<scalar_t> a, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
-template <typename scalar_t, int VEC>
+// The lanes' chunks and the group size G depend on C (and the dtype) only, never on
+// the access width VEC chosen from the pointers' alignment: the dot products are
+// summed in the same order either way (review finding 7).
+template <typename scalar_t, int VEC, int CHUNK>
 cudaError_t launch_weight_grad_vec(const WeightGradArgs<scalar_t>& a, cudaStream_t stream) {
-  const int64_t slots = a.g.C / VEC;
-  const int group = slots >= 32 ? 32 : 8;
+  const int64_t chunks = a.g.C / CHUNK;
+  const int group = chunks >= 32 ? 32 : 8;
   const int64_t threads = (a.shared ? 1 : a.g.B) * a.s.nnz * a.g.H * group;
   const int64_t blocks = ceil_div(threads, kThreads);
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (group == 32)
-    weight_grad_kernel<scalar_t, VEC, 32><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
+    weight_grad_kernel<scalar_t, VEC, CHUNK, 32><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
   else
-    weight_grad_kernel<scalar_t, VEC, 8><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
+    weight_grad_kernel<scalar_t, VEC, CHUNK, 8><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -566,11 +582,11 @@ cudaError_t launch_weight_grad(const WeightGradArgs<scalar_t>& a, cudaStream_t s
     return cudaMemsetAsync(a.grad_weight, 0, size_t(entries) * sizeof(scalar_t), stream);
   constexpr int kWide = wide_vec<scalar_t>();
   constexpr int kWideBytes = kWide * int(sizeof(scalar_t));
-  const bool wide = a.g.C % kWide == 0 && aligned(a.grad_out, kWideBytes) &&
-                    aligned(a.hidden, kWideBytes) && aligned(a.reaction_grad, kWideBytes) &&
-                    aligned(a.y, kWideBytes);
-  return wide ? launch_weight_grad_vec<scalar_t, kWide>(a, stream)
-              : launch_weight_grad_vec<scalar_t, 1>(a, stream);
+  if (a.g.C % kWide != 0) return launch_weight_grad_vec<scalar_t, 1, 1>(a, stream);
+  const bool wide = aligned(a.grad_out, kWideBytes) && aligned(a.hidden, kWideBytes) &&
+                    aligned(a.reaction_grad, kWideBytes) && aligned(a.y, kWideBytes);
+  return wide ? launch_weight_grad_vec<scalar_t, kWide, kWide>(a, stream)
+              : launch_weight_grad_vec<scalar_t, 1, kWide>(a, stream);
 }
 
 }  // namespace
