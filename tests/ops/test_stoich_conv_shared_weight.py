@@ -163,17 +163,21 @@ def test_opcheck_shared_weight(backend, device, dtype, masked, save_hidden):
     assert grad_weight.shape == weight.shape == (1, plan.nnz, H)
 
 
+@pytest.mark.parametrize("save_hidden", [True, False])
 @pytest.mark.parametrize("backend,device", KERNELS)
-def test_shared_weight_is_bit_deterministic(backend, device):
+def test_shared_weight_is_bit_deterministic(backend, device, save_hidden):
+    """Run to run and, on the CPU, across thread counts: 1 and 3 threads take whole samples
+    per thread (B = 5 >= threads), 8 the row schedule (B < threads); the shared weight's batch
+    sum has one order in all of them."""
     small = TINY if backend == "triton" else {}
     y, weight, plan, keep = make_inputs(5, 2, 7, torch.float32, device, seed=8, masked=True, **small)
     grad = torch.randn_like(y)
-    first = run(y, weight, plan, keep, grad, backend)
+    first = run(y, weight, plan, keep, grad, backend, save_hidden=save_hidden)
     threads = torch.get_num_threads()
     try:
-        for n in ((1, 3) if device.type == "cpu" and backend == "cpu" else (threads,)):
+        for n in ((1, 3, 8) if device.type == "cpu" and backend == "cpu" else (threads,)):
             torch.set_num_threads(n)
-            again = run(y, weight, plan, keep, grad, backend)
+            again = run(y, weight, plan, keep, grad, backend, save_hidden=save_hidden)
             for a, b in zip(first, again):
                 assert torch.equal(a, b)
     finally:
@@ -188,8 +192,14 @@ def test_shared_weight_saved_and_recomputed_hidden_agree(backend, device, save_h
     small = TINY if backend == "triton" else {}
     y, weight, plan, keep = make_inputs(6, 2, 3, torch.float64, device, seed=9, masked=True, **small)
     grad = torch.randn_like(y)
-    got = run(y, weight, plan, keep, grad, backend, save_hidden=save_hidden)
-    assert_matches_float64(got, y, weight, plan, keep, grad)
+    threads = torch.get_num_threads()
+    try:
+        for n in ((1, 16) if backend == "cpu" else (threads,)):
+            torch.set_num_threads(n)
+            got = run(y, weight, plan, keep, grad, backend, save_hidden=save_hidden)
+            assert_matches_float64(got, y, weight, plan, keep, grad)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend,device", ALL)
