@@ -2,7 +2,9 @@
 
 Runs on the bundled yeast-GEM cell graph and prints, per op, config and batch
 size, the median time of every backend, its speed-up over the reference
-measured in the same run, and its max relative error against the reference.
+measured in the same run, its max relative error against the reference, the bytes its op must
+move (``stoichconv.bench.limits``), its achieved GB/s and that as % of the copy bandwidth of the
+device measured in the same run (before and after the rows; the higher of the two is the limit).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import torch
 
 from stoichconv.bench.core import format_table, run_cases, write_json, write_plot
+from stoichconv.bench.limits import copy_bandwidth_gbs
 
 # op name -> module with a ``cases(args)`` function
 CASE_MODULES = {
@@ -45,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (make bench uses 2)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per row (at least 3 repeats)")
     parser.add_argument("--json", dest="json_path", default=None, help="write one record per row to this file")
-    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG bar chart of the speed-ups")
+    parser.add_argument("--plot", dest="plot_path", default=None,
+                        help="write a PNG chart: per op, each row's %% of the copy bandwidth, bars grouped by backend")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     unknown = set(args.ops) - set(CASE_MODULES)
@@ -56,6 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def rescale_limit(results, copy_gbs: float):
+    """The rows' % of copy BW against ``copy_gbs``."""
+    for r in results:
+        if r.gbs is not None:
+            r.pct_copy_bw = 100 * r.gbs / copy_gbs
+    return results
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -64,22 +76,31 @@ def main(argv=None) -> int:
     for module_name in dict.fromkeys(CASE_MODULES[op] for op in args.ops):
         module = importlib.import_module(module_name)
         cases += [c for c in module.cases(args) if c.op in args.ops]
-    results = run_cases(cases, budget_s=args.budget, progress=not args.no_progress)
+    copy_before = copy_bandwidth_gbs(args.device)
+    results = run_cases(cases, budget_s=args.budget, progress=not args.no_progress, copy_gbs=copy_before)
+    copy_after = copy_bandwidth_gbs(args.device)
+    copy_gbs = max(copy_before, copy_after)
+    if copy_after > copy_before:  # the limit is the better of the two measurements
+        results = rescale_limit(results, copy_gbs)
     metadata = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "channels": args.channels,
+        "copy_gbs": round(copy_gbs, 3),
+        "copy_gbs_before": round(copy_before, 3),
+        "copy_gbs_after": round(copy_after, 3),
     }
     print(f"\nstoichconv benchmark on {metadata['device']} ({metadata['threads']} threads), "
-          f"forward + backward unless stated, ratios vs the reference in this run")
+          f"forward + backward unless stated, ratios vs the reference in this run; "
+          f"copy bandwidth {copy_gbs:.1f} GB/s (before {copy_before:.1f}, after {copy_after:.1f})")
     print(format_table(results))
     if args.json_path:
         write_json(results, args.json_path, metadata)
         print(f"wrote {args.json_path}")
     if args.plot_path:
-        write_plot(results, args.plot_path)
+        write_plot(results, args.plot_path, copy_gbs)
         print(f"wrote {args.plot_path}")
     return 0
 
