@@ -207,6 +207,7 @@ def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ops = list(dict.fromkeys(r.op for r in results))
     fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.6 * len(ops)), squeeze=False)
@@ -230,7 +231,8 @@ def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] 
                        label=f"{key[0]}, B={key[1]}" if gi == 0 or not ax.get_legend_handles_labels()[1].count(
                            f"{key[0]}, B={key[1]}") else None)
                 ratio = "" if r.ratio_vs_reference is None or r.backend == REFERENCE else f"\n{r.ratio_vs_reference:.1f}×"
-                text = f"{r.median_ms:.3g} ms{ratio}"
+                ms = f"{r.median_ms:.0f}" if r.median_ms >= 100 else f"{r.median_ms:.3g}"
+                text = f"{ms} ms{ratio}"
                 if r.pct_copy_bw:
                     text = f"{r.pct_copy_bw:.2g}%\n" + text
                 ax.text(xpos, height * 1.08, text, ha="center", va="bottom", fontsize=6.5)
@@ -243,6 +245,7 @@ def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] 
         ax.set_xticks(range(len(backends)))
         ax.set_xticklabels(backends, fontsize=9)
         ax.set_xlim(-0.5, len(backends) - 0.5)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}%"))
         ax.set_ylabel("% of copy bandwidth")
         ax.set_title(f"{op}: bytes it must move / time, vs the limit", fontsize=10)
         handles, labels = ax.get_legend_handles_labels()

@@ -244,7 +244,8 @@ def cases(args) -> list:
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
     wanted = set(getattr(args, "backends", None) or [REFERENCE, fast_backend])
     groups = [(B, 2) for B in batches if B != LARGE_BATCH]
-    groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
+    if getattr(args, "large_train", True):  # --no-large-train skips them
+        groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
     out, too_big = [], None
     for B, heads in groups:
         config = f"C={hidden},L={LAYERS},H={heads}"
