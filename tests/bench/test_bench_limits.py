@@ -241,3 +241,23 @@ def test_cli_writes_the_limit_columns(tmp_path, capsys):
     assert {"reference", "cpu"} <= {r["backend"] for r in data["records"]}
     assert all(r["bytes_moved"] > 0 and r["pct_copy_bw"] > 0 for r in data["records"])
     assert plot_path.stat().st_size > 0
+
+
+@needs_kernels
+def test_gpu_bench_uses_the_shared_floors():
+    """benchmarks/gpu_bench.py takes its formulas and copy measurement from stoichconv.bench.limits,
+    and its training-step row gets the floor counted on the first fast model timed."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    assert gpu_bench.stoich_forward_bytes is limits.stoich_forward_bytes
+    assert gpu_bench.tensor_bytes is limits.tensor_bytes
+    (_group, _name, _shape, step, step_bytes), = gpu_bench.train_step_cases("cpu", 2, True, small=True)
+    assert step_bytes(None) is None  # nothing timed yet
+    step("cpu")
+    counted = step_bytes("cpu")
+    assert counted > 0 and step_bytes(None) == counted
