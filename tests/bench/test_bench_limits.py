@@ -261,3 +261,34 @@ def test_gpu_bench_uses_the_shared_floors():
     step("cpu")
     counted = step_bytes("cpu")
     assert counted > 0 and step_bytes(None) == counted
+
+
+def test_a_missing_allocator_names_the_package_to_install(monkeypatch):
+    from stoichconv.bench import cli
+
+    monkeypatch.setitem(cli.ALLOCATORS, "nosuchalloc", ("libnosuchalloc.so.9", "libnosuchalloc9"))
+    with pytest.raises(SystemExit, match="apt-get install -y libnosuchalloc9"):
+        cli.find_allocator("nosuchalloc")
+    with pytest.raises(SystemExit, match="apt-get install -y libnosuchalloc9"):
+        cli.preload_allocator("nosuchalloc", [])
+
+
+@pytest.mark.parametrize("name", ["jemalloc", "tcmalloc"])
+def test_a_preloaded_allocator_is_recognised(name):
+    import os
+    import subprocess
+    import sys
+
+    from stoichconv.bench import cli
+
+    try:
+        path = cli.find_allocator(name)
+    except SystemExit as error:
+        pytest.skip(str(error))
+    code = "from stoichconv.bench.cli import loaded_allocator; print(loaded_allocator())"
+    env = {**os.environ, "LD_PRELOAD": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == name
+    plain = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "glibc"
