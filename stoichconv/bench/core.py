@@ -236,12 +236,10 @@ def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] 
                 if r.pct_copy_bw:
                     text = f"{r.pct_copy_bw:.2g}%\n" + text
                 ax.text(xpos, height * 1.08, text, ha="center", va="bottom", fontsize=6.5)
-        ax.axhline(100.0, color="tab:red", lw=1.5)
         limit = f" ({copy_gbs:.1f} GB/s)" if copy_gbs else ""
-        ax.text(len(backends) - 0.5, 100.0, f"limit: copy bandwidth{limit}", color="tab:red", ha="right",
-                va="bottom", fontsize=8)
+        ax.axhline(100.0, color="tab:red", lw=1.5, label=f"limit: copy bandwidth{limit}")
         ax.set_yscale("log")
-        ax.set_ylim(floor / 1.5, 400)
+        ax.set_ylim(floor / 1.5, 600)
         ax.set_xticks(range(len(backends)))
         ax.set_xticklabels(backends, fontsize=9)
         ax.set_xlim(-0.5, len(backends) - 0.5)
@@ -250,7 +248,7 @@ def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] 
         ax.set_title(f"{op}: bytes it must move / time, vs the limit", fontsize=10)
         handles, labels = ax.get_legend_handles_labels()
         seen = dict(zip(labels, handles))
-        ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper left", ncol=min(4, len(seen)))
+        ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper left", ncol=min(5, len(seen)))
         ax.grid(axis="y", which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
