@@ -22,6 +22,11 @@ NUMPY_REQ := $(if $(filter 2.11.%,$(TORCH_VERSION)),numpy<2.4,numpy)
 DEPS := "setuptools>=77.0.3" triton torch-geometric ninja pybind11 pytest pytest-benchmark hypothesis "$(NUMPY_REQ)" tqdm matplotlib
 export MAX_JOBS ?= 2
 BENCH_ARGS ?=
+# `make bench MALLOC=jemalloc` / `MALLOC=tcmalloc`: the same benchmark with that allocator preloaded
+# (Debian packages libjemalloc2 / libtcmalloc-minimal4; a clear error with the apt command when
+# missing), written to bench-results/bench-$(MALLOC).{json,png}. Unset: glibc's malloc.
+MALLOC ?=
+BENCH_OUT := bench-results/bench$(if $(MALLOC),-$(MALLOC))
 
 DEPS_STAMP := $(VENV)/.deps-$(TORCH)
 BUILD_STAMP := $(VENV)/.built-$(TORCH)
@@ -54,7 +59,7 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	mkdir -p bench-results
-	$(PY) -m stoichconv.bench --threads 2 --json bench-results/bench.json --plot bench-results/bench.png $(BENCH_ARGS)
+	$(PY) -m stoichconv.bench --threads 2 $(if $(MALLOC),--malloc $(MALLOC)) --json $(BENCH_OUT).json --plot $(BENCH_OUT).png $(BENCH_ARGS)
 
 # On a lent GPU machine with no network (tools/gpu_check.py): tier 1 `make gpu-check` builds
 # the extension against the torch installed there, runs the real-size GPU tests, the CUDA/Triton

@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from stoichconv.bench import limits
+
 BACKENDS = ("cuda", "triton", "reference")
 GROUPS = ("stoich_conv", "pert_mask", "train_step")
 QUICK = dict(warmup=2, reps=5, train_warmup=2, train_reps=3)
@@ -74,56 +76,18 @@ def median_us(fn, warmup: int, reps: int) -> float:
 
 
 def copy_bandwidth_gbs(quick: bool) -> float:
-    """Device-to-device ``copy_`` bandwidth (bytes read + written per second)."""
-    n = (256 if quick else 512) * 2**20 // 4
-    src = torch.empty(n, dtype=torch.float32, device="cuda").fill_(1.0)
-    dst = torch.empty_like(src)
-    t = median_us(lambda: dst.copy_(src), 3, 10 if quick else 30)
-    return 2 * src.numel() * 4 / (t * 1e-6) / 1e9
+    """Device-to-device ``copy_`` bandwidth (bytes read + written per second): the shared
+    measurement of :func:`stoichconv.bench.limits.copy_bandwidth_gbs` (CUDA events, a buffer
+    reused across copies), 256 MiB / 10 copies quick, 512 MiB / 30 copies full."""
+    return limits.copy_bandwidth_gbs("cuda", (256 if quick else 512) * 2**20, repeats=10 if quick else 30)
 
 
 # ------------------------------------------------------------------ byte models
+# The formulas live in stoichconv.bench.limits (shared with ``python -m stoichconv.bench``).
 
-
-def stoich_forward_bytes(B, N, M, nnz, H, C, elem=4, masked=True) -> int:
-    """Compulsory traffic of the forward: y read, hidden written then read back,
-    out written (B*H*C*(2N + 2M) elements), the weight read by both stages,
-    norms written (float32), the keep-mask read, and the plan read once per stage
-    (perm + gathered id per incidence, row pointers)."""
-    features = B * H * C * (2 * N + 2 * M) * elem
-    weights = 2 * B * nnz * H * elem
-    norms = (B if masked else 1) * (N + M) * 4
-    keep = B * M if masked else 0
-    structure = 2 * (2 * nnz * 8) + (N + M + 2) * 8
-    return features + weights + norms + keep + structure
-
-
-def stoich_backward_bytes(B, N, M, nnz, H, C, elem=4, masked=True) -> int:
-    """Compulsory traffic of the backward: R = read G, write R; grad_y = read R,
-    write grad_y; grad_weight = read G, hidden, R, y, write grad_weight; the
-    weight read twice, norms read, the plan read by both reductions and the
-    per-incidence pass."""
-    features = B * H * C * (N + M + M + N + 2 * N + 2 * M) * elem
-    weights = 3 * B * nnz * H * elem
-    norms = 2 * (B if masked else 1) * (N + M) * 4
-    keep = 2 * B * M if masked else 0
-    structure = 3 * (2 * nnz * 8) + (N + M + 2) * 8
-    return features + weights + norms + keep + structure
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of every tensor reachable in a (nested) result: what an op must write."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(o) for o in obj)
-    if hasattr(obj, "node_types"):  # HeteroData
-        total = 0
-        for store in list(obj.node_stores) + list(obj.edge_stores):
-            for value in store.values():
-                total += tensor_bytes(value)
-        return total
-    return 0
+stoich_forward_bytes = limits.stoich_forward_bytes
+stoich_backward_bytes = limits.stoich_backward_bytes
+tensor_bytes = limits.tensor_bytes
 
 
 def _unsupported_dtype(error: Exception) -> bool:
@@ -200,7 +164,6 @@ def pert_mask_cases(device: str, B: int, quick: bool):
     graph = graph.to(device)
     pert, pert_ptr = pert.to(device), pert_ptr.to(device)
     perturb_batch(graph, pert, pert_ptr, "compacted", backend="reference")  # validates the graph once
-    wildtype = tensor_bytes(graph)
     ei = graph[PHYSICAL].edge_index
 
     def batch(backend):
@@ -210,11 +173,11 @@ def pert_mask_cases(device: str, B: int, quick: bool):
     def edges(backend):
         return filter_edges(ei, num_genes, pert, pert_ptr, relabel=True, backend=backend)
 
-    # Bytes: the wildtype read once plus every output tensor written once.
-    out_bytes = tensor_bytes(batch("reference"))
-    yield "pert_mask", "perturb_batch compacted", f"B={B} cell graph", batch, wildtype + out_bytes
-    edge_bytes = tensor_bytes(ei) + tensor_bytes(pert) + tensor_bytes(pert_ptr) + tensor_bytes(edges("reference"))
-    yield "pert_mask", "filter_edges physical", f"B={B} E={ei.size(1)}", edges, edge_bytes
+    # Bytes (stoichconv.bench.limits): the wildtype read once plus every output tensor written once.
+    yield ("pert_mask", "perturb_batch compacted", f"B={B} cell graph", batch,
+           limits.perturb_batch_case_bytes(graph, pert, pert_ptr))
+    yield ("pert_mask", "filter_edges physical", f"B={B} E={ei.size(1)}", edges,
+           limits.filter_edges_case_bytes(ei, num_genes, pert, pert_ptr))
 
 
 def train_step_cases(device: str, B: int, quick: bool, small: bool = False):
@@ -257,7 +220,16 @@ def train_step_cases(device: str, B: int, quick: bool, small: bool = False):
         optimizer.step()
         return loss.detach()
 
-    yield "train_step", "train_step HeteroCell C=64 L=3 H=2", f"B={B} cell graph fp32", step, None
+    floor: list = []
+
+    def step_bytes(backend):
+        """The step's byte floor (stoichconv.bench.limits.train_step_bytes), counted once on one
+        more step of the first fast model timed (None while only the reference ran)."""
+        if not floor and backend != "reference" and backend in models:
+            floor.append(limits.train_step_bytes(models[backend][0], lambda: step(backend))[0])
+        return floor[0] if floor else None
+
+    yield "train_step", "train_step HeteroCell C=64 L=3 H=2", f"B={B} cell graph fp32", step, step_bytes
 
 
 def all_cases(device: str, B: int, quick: bool, only=GROUPS, small_model: bool = False):
@@ -310,12 +282,18 @@ def run(args) -> list[dict]:
             row["median_us"] = t
             if backend == "reference":
                 ref_us = t
-            if nbytes:
-                gbs = nbytes / (t * 1e-6) / 1e9
-                row.update(bytes=nbytes, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
+            row_bytes = nbytes(backend) if callable(nbytes) else nbytes
+            if row_bytes:
+                gbs = row_bytes / (t * 1e-6) / 1e9
+                row.update(bytes=row_bytes, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
             if group == "train_step":
                 row["steps_per_s"] = 1e6 / t
             results.append(row)
+        if callable(nbytes) and nbytes(None) is not None:  # a floor counted after the reference row ran
+            for r in results:
+                if r.get("median_us") and "bytes" not in r:
+                    gbs = nbytes(None) / (r["median_us"] * 1e-6) / 1e9
+                    r.update(bytes=nbytes(None), gbs=gbs, pct_copy=100 * gbs / copy_gbs)
         for r in results:
             r["vs_reference"] = (ref_us / r["median_us"]) if (ref_us and r["median_us"]) else None
         rows.extend(results)

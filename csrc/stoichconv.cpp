@@ -8,9 +8,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "stoichconv/stoich_conv_schedule.h"
+
 TORCH_LIBRARY(stoichconv, m) {
   // Signed stoichiometric propagation on a batch sharing one incidence
-  // structure (semantics: stoichconv.ops.stoich_conv docstring).
+  // structure (semantics: stoichconv.ops.stoich_conv docstring).  `weight` is
+  // per sample [B, nnz, H] or shared by the batch [1, nnz, H] (read as row 0
+  // for every sample, never expanded).
   // Returns (out [B,N,H,C], hidden [B,M,H,C], node_norm [Bn,N], edge_norm [Bn,M]),
   // Bn = B with a reaction keep-mask, else 1; with save_hidden=false `hidden`
   // is not kept and comes back as an empty tensor [0].
@@ -19,7 +23,9 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor metabolite_index, Tensor reaction_index, Tensor abs_stoich, "
       "Tensor reaction_ptr, Tensor reaction_perm, Tensor metabolite_ptr, "
       "Tensor metabolite_perm, bool save_hidden=True) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Hand-written backward of stoich_conv_forward: (grad_y, grad_weight); a
+  // Hand-written backward of stoich_conv_forward: (grad_y, grad_weight);
+  // grad_weight has the shape of `weight` (for a shared [1, nnz, H] weight
+  // the sum over the batch, reduced in the kernel in sample order); a
   // gradient not asked for comes back as an empty tensor.  An empty `hidden`
   // (forward run with save_hidden=false) is recomputed from y and weight.
   m.def(
@@ -77,9 +83,31 @@ TORCH_LIBRARY(stoichconv, m) {
       "Tensor(b!) edge_ptr_out, Tensor(c!) edge_keep_out, Tensor(d!) edge_id_out) -> ()");
 }
 
-// The module itself holds nothing: importing it runs the registrations above
-// and those of csrc/cpu/*.cpp and csrc/cuda/*.cpp.  How it was built is
-// reported by the separate module stoichconv._build_info (csrc/build_info.cpp).
+// The module holds no operator: importing it runs the registrations above
+// and those of csrc/cpu/*.cpp and csrc/cuda/*.cpp.  Its one function,
+// _stoich_row_splits(row_length) -> int, returns the CUDA kernels' reduction
+// schedule of a CSR row (stoichconv/stoich_conv_schedule.h) so that the CPU
+// tests check the very function the GPU runs.  How it was built is reported by
+// the separate module stoichconv._build_info (csrc/build_info.cpp).
+namespace {
+PyObject* stoich_row_splits_py(PyObject*, PyObject* arg) {
+  const long long length = PyLong_AsLongLong(arg);
+  if (length == -1 && PyErr_Occurred()) return nullptr;
+  if (length < 0) {
+    PyErr_SetString(PyExc_ValueError, "`row_length` must be >= 0");
+    return nullptr;
+  }
+  return PyLong_FromLong(stoichconv::stoich_row_splits(static_cast<int64_t>(length)));
+}
+
+PyMethodDef module_methods[] = {
+    {"_stoich_row_splits", stoich_row_splits_py, METH_O,
+     "The number of partial sums of a CSR row of `row_length` incidences in the CUDA stoich "
+     "conv kernels (stoichconv/stoich_conv_schedule.h)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -87,7 +115,7 @@ PyObject* PyInit__C(void) {
       "_C",
       "stoichconv compiled kernels (operators live in torch.ops.stoichconv)",
       -1,
-      nullptr,
+      module_methods,
   };
   return PyModule_Create(&module_def);
 }

@@ -77,10 +77,23 @@ void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
   }
 }
 
+// The edge loops read rows at random places (x_l[src], x_r[dst], g[row]): the
+// rows of the edge this many edges (slots) ahead are prefetched, every cache
+// line of them.
+constexpr int64_t kPrefetchEdges = 4;
+constexpr int64_t kPrefetchSlots = kPrefetchEdges;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(scalar_t)); b += 64)
+    __builtin_prefetch(p + b);
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                     const int64_t* src, const int64_t* dst, const int64_t* crow, int64_t R,
-                    int64_t H, int64_t C, acc_type<scalar_t> slope, scalar_t* out,
+                    int64_t E, int64_t H, int64_t C, acc_type<scalar_t> slope, scalar_t* out,
                     scalar_t* alpha) {
   using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
@@ -91,13 +104,18 @@ void forward_kernel(const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
       // The row's logits, then exps, then softmax weights [e1 - e0, H].
       acc_t* w = accumulator_for(alpha + e0 * H, weight_scratch, (e1 - e0) * H);
       for (int64_t h = 0; h < H; ++h) row_max[h] = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t e = e0; e < e1; ++e)
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + kPrefetchEdges < E) {
+          prefetch_row(xl + src[e + kPrefetchEdges] * W, W);
+          prefetch_row(xr + dst[e + kPrefetchEdges] * W, W);
+        }
         for (int64_t h = 0; h < H; ++h) {
           const acc_t a = gatv2_logit<kLanes<acc_t>>(att + h * C, xl + src[e] * W + h * C,
                                                      xr + dst[e] * W + h * C, slope, C);
           w[(e - e0) * H + h] = a;
           row_max[h] = std::max(row_max[h], a);
         }
+      }
       for (int64_t h = 0; h < H; ++h) denom[h] = acc_t(0);
       for (int64_t e = e0; e < e1; ++e)
         for (int64_t h = 0; h < H; ++h) {
@@ -137,38 +155,67 @@ std::tuple<at::Tensor, at::Tensor> gatv2_forward_cpu(const at::Tensor& x_l_in,
                                   "gatv2_forward_cpu", [&] {
     forward_kernel<scalar_t>(x_l.data_ptr<scalar_t>(), x_r.data_ptr<scalar_t>(),
                              att.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-                             dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, H, C,
+                             dst.data_ptr<int64_t>(), crow.data_ptr<int64_t>(), R, E, H, C,
                              static_cast<acc_type<scalar_t>>(negative_slope),
                              out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>());
   });
   return {out, alpha};
 }
 
-// Edges grouped by `key` (counting sort, stable): ptr [num_keys + 1] and the
-// edge ids in key order, increasing within a key.
-void group_edges_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
-                    std::vector<int64_t>& order) {
+// The edges grouped by `key` (a stable counting sort), as each edge's slot:
+// ptr [num_keys + 1], and edge e is the slot[e]-th edge in key order (edges
+// of one key in increasing edge id).
+void slots_by(const int64_t* key, int64_t E, int64_t num_keys, std::vector<int64_t>& ptr,
+              int64_t* slot) {
   ptr.assign(static_cast<size_t>(num_keys + 1), 0);
   for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
   for (int64_t k = 0; k < num_keys; ++k) ptr[k + 1] += ptr[k];
   std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
-  order.resize(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) order[next[key[e]]++] = e;
+  for (int64_t e = 0; e < E; ++e) slot[e] = next[key[e]]++;
 }
 
-// Source rows per block of the x_l pass: grad_att is summed per block, then
-// over the blocks in order, so it does not depend on the thread count.
-constexpr int64_t kSrcBlock = 64;
+// An uninitialised host buffer of n values of T for the per-edge data of one
+// call (a tensor's storage: allocated like the outputs, so that a large one
+// is advised into huge pages and is not zeroed first as a std::vector is).
+template <typename T>
+struct EdgeScratch {
+  at::Tensor storage;
+  T* data;
+  EdgeScratch(const char* name, int64_t n)
+      : storage(allocate("gatv2_backward", name,
+                         {checked_product("gatv2_backward", name, {n, int64_t(sizeof(T))})},
+                         at::TensorOptions().dtype(at::kByte))),
+        data(reinterpret_cast<T*>(storage.data_ptr())) {}
+  T& operator[](int64_t i) const { return data[i]; }
+};
 
-// The backward of forward_kernel, in three passes (every output row written
-// by one thread, sums in a fixed order, all in acc_t):
-//  A. per output row i (row-local softmax backward):
-//       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e')
-//  B. per source row s, over its edges (grouped by src):
-//       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e),
-//       pre_e = x_l[src_e] + x_r[dst_e];  grad_att += gl_e lrelu(pre_e)
-//  C. per destination row d, over its edges (grouped by dst; the output rows
-//     themselves when dst is the row):  grad_x_r[d] = sum_e gl_e att * lrelu'(pre_e)
+// Whether every edge's destination is its output row (the usual case: the
+// destination features are not shared by the samples of a batch).
+bool destination_is_row(const int64_t* dst, const int64_t* crow, int64_t R, int64_t Nd) {
+  if (Nd != R) return false;
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t e = crow[i]; e < crow[i + 1]; ++e)
+      if (dst[e] != i) return false;
+  return true;
+}
+
+// Output rows per block of the row pass: grad_att is summed per
+// block, then over the blocks in order, so it does not depend on the thread count.
+constexpr int64_t kRowBlock = 64;
+
+// The backward of forward_kernel (every output row written by one thread,
+// sums in a fixed order, all in acc_t), in two passes over the edges:
+//  1. per output row i (its edges in order; rows in fixed blocks):
+//       ga_e = <g_i, x_l[src_e]>,  gl_e = alpha_e (ga_e - sum_{e' in i} alpha_e' ga_e'),
+//       pre_e = x_l[src_e] + x_r[dst_e],  grad_att += gl_e lrelu(pre_e),
+//       grad_x_r[i] = sum_e gl_e att * lrelu'(pre_e)        (when dst is the row);
+//     and each edge's (alpha, gl, dst, row) is written to its slot in source
+//     order, so that the source pass reads them in sequence;
+//  2. per source row s, over its edges in edge order (its slots):
+//       grad_x_l[s] = sum_e alpha_e g_{row e} + gl_e att * lrelu'(pre_e).
+// When dst is not the row (destination features shared by the samples), the
+// row pass also writes each edge's (gl, src) to its slot in destination order,
+// and grad_x_r is a third pass per destination row over its slots.
 template <typename scalar_t>
 void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, const scalar_t* att,
                      const scalar_t* alpha, const int64_t* src, const int64_t* dst,
@@ -177,52 +224,67 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
                      scalar_t* gatt) {
   using acc_t = acc_type<scalar_t>;
   const int64_t W = H * C;
-  std::vector<acc_t> grad_logit(static_cast<size_t>(E * H));
-  std::vector<int64_t> row_of(static_cast<size_t>(E));
-  // A.
-  at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dot(H);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t e0 = crow[i], e1 = crow[i + 1];
-      for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
-      for (int64_t e = e0; e < e1; ++e) {
-        row_of[e] = i;
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t ga = dot_row<kLanes<acc_t>>(g + i * W + h * C, xl + src[e] * W + h * C, C);
-          grad_logit[e * H + h] = ga;
-          dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
-        }
-      }
-      for (int64_t e = e0; e < e1; ++e)
-        for (int64_t h = 0; h < H; ++h)
-          grad_logit[e * H + h] = gatv2_logit_grad(static_cast<acc_t>(alpha[e * H + h]),
-                                                   grad_logit[e * H + h], dot[h]);
-    }
-  });
-  // B.
-  std::vector<int64_t> src_ptr, by_src;
-  group_edges_by(src, E, Ns, src_ptr, by_src);
-  const int64_t num_blocks = (Ns + kSrcBlock - 1) / kSrcBlock;
+  const bool dst_is_row = destination_is_row(dst, crow, R, Nd);
+  std::vector<int64_t> src_ptr;
+  const EdgeScratch<int64_t> slot("the edge slots", E);
+  slots_by(src, E, Ns, src_ptr, slot.data);
+  // every slot written once by the row pass (slot is a permutation of the edges)
+  const EdgeScratch<acc_t> slot_alpha("the edge weights in source order", E * H),
+      slot_gl("the logit gradients in source order", E * H);
+  const EdgeScratch<int64_t> slot_dst("the destinations in source order", E);
+  const EdgeScratch<int64_t> slot_row("the rows in source order", dst_is_row ? 0 : E);
+  // dst shared: the logit gradients and sources in destination order as well
+  std::vector<int64_t> dst_ptr;
+  const EdgeScratch<int64_t> dst_slot("the destination slots", dst_is_row ? 0 : E);
+  if (!dst_is_row) slots_by(dst, E, Nd, dst_ptr, dst_slot.data);
+  const EdgeScratch<acc_t> dst_slot_gl("the logit gradients in destination order", dst_is_row ? 0 : E * H);
+  const EdgeScratch<int64_t> dst_slot_src("the sources in destination order", dst_is_row ? 0 : E);
+  // 1.
+  const int64_t num_blocks = (R + kRowBlock - 1) / kRowBlock;
   std::vector<acc_t> att_partial(static_cast<size_t>(num_blocks * W), acc_t(0));
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch;
+    std::vector<acc_t> dot(H), gl, scratch;
     for (int64_t blk = begin; blk < end; ++blk) {
       acc_t* part = att_partial.data() + blk * W;
-      for (int64_t s = blk * kSrcBlock; s < std::min(Ns, (blk + 1) * kSrcBlock); ++s) {
-        acc_t* acc = accumulator_for(gxl + s * W, scratch, W);
-        for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
-        const scalar_t* xs = xl + s * W;
-        for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
-          const int64_t e = by_src[j];
-          const scalar_t* xd = xr + dst[e] * W;
-          const scalar_t* gr = g + row_of[e] * W;
+      for (int64_t i = blk * kRowBlock; i < std::min(R, (blk + 1) * kRowBlock); ++i) {
+        const int64_t e0 = crow[i], e1 = crow[i + 1];
+        const scalar_t* gi = g + i * W;
+        gl.resize(static_cast<size_t>((e1 - e0) * H));
+        for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
+        for (int64_t e = e0; e < e1; ++e) {
+          if (e + kPrefetchSlots < E) prefetch_row(xl + src[e + kPrefetchSlots] * W, W);
           for (int64_t h = 0; h < H; ++h) {
-            const int64_t o = h * C;
-            gatv2_source_grad_row(acc + o, part + o, static_cast<acc_t>(alpha[e * H + h]), gr + o,
-                                  grad_logit[e * H + h], att + o, xs + o, xd + o, slope, C);
+            const acc_t ga = dot_row<kLanes<acc_t>>(gi + h * C, xl + src[e] * W + h * C, C);
+            gl[(e - e0) * H + h] = ga;
+            dot[h] += static_cast<acc_t>(alpha[e * H + h]) * ga;
           }
         }
-        store_row(gxl + s * W, acc, W);
+        acc_t* to_dst = dst_is_row ? accumulator_for(gxr + i * W, scratch, W) : nullptr;
+        for (int64_t c = 0; dst_is_row && c < W; ++c) to_dst[c] = acc_t(0);
+        for (int64_t e = e0; e < e1; ++e) {
+          const scalar_t* xs = xl + src[e] * W;
+          const scalar_t* xd = xr + dst[e] * W;
+          const int64_t j = slot[e];
+          slot_dst[j] = dst[e];
+          if (!dst_is_row) {
+            slot_row[j] = i;
+            dst_slot_src[dst_slot[e]] = src[e];
+          }
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = h * C;
+            const acc_t a = static_cast<acc_t>(alpha[e * H + h]);
+            const acc_t gle = gatv2_logit_grad(a, gl[(e - e0) * H + h], dot[h]);
+            slot_alpha[j * H + h] = a;
+            slot_gl[j * H + h] = gle;
+            if (dst_is_row) {
+              gatv2_destination_grad_row(to_dst + o, part + o, gle, att + o, xs + o, xd + o, slope, C);
+            } else {
+              gatv2_attention_grad_row(part + o, gle, xs + o, xd + o, slope, C);
+              dst_slot_gl[dst_slot[e] * H + h] = gle;
+            }
+          }
+        }
+        if (dst_is_row) store_row(gxr + i * W, to_dst, W);
       }
     }
   });
@@ -232,13 +294,32 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
   for (int64_t blk = 0; blk < num_blocks; ++blk)
     for (int64_t c = 0; c < W; ++c) gatt_acc[c] += att_partial[blk * W + c];
   store_row(gatt, gatt_acc, W);
-  // C.
-  bool dst_is_row = Nd == R;
-  for (int64_t e = 0; dst_is_row && e < E; ++e) dst_is_row = dst[e] == row_of[e];
-  std::vector<int64_t> dst_ptr_v, by_dst_v;
-  if (!dst_is_row) group_edges_by(dst, E, Nd, dst_ptr_v, by_dst_v);
-  const int64_t* dst_ptr = dst_is_row ? crow : dst_ptr_v.data();
-  const int64_t* by_dst = dst_is_row ? nullptr : by_dst_v.data();
+  // 2.
+  at::parallel_for(0, Ns, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;
+    for (int64_t s = begin; s < end; ++s) {
+      acc_t* acc = accumulator_for(gxl + s * W, scratch, W);
+      for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
+      const scalar_t* xs = xl + s * W;
+      for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
+        if (j + kPrefetchSlots < E) {
+          const int64_t jn = j + kPrefetchSlots;
+          prefetch_row(xr + slot_dst[jn] * W, W);
+          prefetch_row(g + (dst_is_row ? slot_dst[jn] : slot_row[jn]) * W, W);
+        }
+        const scalar_t* xd = xr + slot_dst[j] * W;
+        const scalar_t* gr = g + (dst_is_row ? slot_dst[j] : slot_row[j]) * W;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t o = h * C;
+          gatv2_source_grad_row(acc + o, slot_alpha[j * H + h], gr + o, slot_gl[j * H + h],
+                                att + o, xs + o, xd + o, slope, C);
+        }
+      }
+      store_row(gxl + s * W, acc, W);
+    }
+  });
+  if (dst_is_row) return;
+  // 3. grad_x_r per destination row, over its edges in edge order (its slots).
   at::parallel_for(0, Nd, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch;
     for (int64_t d = begin; d < end; ++d) {
@@ -246,12 +327,11 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xd = xr + d * W;
       for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
-        const int64_t e = by_dst ? by_dst[j] : j;
-        const scalar_t* xs = xl + src[e] * W;
+        if (j + kPrefetchSlots < E) prefetch_row(xl + dst_slot_src[j + kPrefetchSlots] * W, W);
+        const scalar_t* xs = xl + dst_slot_src[j] * W;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;
-          gatv2_destination_grad_row(acc + o, grad_logit[e * H + h], att + o, xs + o, xd + o,
-                                     slope, C);
+          gatv2_x_r_grad_row(acc + o, dst_slot_gl[j * H + h], att + o, xs + o, xd + o, slope, C);
         }
       }
       store_row(gxr + d * W, acc, W);
@@ -269,9 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gatv2_backward_cpu(
   check_gatv2_backward_args(grad_out_in, alpha_in, x_l_in, R, E, at::kCPU);
   const auto grad_out = grad_out_in.contiguous(), x_l = x_l_in.contiguous(),
              x_r = x_r_in.contiguous(), att = att_in.contiguous(), alpha = alpha_in.contiguous();
-  auto grad_x_l = at::empty_like(x_l);
-  auto grad_x_r = at::empty_like(x_r);
-  auto grad_att = at::empty_like(att);
+  const char* op = "gatv2_backward";
+  auto grad_x_l = allocate(op, "grad_x_l", x_l.sizes(), x_l.options());
+  auto grad_x_r = allocate(op, "grad_x_r", x_r.sizes(), x_r.options());
+  auto grad_att = allocate(op, "grad_att", att.sizes(), att.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_l.scalar_type(),
                                   "gatv2_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), x_l.data_ptr<scalar_t>(),

@@ -146,7 +146,8 @@ at::Tensor group_softmax_cpu(const at::Tensor& logits_in, const std::optional<at
   at::Tensor kept;
   if (kept_in.has_value()) kept = kept_in->contiguous();
   const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
-  auto alpha = at::empty_like(logits);  // every entry written: group_perm is a permutation
+  // every entry written: group_perm is a permutation
+  auto alpha = allocate(op, "alpha", logits.sizes(), logits.options());
   const int64_t G = ptr.size(0) - 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "group_softmax_cpu", [&] {
@@ -175,7 +176,7 @@ at::Tensor group_softmax_backward_cpu(const at::Tensor& grad_in, const at::Tenso
   check_group_grad(op, grad_in, alpha_in);
   const auto grad = grad_in.contiguous(), alpha = alpha_in.contiguous();
   const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
-  auto grad_logits = at::empty_like(alpha);
+  auto grad_logits = allocate(op, "grad_logits", alpha.sizes(), alpha.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, alpha.scalar_type(),
                                   "group_softmax_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),

@@ -40,6 +40,7 @@ template <typename scalar_t>
 struct ForwardArgs {
   using acc_t = acc_type<scalar_t>;
   int64_t B, N, H, C, nnz;
+  int64_t w_stride;  // elements between samples of `weight`: nnz * H, or 0 when shared [1, nnz, H]
   const scalar_t* y;
   const scalar_t* weight;
   const bool* keep;  // [B, M] or nullptr
@@ -54,6 +55,7 @@ template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = acc_type<scalar_t>;
   int64_t B, N, H, C, nnz;
+  int64_t w_stride;  // as in ForwardArgs; 0: grad_weight is [1, nnz, H], summed over the batch
   const scalar_t* grad_out;
   const scalar_t* grad_hidden;  // or nullptr
   const scalar_t* y;
@@ -155,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                   "stoich_conv_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const ForwardArgs<scalar_t> args{B, N, H, C, plan.nnz, y.data_ptr<scalar_t>(),
+    const ForwardArgs<scalar_t> args{B, N, H, C, plan.nnz, weight_sample_stride(weight),
+                                     y.data_ptr<scalar_t>(),
                                      weight.data_ptr<scalar_t>(), keep.data,
                                      abs_stoich.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
                                      save_hidden ? hidden.data_ptr<scalar_t>() : nullptr,
@@ -204,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cpu(
                                   "stoich_conv_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const BackwardArgs<scalar_t> args{
-        B, N, H, C, plan.nnz, grad_out.data_ptr<scalar_t>(),
+        B, N, H, C, plan.nnz, weight_sample_stride(weight), grad_out.data_ptr<scalar_t>(),
         grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
         y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep.data,
         hidden.numel() > 0 ? hidden.data_ptr<scalar_t>() : nullptr,

@@ -46,7 +46,8 @@ void degree_norms(const StoichPlanView& s, const acc_t* abs_stoich, const bool* 
   });
 }
 
-// Rows [r0, r1) of sample b of one segment reduction:
+// Row r of sample b of one segment reduction (dst: that row; init_row: its
+// init row or nullptr; buffer: one acc_t row, used when acc_t is not scalar_t):
 //   dst_b[r] = (init_b ? init_b[r] : 0) + row_scale(b, r) *
 //              sum_{k in CSR row r} coef(b, k, h) * src_b[other(k), h]
 // for each head h (rows of H * C values; src_b / init_b / dst_b point at
@@ -58,6 +59,33 @@ void degree_norms(const StoichPlanView& s, const acc_t* abs_stoich, const bool* 
 // row itself when acc_t is scalar_t, else in a buffer of one row (reused
 // across the rows) that is rounded to scalar_t once, after the init term.
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
+inline void reduce_row(int64_t b, int64_t r, int64_t H, int64_t C, const int64_t* ptr,
+                       const int64_t* perm, const scalar_t* src_b, const scalar_t* init_row,
+                       scalar_t* dst, stoichconv::acc_type<scalar_t>* buffer, Other other,
+                       Coef coef, Scale row_scale) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
+  constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  const int64_t row_size = H * C;
+  acc_t* out;
+  if constexpr (in_place) out = dst; else out = buffer;
+  for (int64_t i = 0; i < row_size; ++i) out[i] = acc_t(0);
+  const acc_t scale = row_scale(b, r);
+  if (scale != acc_t(0)) {
+    for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+      const int64_t k = perm[j];
+      const scalar_t* src_row = src_b + other(k) * row_size;
+      for (int64_t h = 0; h < H; ++h)
+        axpy_row(out + h * C, static_cast<acc_t>(coef(b, k, h)), src_row + h * C, C);
+    }
+    scale_row(out, scale, row_size);
+  }
+  if (init_row != nullptr) axpy_row(out, acc_t(1), init_row, row_size);
+  if constexpr (!in_place)
+    for (int64_t i = 0; i < row_size; ++i) dst[i] = static_cast<scalar_t>(out[i]);
+}
+
+// Rows [r0, r1) of sample b (reduce_row for each, one row buffer reused).
+template <typename scalar_t, typename Other, typename Coef, typename Scale>
 inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
                         const int64_t* ptr, const int64_t* perm, const scalar_t* src_b,
                         const scalar_t* init_b, scalar_t* dst_b, Other other, Coef coef,
@@ -66,25 +94,9 @@ inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
   constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
   const int64_t row_size = H * C;
   std::vector<acc_t> buffer(in_place ? 0 : static_cast<size_t>(row_size));
-  for (int64_t r = r0; r < r1; ++r) {
-    scalar_t* dst = dst_b + r * row_size;
-    acc_t* out;
-    if constexpr (in_place) out = dst; else out = buffer.data();
-    for (int64_t i = 0; i < row_size; ++i) out[i] = acc_t(0);
-    const acc_t scale = row_scale(b, r);
-    if (scale != acc_t(0)) {
-      for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
-        const int64_t k = perm[j];
-        const scalar_t* src_row = src_b + other(k) * row_size;
-        for (int64_t h = 0; h < H; ++h)
-          axpy_row(out + h * C, static_cast<acc_t>(coef(b, k, h)), src_row + h * C, C);
-      }
-      scale_row(out, scale, row_size);
-    }
-    if (init_b != nullptr) axpy_row(out, acc_t(1), init_b + r * row_size, row_size);
-    if constexpr (!in_place)
-      for (int64_t i = 0; i < row_size; ++i) dst[i] = static_cast<scalar_t>(out[i]);
-  }
+  for (int64_t r = r0; r < r1; ++r)
+    reduce_row(b, r, H, C, ptr, perm, src_b, init_b ? init_b + r * row_size : nullptr,
+               dst_b + r * row_size, buffer.data(), other, coef, row_scale);
 }
 
 // The same reduction over every (sample, row), parallel over rows (used when
@@ -117,7 +129,7 @@ inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
 // when the forward did not save it).
 template <typename scalar_t>
 inline void stage1_rows(const StoichPlanView& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
-                        int64_t H, int64_t C, int64_t nnz, const bool* keep, const scalar_t* y,
+                        int64_t H, int64_t C, int64_t w_stride, const bool* keep, const scalar_t* y,
                         const scalar_t* w, const stoichconv::acc_type<scalar_t>* edge_norm,
                         scalar_t* hidden_b) {
   using acc_t = stoichconv::acc_type<scalar_t>;
@@ -125,13 +137,13 @@ inline void stage1_rows(const StoichPlanView& s, int64_t b, int64_t e0, int64_t 
   reduce_rows(
       b, e0, e1, H, C, s.reaction_ptr, s.reaction_perm, y + b * N * row_size,
       static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t k) { return s.metabolite_index[k]; },
-      [&](int64_t bb, int64_t k, int64_t h) { return static_cast<acc_t>(w[(bb * nnz + k) * H + h]); },
+      [&](int64_t bb, int64_t k, int64_t h) { return static_cast<acc_t>(w[bb * w_stride + k * H + h]); },
       [&](int64_t bb, int64_t e) { return edge_norm[(keep ? bb : 0) * M + e]; });
 }
 
 // Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
 template <typename scalar_t>
-void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t nnz,
+void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t w_stride,
                 const bool* keep, const scalar_t* y, const scalar_t* w,
                 const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* hidden) {
   const int64_t M = s.M, row_size = H * C;
@@ -139,7 +151,7 @@ void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / M, e0 = row % M;
       const int64_t e1 = std::min(M, e0 + (end - row));
-      stage1_rows(s, b, e0, e1, N, H, C, nnz, keep, y, w, edge_norm, hidden + b * M * row_size);
+      stage1_rows(s, b, e0, e1, N, H, C, w_stride, keep, y, w, edge_norm, hidden + b * M * row_size);
       row += e1 - e0;
     }
   });
@@ -150,7 +162,7 @@ void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_
 template <typename scalar_t>
 void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   using acc_t = stoichconv::acc_type<scalar_t>;
-  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, ws = a.w_stride;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
   const scalar_t* w = a.weight;
@@ -159,7 +171,7 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
   const auto stage2_other = [&](int64_t k) { return s.reaction_index[k]; };
   const auto stage2_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return incidence_kept(keep, b, M, s.reaction_index[k]) ? static_cast<acc_t>(w[(b * nnz + k) * H + h])
+    return incidence_kept(keep, b, M, s.reaction_index[k]) ? static_cast<acc_t>(w[b * ws + k * H + h])
                                                            : acc_t(0);
   };
   const auto stage2_scale = [&](int64_t b, int64_t v) { return dn[(keep ? b : 0) * N + v]; };
@@ -168,7 +180,7 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
       std::vector<scalar_t> scratch(a.hidden ? 0 : static_cast<size_t>(M * row_size));
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* hidden_b = a.hidden ? a.hidden + b * M * row_size : scratch.data();
-        stage1_rows(s, b, 0, M, N, H, C, nnz, keep, a.y, w, a.edge_norm, hidden_b);
+        stage1_rows(s, b, 0, M, N, H, C, ws, keep, a.y, w, a.edge_norm, hidden_b);
         reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
                     static_cast<const scalar_t*>(hidden_b), static_cast<const scalar_t*>(nullptr),
                     a.out + b * N * row_size, stage2_other, stage2_coef, stage2_scale);
@@ -178,9 +190,73 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   }
   std::vector<scalar_t> temporary(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
   scalar_t* hidden = a.hidden ? a.hidden : temporary.data();
-  stage1_all(s, a.B, N, H, C, nnz, keep, a.y, w, a.edge_norm, hidden);
+  stage1_all(s, a.B, N, H, C, ws, keep, a.y, w, a.edge_norm, hidden);
   segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, hidden,
                            nullptr, a.out, stage2_other, stage2_coef, stage2_scale);
+}
+
+// The gradient of a weight shared by every sample (weight [1, nnz, H], w_stride 0):
+//   grad_weight[0, k, h] = sum_{b = 0 .. B-1, e_k kept in b} D_v <G_v, h_e> + B_e <R_e, Y_v>
+// (per sample exactly incidence_weight_grad of the per-sample path), summed in acc_t in
+// sample order and rounded once.  Parallel over reactions: incidence k is owned by the task
+// of its reaction e_k (the reaction CSR), which loops over the samples, so every entry is
+// written by one thread in a fixed order (no atomics, no [B, nnz, H] buffer).  The rows R_e
+// and h_e of sample b are read from R / hidden [B, M, H, C] where given, else recomputed
+// (reduce_row: the same arithmetic as the whole-batch rows).
+template <typename scalar_t, typename ROther, typename RCoef, typename RScale>
+void shared_weight_grads(const StoichPlanView& s, const BackwardArgs<scalar_t>& a,
+                         const scalar_t* R, const scalar_t* hidden, ROther r_other, RCoef r_coef,
+                         RScale r_scale) {
+  using acc_t = stoichconv::acc_type<scalar_t>;
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, ws = a.w_stride;
+  const int64_t row_size = H * C;
+  const bool* keep = a.keep;
+  const scalar_t* w = a.weight;
+  const acc_t* en = a.edge_norm;
+  const auto h_coef = [&](int64_t bb, int64_t k, int64_t h) {
+    return static_cast<acc_t>(w[bb * ws + k * H + h]);
+  };
+  const auto h_scale = [&](int64_t bb, int64_t e) { return en[(keep ? bb : 0) * M + e]; };
+  at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> R_row(R ? 0 : static_cast<size_t>(row_size));
+    std::vector<scalar_t> h_row(hidden ? 0 : static_cast<size_t>(row_size));
+    std::vector<acc_t> buffer(std::is_same_v<acc_t, scalar_t> ? 0 : static_cast<size_t>(row_size));
+    std::vector<acc_t> sums;
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t j0 = s.reaction_ptr[e], j1 = s.reaction_ptr[e + 1];
+      sums.assign(static_cast<size_t>((j1 - j0) * H), acc_t(0));
+      for (int64_t b = 0; b < a.B; ++b) {
+        if (!incidence_kept(keep, b, M, e)) continue;
+        const int64_t nb = keep ? b : 0;
+        const scalar_t* R_e = R ? R + (b * M + e) * row_size : R_row.data();
+        if (!R)
+          reduce_row(b, e, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out + b * N * row_size,
+                     a.grad_hidden ? a.grad_hidden + (b * M + e) * row_size : nullptr,
+                     R_row.data(), buffer.data(), r_other, r_coef, r_scale);
+        const scalar_t* h_e = hidden ? hidden + (b * M + e) * row_size : h_row.data();
+        if (!hidden)
+          reduce_row(b, e, H, C, s.reaction_ptr, s.reaction_perm, a.y + b * N * row_size,
+                     static_cast<const scalar_t*>(nullptr), h_row.data(), buffer.data(),
+                     [&](int64_t k) { return s.metabolite_index[k]; }, h_coef, h_scale);
+        const acc_t be = en[nb * M + e];
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t v = s.metabolite_index[s.reaction_perm[j]];
+          const acc_t d = a.node_norm[nb * N + v];
+          const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
+          const scalar_t* Y_v = a.y + (b * N + v) * row_size;
+          acc_t* sum = sums.data() + (j - j0) * H;
+          for (int64_t h = 0; h < H; ++h)
+            sum[h] += incidence_weight_grad<kDotLanes<acc_t>>(d, G_v + h * C, h_e + h * C, be,
+                                                               R_e + h * C, Y_v + h * C, C);
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = s.reaction_perm[j];
+        for (int64_t h = 0; h < H; ++h)
+          a.grad_weight[k * H + h] = static_cast<scalar_t>(sums[(j - j0) * H + h]);
+      }
+    }
+  });
 }
 
 // a.hidden == nullptr: the forward did not save `hidden`; it is recomputed
@@ -189,18 +265,20 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
 template <typename scalar_t>
 void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
   using acc_t = stoichconv::acc_type<scalar_t>;
-  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz;
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz, ws = a.w_stride;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
   const scalar_t* w = a.weight;
   const acc_t* dn = a.node_norm;
   const acc_t* en = a.edge_norm;
   const auto norm_b = [&](int64_t b) { return keep ? b : int64_t(0); };
+  // A weight [1, nnz, H] shared by the samples (w_stride 0, B != 1): one gradient [1, nnz, H].
+  const bool shared = ws == 0 && a.B != 1;
   // R[b,e] = dL/dh[b,e] = grad_hidden[b,e] + sum_{k in e} w_k D_{v_k} G[b, v_k]
   // (stored in scalar_t, like `hidden`)
   const auto r_other = [&](int64_t k) { return s.metabolite_index[k]; };
   const auto r_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return static_cast<acc_t>(w[(b * nnz + k) * H + h]) * dn[norm_b(b) * N + s.metabolite_index[k]];
+    return static_cast<acc_t>(w[b * ws + k * H + h]) * dn[norm_b(b) * N + s.metabolite_index[k]];
   };
   const auto r_scale = [&](int64_t b, int64_t e) {
     return incidence_kept(keep, b, M, e) ? acc_t(1) : acc_t(0);
@@ -210,7 +288,7 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
   const auto gy_coef = [&](int64_t b, int64_t k, int64_t h) {
     const int64_t e = s.reaction_index[k];
     return incidence_kept(keep, b, M, e)
-               ? static_cast<acc_t>(w[(b * nnz + k) * H + h]) * en[norm_b(b) * M + e]
+               ? static_cast<acc_t>(w[b * ws + k * H + h]) * en[norm_b(b) * M + e]
                : acc_t(0);
   };
   const auto gy_scale = [](int64_t, int64_t) { return acc_t(1); };
@@ -237,7 +315,8 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
     // Each thread keeps one sample's R in a scratch buffer: R never goes
     // through memory as a [B, M, H, C] tensor.
     at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
-      const bool recompute = a.grad_weight != nullptr && a.hidden == nullptr;
+      const bool per_sample_w = a.grad_weight != nullptr && !shared;
+      const bool recompute = per_sample_w && a.hidden == nullptr;
       std::vector<scalar_t> scratch(static_cast<size_t>((recompute ? 2 : 1) * M * row_size));
       scalar_t* R_b = scratch.data();
       scalar_t* hidden_scratch = recompute ? R_b + M * row_size : nullptr;
@@ -249,12 +328,16 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
           reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
                       static_cast<const scalar_t*>(R_b), static_cast<const scalar_t*>(nullptr),
                       a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
-        if (a.grad_weight != nullptr) {
-          if (recompute) stage1_rows(s, b, 0, M, N, H, C, nnz, keep, a.y, w, en, hidden_scratch);
+        if (per_sample_w) {
+          if (recompute) stage1_rows(s, b, 0, M, N, H, C, ws, keep, a.y, w, en, hidden_scratch);
           weight_grads(b, 0, nnz, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
         }
       }
     });
+    // A shared weight: its gradient from the saved (or recomputed) rows, R row by row again.
+    if (a.grad_weight != nullptr && shared)
+      shared_weight_grads(s, a, static_cast<const scalar_t*>(nullptr), a.hidden, r_other, r_coef,
+                          r_scale);
     return;
   }
   std::vector<scalar_t> R(static_cast<size_t>(a.B * M * row_size));
@@ -267,8 +350,13 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
     std::vector<scalar_t> recomputed(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
     const scalar_t* hidden = a.hidden;
     if (hidden == nullptr) {
-      stage1_all(s, a.B, N, H, C, nnz, keep, a.y, w, en, recomputed.data());
+      stage1_all(s, a.B, N, H, C, ws, keep, a.y, w, en, recomputed.data());
       hidden = recomputed.data();
+    }
+    if (shared) {
+      shared_weight_grads(s, a, static_cast<const scalar_t*>(R.data()), hidden, r_other, r_coef,
+                          r_scale);
+      return;
     }
     at::parallel_for(0, a.B * nnz, kGrain * 8, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end;) {

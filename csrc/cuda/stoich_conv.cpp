@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stoich_conv_forward_c
                                   "stoich_conv_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     check_launch(cuda::launch_stoich_conv_forward<scalar_t>(
-                     plan.view, cuda::Geometry{B, H, C}, y.data_ptr<scalar_t>(),
+                     plan.view, cuda::Geometry{B, H, C, weight.size(0) == 1 && B != 1}, y.data_ptr<scalar_t>(),
                      weight.data_ptr<scalar_t>(), keep.data, abs_stoich.data_ptr<acc_t>(),
                      out.data_ptr<scalar_t>(), hidden.data_ptr<scalar_t>(),
                      node_norm.data_ptr<acc_t>(), edge_norm.data_ptr<acc_t>(), stream),
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
                                     "stoich_conv_hidden_cuda", [&] {
       check_launch(cuda::launch_stoich_conv_hidden<scalar_t>(
-                       plan.view, cuda::Geometry{B, H, C}, y.data_ptr<scalar_t>(),
+                       plan.view, cuda::Geometry{B, H, C, weight.size(0) == 1 && B != 1}, y.data_ptr<scalar_t>(),
                        weight.data_ptr<scalar_t>(), keep.data,
                        edge_norm.data_ptr<acc_type<scalar_t>>(), hidden.data_ptr<scalar_t>(),
                        stream),
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> stoich_conv_backward_cuda(
     using acc_t = acc_type<scalar_t>;
     check_launch(
         cuda::launch_stoich_conv_backward<scalar_t>(
-            plan.view, cuda::Geometry{B, H, C}, grad_out.data_ptr<scalar_t>(),
+            plan.view, cuda::Geometry{B, H, C, weight.size(0) == 1 && B != 1}, grad_out.data_ptr<scalar_t>(),
             grad_hidden.defined() ? grad_hidden.data_ptr<scalar_t>() : nullptr,
             y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), keep.data,
             hidden.data_ptr<scalar_t>(), node_norm.data_ptr<acc_t>(),

@@ -5,6 +5,11 @@ A benchmark is a list of :class:`BenchCase`. Cases with the same
 ``(op, config, batch)`` form a group; the one with ``backend == "reference"``
 is the baseline its group's ratios and errors are measured against, in the
 same run.
+
+Every case may state ``bytes_moved``: the bytes its op must move at least
+(:mod:`stoichconv.bench.limits`); with the copy bandwidth measured in the same run
+(:func:`stoichconv.bench.limits.copy_bandwidth_gbs`) each row then reports its achieved GB/s
+and its % of that limit.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+
+from stoichconv.bench.limits import achieved
 
 from stoichconv.backends import KERNEL_BACKENDS  # noqa: F401  (rows timed on the project's kernels)
 
@@ -35,6 +42,9 @@ class BenchCase:
     extra: dict = field(default_factory=dict)
     # Called once after timing; its dict is merged into ``extra`` (e.g. peak memory).
     measure_extra: Optional[Callable[[], dict]] = None
+    # Bytes the op must move at least (stoichconv.bench.limits), or a function computing them
+    # (called once, after timing, e.g. when counting needs one more run); None: not stated.
+    bytes_moved: Union[int, Callable[[], int], None] = None
 
     @property
     def group(self) -> tuple:
@@ -51,6 +61,9 @@ class BenchResult:
     ratio_vs_reference: Optional[float]
     max_rel_err: Optional[float]
     extra: dict
+    bytes_moved: Optional[int] = None
+    gbs: Optional[float] = None  # bytes_moved / median time
+    pct_copy_bw: Optional[float] = None  # gbs as % of the run's copy bandwidth
 
     def record(self) -> dict:
         return {
@@ -61,6 +74,9 @@ class BenchResult:
             "median_ms": round(self.median_ms, 4),
             "ratio_vs_reference": None if self.ratio_vs_reference is None else round(self.ratio_vs_reference, 3),
             "max_rel_err": self.max_rel_err,
+            "bytes_moved": self.bytes_moved,
+            "gbs": None if self.gbs is None else round(self.gbs, 3),
+            "pct_copy_bw": None if self.pct_copy_bw is None else round(self.pct_copy_bw, 3),
             **self.extra,
         }
 
@@ -111,9 +127,15 @@ def max_relative_error(output: Any, reference: Any) -> Optional[float]:
     return worst
 
 
-def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool = True) -> list[BenchResult]:
+def _resolve_bytes(case: BenchCase) -> Optional[int]:
+    value = case.bytes_moved() if callable(case.bytes_moved) else case.bytes_moved
+    return None if value is None else int(value)
+
+
+def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool = True,
+              copy_gbs: Optional[float] = None) -> list[BenchResult]:
     """Time every case; reference rows of a group first so ratios and errors
-    come from the same run."""
+    come from the same run. ``copy_gbs``: the limit the rows' % of copy BW refers to."""
     cases = sorted(cases, key=lambda c: (c.group, c.backend != REFERENCE))
     try:
         from tqdm import tqdm
@@ -137,14 +159,18 @@ def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool 
             ratio, err = ref_ms / median_ms, max_relative_error(output, ref_out)
         else:
             ratio, err = None, None
-        results.append(BenchResult(case.op, case.backend, case.config, case.batch, median_ms, ratio, err, extra))
+        nbytes = _resolve_bytes(case)
+        limit = achieved(nbytes, median_ms, copy_gbs)
+        results.append(BenchResult(case.op, case.backend, case.config, case.batch, median_ms, ratio, err, extra,
+                                   nbytes, limit.get("gbs"), limit.get("pct_copy_bw")))
         del output
     return results
 
 
 def format_table(results: list[BenchResult]) -> str:
     extra_keys = sorted({k for r in results for k in r.extra})
-    header = ["op", "config", "B", "backend", "median ms", "vs reference", "max rel err"] + extra_keys
+    header = ["op", "config", "B", "backend", "median ms", "vs reference", "max rel err", "MB moved", "GB/s",
+              "% copy BW"] + extra_keys
     rows = [
         [
             r.op,
@@ -154,6 +180,9 @@ def format_table(results: list[BenchResult]) -> str:
             f"{r.median_ms:.3f}",
             "-" if r.ratio_vs_reference is None else f"{r.ratio_vs_reference:.2f}x",
             "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
+            "-" if r.bytes_moved is None else f"{r.bytes_moved / 1e6:.1f}",
+            "-" if r.gbs is None else f"{r.gbs:.2f}",
+            "-" if r.pct_copy_bw is None else f"{r.pct_copy_bw:.1f}%",
         ]
         + [str(r.extra.get(k, "")) for k in extra_keys]
         for r in results
@@ -168,25 +197,59 @@ def write_json(results: list[BenchResult], path: str, metadata: dict) -> None:
         json.dump({"metadata": metadata, "records": [r.record() for r in results]}, f, indent=2)
 
 
-def write_plot(results: list[BenchResult], path: str) -> None:
-    """Bar chart of speed-up vs the reference, one panel per op."""
+def write_plot(results: list[BenchResult], path: str, copy_gbs: Optional[float] = None) -> None:
+    """One panel per op: each row's achieved share of the copy bandwidth (log scale), bars grouped
+    by backend (one bar per config and batch size, the same colour for the same config and B in
+    every group), the limit (100 % = the copy bandwidth measured in the run) drawn as a red line;
+    each bar is labelled with its median time and its speed-up over the reference. Rows without a
+    byte count are drawn at the bottom with their time only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    ops = sorted({r.op for r in results})
-    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
+    ops = list(dict.fromkeys(r.op for r in results))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.6 * len(ops)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
     for ax, op in zip(axes[:, 0], ops):
-        rows = [r for r in results if r.op == op and r.ratio_vs_reference is not None and r.backend != REFERENCE]
-        labels = [f"{r.config}\nB={r.batch}\n{r.backend}" for r in rows]
-        ax.bar(range(len(rows)), [r.ratio_vs_reference for r in rows], color="tab:blue")
-        ax.axhline(1.0, color="gray", lw=1, ls="--")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel("speed-up vs reference")
+        rows = [r for r in results if r.op == op]
+        backends = list(dict.fromkeys(r.backend for r in sorted(rows, key=lambda r: r.backend != REFERENCE)))
+        keys = list(dict.fromkeys((r.config, r.batch) for r in rows))
+        width = 0.8 / max(1, len(keys))
+        pcts = [r.pct_copy_bw for r in rows if r.pct_copy_bw]
+        floor = min([*pcts, 1.0]) / 3
+        for gi, backend in enumerate(backends):
+            for ki, key in enumerate(keys):
+                match = [r for r in rows if r.backend == backend and (r.config, r.batch) == key]
+                if not match:
+                    continue
+                r = match[0]
+                xpos = gi + (ki - (len(keys) - 1) / 2) * width
+                height = r.pct_copy_bw if r.pct_copy_bw else floor
+                ax.bar(xpos, height, width * 0.92, color=cmap(ki % 10), hatch=None if r.pct_copy_bw else "//",
+                       label=f"{key[0]}, B={key[1]}" if gi == 0 or not ax.get_legend_handles_labels()[1].count(
+                           f"{key[0]}, B={key[1]}") else None)
+                ratio = "" if r.ratio_vs_reference is None or r.backend == REFERENCE else f"\n{r.ratio_vs_reference:.1f}×"
+                ms = f"{r.median_ms:.0f}" if r.median_ms >= 100 else f"{r.median_ms:.3g}"
+                text = f"{ms} ms{ratio}"
+                if r.pct_copy_bw:
+                    text = f"{r.pct_copy_bw:.2g}%\n" + text
+                ax.text(xpos, height * 1.08, text, ha="center", va="bottom", fontsize=6.5)
+        limit = f" ({copy_gbs:.1f} GB/s)" if copy_gbs else ""
+        ax.axhline(100.0, color="tab:red", lw=1.5, label=f"limit: copy bandwidth{limit}")
         ax.set_yscale("log")
-        ax.set_title(op)
+        ax.set_ylim(floor / 1.5, 600)
+        ax.set_xticks(range(len(backends)))
+        ax.set_xticklabels(backends, fontsize=9)
+        ax.set_xlim(-0.5, len(backends) - 0.5)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}%"))
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title(f"{op}: bytes it must move / time, vs the limit", fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        ax.legend(seen.values(), seen.keys(), fontsize=7, loc="upper left", ncol=min(5, len(seen)))
+        ax.grid(axis="y", which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,6 +21,13 @@ step is first run in a subprocess watched by this process, stopped when its RSS 
 the memory available at the start; a reference that does not fit gets no timed row, and the fast
 row of its group records how far it got (``reference_peak_rss_mb``, e.g. ``">19000 (stopped)"``);
 when the 2-head reference does not fit, the 10-head one (which needs more) is not tried.
+
+``bytes_moved`` of a group (the same for its reference and fast rows): the floor of one step,
+:func:`stoichconv.bench.limits.train_step_bytes`, counted on one more step of a fresh fast model
+from the group's parameters after the timing (the graph kernels by their formulas from their
+arguments' shapes, plus 10 parameter-sized passes for the gradients, clipping and AdamW; the
+dense layers not counted, so the floor is a lower bound). The bf16-mixed row counts its own step
+under autocast (2-byte kernel operands).
 """
 
 from __future__ import annotations
@@ -176,9 +183,26 @@ def peak_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int, he
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure) -> BenchCase:
+def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure, floor=None) -> BenchCase:
     return BenchCase(op=OP, backend=backend, config=config, batch=B, run=_step_fn(kind, *setup),
-                     extra={"threads": threads}, measure_extra=measure)
+                     extra={"threads": threads}, measure_extra=measure, bytes_moved=floor)
+
+
+def step_floor(B: int, hidden: int, device, state: dict, heads: int, autocast_dtype=None):
+    """A function returning the byte floor of one training step of this group (computed on its
+    first call, on a fresh fast model loaded with ``state``, then remembered)."""
+    from stoichconv.bench.limits import train_step_bytes
+
+    memo: list = []
+
+    def get() -> int:
+        if not memo:
+            setup = _setup("fast", B, hidden, device, state=state, heads=heads)
+            total, _per_op = train_step_bytes(setup[1], _step_fn("fast", *setup, autocast_dtype=autocast_dtype))
+            memo.append(total)
+        return memo[0]
+
+    return get
 
 
 def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: dict, heads: int,
@@ -206,7 +230,8 @@ def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: di
 
     return BenchCase(op=OP, backend=f"{backend} bf16-mixed", config=config, batch=B,
                      run=_step_fn("fast", *setup, autocast_dtype=torch.bfloat16, first=first),
-                     extra={"threads": threads}, measure_extra=error_vs_float64)
+                     extra={"threads": threads}, measure_extra=error_vs_float64,
+                     bytes_moved=step_floor(B, hidden, device, state, heads, torch.bfloat16))
 
 
 def cases(args) -> list:
@@ -219,7 +244,8 @@ def cases(args) -> list:
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
     wanted = set(getattr(args, "backends", None) or [REFERENCE, fast_backend])
     groups = [(B, 2) for B in batches if B != LARGE_BATCH]
-    groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
+    if getattr(args, "large_train", True):  # --no-large-train skips them
+        groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
     out, too_big = [], None
     for B, heads in groups:
         config = f"C={hidden},L={LAYERS},H={heads}"
@@ -241,17 +267,18 @@ def cases(args) -> list:
                     too_big = heads
         ref_setup = _setup("reference", B, hidden, device, heads=heads)
         state = {k: v.clone() for k, v in ref_setup[1].state_dict().items()}
+        floor = step_floor(B, hidden, device, state, heads)
         note = {}
         if reference_extra is not None and reference_extra.get("fits") is False:
             note = {"reference_peak_rss_mb": reference_extra["peak_rss_mb"]}
         else:
             ref_measure = ((lambda e=reference_extra: e) if reference_extra is not None
                            else (lambda m=measure: m(REFERENCE)))
-            out.append(_case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure))
+            out.append(_case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure, floor))
         if fast_backend in wanted:
             fast_setup = _setup("fast", B, hidden, device, state=state, heads=heads)
             out.append(_case(fast_backend, "fast", config, B, fast_setup, threads,
-                             lambda n=note, m=measure: {**m(fast_backend), **n}))
+                             lambda n=note, m=measure: {**m(fast_backend), **n}, floor))
             if B != LARGE_BATCH:  # the bf16-mixed step, its first predictions against float64
                 out.append(_bf16_case(fast_backend, config, B, hidden, device, state, heads, threads))
         del ref_setup

@@ -12,6 +12,10 @@ physical gene-gene relation and ``perturb_batch`` on the whole cell graph,
 * ``<backend> batcher``: ``perturb_batch`` through a :class:`stoichconv.perturb.PerturbBatcher`
   (the same ops writing into a reused ring of buffers sized for the largest B; built, and
   its buffers touched, outside the timing).
+
+``bytes_moved`` (the same for every row of a group): ``filter_edges`` its inputs read and its
+whole result written (:func:`stoichconv.bench.limits.filter_edges_case_bytes`), ``perturb_batch``
+the wildtype read and the batch written (:func:`stoichconv.bench.limits.perturb_batch_case_bytes`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from functools import partial
 import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
+from stoichconv.bench.limits import filter_edges_case_bytes, perturb_batch_case_bytes
 from stoichconv.data.relations import GPR, METABOLISM, NODE_TYPES, PHYSICAL, REGULATORY
 from stoichconv.testing import random_perturbations
 
@@ -57,23 +62,31 @@ def cases(args) -> list:
     for B in args.batches:
         pert, pert_ptr = random_perturbations(num_genes, B, sizes=(1, 2, 3), seed=B)
         edges = lambda f: f.edge_index  # noqa: E731
+        fe_bytes = filter_edges_case_bytes(physical, num_genes, pert, pert_ptr)
+        pb_bytes = perturb_batch_case_bytes(graph, pert, pert_ptr)
         result += [
             BenchCase("filter_edges", REFERENCE, "physical", B,
-                      lambda p=pert, q=pert_ptr: edges(filter_edges_reference(physical, num_genes, p, q))),
+                      lambda p=pert, q=pert_ptr: edges(filter_edges_reference(physical, num_genes, p, q)),
+                      bytes_moved=fe_bytes),
             BenchCase("filter_edges", "padded-table", "physical", B,
-                      lambda p=pert, q=pert_ptr: edges(filter_edges_padded(physical_table, physical, p, q))),
+                      lambda p=pert, q=pert_ptr: edges(filter_edges_padded(physical_table, physical, p, q)),
+                      bytes_moved=fe_bytes),
             BenchCase("perturb_batch", REFERENCE, "cell graph", B,
-                      lambda p=pert, q=pert_ptr: batch_tensors(perturb_batch_reference(graph, p, q))),
+                      lambda p=pert, q=pert_ptr: batch_tensors(perturb_batch_reference(graph, p, q)),
+                      bytes_moved=pb_bytes),
             BenchCase("perturb_batch", "padded-table", "cell graph", B,
-                      lambda p=pert, q=pert_ptr: batch_tensors(padded_perturber(p, q))),
+                      lambda p=pert, q=pert_ptr: batch_tensors(padded_perturber(p, q)), bytes_moved=pb_bytes),
         ]
         pert_d, pert_ptr_d, physical_d = pert.to(device), pert_ptr.to(device), physical.to(device)
         for backend in fast_backends:
             result.append(BenchCase("filter_edges", backend, "physical", B, partial(
-                lambda p, q, b: edges(filter_edges(physical_d, num_genes, p, q, backend=b)), pert_d, pert_ptr_d, backend)))
+                lambda p, q, b: edges(filter_edges(physical_d, num_genes, p, q, backend=b)), pert_d, pert_ptr_d, backend),
+                bytes_moved=fe_bytes))
             if backend != "triton":  # the Triton backend covers the edge filter only
                 result.append(BenchCase("perturb_batch", backend, "cell graph", B, partial(
-                    lambda p, q, b: batch_tensors(perturb_batch(graph_on_device, p, q, backend=b)), pert_d, pert_ptr_d, backend)))
+                    lambda p, q, b: batch_tensors(perturb_batch(graph_on_device, p, q, backend=b)), pert_d, pert_ptr_d, backend),
+                    bytes_moved=pb_bytes))
                 result.append(BenchCase("perturb_batch", f"{backend} batcher", "cell graph", B, partial(
-                    lambda p, q, b: batch_tensors(batchers[b](p, q)), pert_d, pert_ptr_d, backend)))
+                    lambda p, q, b: batch_tensors(batchers[b](p, q)), pert_d, pert_ptr_d, backend),
+                    bytes_moved=pb_bytes))
     return result

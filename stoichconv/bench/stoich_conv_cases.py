@@ -14,6 +14,10 @@ of a StoichHypergraphConv on a perturbation batch of B samples:
   ``torch.autocast(device, torch.bfloat16)``, as mixed-precision training runs it; besides the
   error against the float32 reference row its ``max_rel_err_vs_fp64`` column is the error against
   the reference layer run in float64 on the same inputs (output, dL/dx and dL/dW).
+
+Every row of a group states the same ``bytes_moved``: the floor of one forward + backward of the
+layer on the shared-topology batch (:func:`stoichconv.bench.limits.stoich_layer_bytes`; bf16-mixed
+rows with 2-byte features and weights, the dtype their kernels run in).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from functools import partial
 import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
+from stoichconv.bench.limits import stoich_layer_bytes
 from stoichconv.testing import compact_metabolic_batch, random_perturbations
 
 LOW_PRECISION_BACKENDS = ("cpu", "cuda")  # which backends also get a bf16-mixed row
@@ -153,6 +158,8 @@ def cases(args) -> list[BenchCase]:
             torch.nn.init.normal_(reference.bias, std=0.1)
             grad_out = data.grad_out[channels * options["heads"]]
             attr_kw = options["use_attention"]
+            floor = partial(stoich_layer_bytes, batch_size, N, M, data.edge_index.size(1), channels,
+                            options["heads"], channels, attention=attr_kw)
             result.append(
                 BenchCase(
                     "stoich_conv",
@@ -171,6 +178,7 @@ def cases(args) -> list[BenchCase]:
                         x_compact,
                         grad_out,
                     ),
+                    bytes_moved=floor(elem=4),
                 )
             )
             if config == "plain" and "torch.sparse" in args.backends:
@@ -181,6 +189,7 @@ def cases(args) -> list[BenchCase]:
                     BenchCase(
                         "stoich_conv", "torch.sparse", config, batch_size,
                         partial(_fwd_bwd, SparseSpMMLayer(reference, a1, a2), {}, x_compact, grad_out),
+                        bytes_moved=floor(elem=4),
                     )
                 )
             for backend in fast_backends:
@@ -194,7 +203,8 @@ def cases(args) -> list[BenchCase]:
                     reaction_keep=data.reaction_keep,
                 )
                 result.append(
-                    BenchCase("stoich_conv", backend, config, batch_size, partial(_fwd_bwd, fast, inputs, data.x, grad_out))
+                    BenchCase("stoich_conv", backend, config, batch_size, partial(_fwd_bwd, fast, inputs, data.x, grad_out),
+                              bytes_moved=floor(elem=4))
                 )
                 if backend in LOW_PRECISION_BACKENDS:
                     run = partial(_fwd_bwd_autocast, fast, inputs, data.x, grad_out, torch.bfloat16)
@@ -205,5 +215,5 @@ def cases(args) -> list[BenchCase]:
                     measure = partial(_error_vs_float64, run, reference64, inputs64, x_compact.double(),
                                       grad_out.double())
                     result.append(BenchCase("stoich_conv", f"{backend} bf16-mixed", config, batch_size, run,
-                                            measure_extra=measure))
+                                            measure_extra=measure, bytes_moved=floor(elem=2)))
     return result

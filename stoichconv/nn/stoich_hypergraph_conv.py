@@ -138,7 +138,9 @@ class StoichHypergraphConv(torch.nn.Module):
             weight = weight * gate.index_select(1, plan.metabolite_index).unsqueeze(-1)
         if self.use_attention:
             weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
-        weight = weight.expand(B, plan.nnz, H)
+        # [1, nnz, H] when no factor depends on the sample (no gate, no attention): the op takes
+        # the shared weight as is and sums its gradient over the batch in the kernel.
+        weight = weight.expand(weight.shape[0], plan.nnz, H)
         out = stoich_conv(y, weight, plan, reaction_keep, backend=self.backend)
         if self.concat:
             if self.bias is not None:  # in place on the op's fresh output (not a view), unused by its backward

@@ -30,8 +30,11 @@ def stoich_conv_reference(
     num_reactions: int,
     reaction_keep: Optional[Tensor] = None,
 ) -> Tensor:
-    """``out`` [B, N, H, C] (dtype of ``y``) from ``y`` [B, N, H, C], ``weight`` [B, nnz, H],
-    the incidence list and optional ``reaction_keep`` [B, M]."""
+    """``out`` [B, N, H, C] (dtype of ``y``) from ``y`` [B, N, H, C], ``weight`` [B, nnz, H]
+    (or [1, nnz, H], shared by the batch: broadcast, never expanded; autograd sums its
+    gradient over the batch), the incidence list and optional ``reaction_keep`` [B, M]."""
+    if weight.dim() == 2:  # [nnz, H], shared by the batch
+        weight = weight.unsqueeze(0)
     dtype = y.dtype
     compute = torch.promote_types(dtype, torch.float32)  # float32 for float16 / bfloat16
     y, weight = y.to(compute), weight.to(compute)

@@ -13,7 +13,10 @@ weights ``s * gate * alpha``, forward and backward (w.r.t. ``y`` and ``weight``)
 * inputs produced on a non-default ``torch.cuda.Stream`` (a kernel launched on another stream
   reads NaN);
 * contiguous but misaligned inputs (``buf[1:]``): within the bound of the reference, and
-  bit-identical to the aligned run (review finding 7);
+  bit-identical to the aligned run, float32 and bfloat16 (review finding 7);
+* packed short rows (review finding 3): a sample run alone, the batch and the compacted
+  layout of unperturbed copies give the same bits;
+* a weight shared by the batch ([1, nnz, H], review finding 6) against the reference;
 * a CUDA-graph capture of forward + backward replayed on new inputs against eager.
 
 Tolerances: see ``gpu_helpers``. Measured errors are recorded as junit properties (the
@@ -162,6 +165,11 @@ def test_compacted_layout_equals_shared_topology(backend, cell_graph_cuda, yeast
     rel = 2 * bound(torch.float32, reduction_length(plan))
     for a, b, s, name in zip(*results, scale, NAMES):
         assert_within(b, a, s, rel, f"{backend} compacted vs shared {name}")
+    # the compacted (packed short rows) run against the float64 reference of the shared layout
+    want, _ = reference_and_scale(y0, w0, plan, keep, g0)
+    want = (want[0][met.batch, met.n_id], want[1], want[2])
+    for got, w, s, name in zip(results[1], want, scale, NAMES):
+        assert_within(got, w, s, rel / 2, f"{backend} compacted {name} vs float64 reference")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -204,15 +212,85 @@ def test_misaligned_inputs_match_reference(backend, yeast_plans):
         assert_within(a, b, s, rel, f"{backend} misaligned {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_misaligned_inputs_bit_identical_to_aligned(backend, yeast_plans):
-    """Review finding 7: the reduction order must not depend on the storage offset."""
+def test_misaligned_inputs_bit_identical_to_aligned(backend, dtype, yeast_plans):
+    """Review finding 7: the reduction order must not depend on the storage offset. The aligned
+    run takes the wide accesses (C = 64: float4 / four 16-bit values) in stage 1, the
+    reaction-side gradient and the weight gradient, the ``buf[1:]`` run the scalar ones there
+    (its y and grad_out are off by one element); every output, grad_weight included, must be
+    bit-identical."""
     plan = yeast_plans[1]
-    y, w, keep, g = make_inputs(plan, 32, 2, 64, torch.float32, seed=11)
+    y, w, keep, g = make_inputs(plan, 32, 2, 64, dtype, seed=11)
+    assert y.data_ptr() % 16 == 0 and g.data_ptr() % 16 == 0  # the aligned run can go wide
     aligned = run(y, w, plan, keep, g, backend)
     shifted = run(_misaligned(y), _misaligned(w), plan, keep, _misaligned(g), backend)
     for a, b, name in zip(aligned, shifted, NAMES):
         assert torch.equal(a, b), f"{backend} {name}: misaligned run differs (max {float((a - b).abs().max()):.3g})"
+
+
+def _block_diagonal_plan(plan, copies):
+    """``copies`` disjoint copies of ``plan``'s graph as one graph (the compacted layout of an
+    unperturbed batch): every row keeps its incidences in their order, so a row of copy c is
+    the same CSR row as in ``plan``."""
+    from stoichconv.ops import build_stoich_plan
+
+    N, M, nnz = plan.num_metabolites, plan.num_reactions, plan.nnz
+    offsets = torch.arange(copies, device=plan.device).repeat_interleave(nnz)
+    edge_index = torch.stack([plan.metabolite_index.repeat(copies) + offsets * N,
+                              plan.reaction_index.repeat(copies) + offsets * M])
+    return build_stoich_plan(edge_index, plan.stoich.repeat(copies), N * copies, M * copies)
+
+
+def test_packed_rows_are_bit_identical_to_one_row_per_sample(yeast_plans):
+    """Review finding 3: the CUDA kernels pack many short rows (and samples) per block, and the
+    result of a row must not depend on its neighbours in the block. Each sample of a
+    shared-topology batch run alone (B = 1), the batch (B = 8) and the compacted layout (8
+    copies of the graph, B = 1: rows of 2-8 incidences packed across copies) give the same
+    bits, forward and backward; and the compacted run is within the bound of the float64
+    reference."""
+    plan = yeast_plans[1]
+    B, H, C = 8, 2, 64
+    y, w, _keep, g = make_inputs(plan, B, H, C, torch.float32, seed=21)
+    batch = run(y, w, plan, None, g, "cuda")
+    for b in (0, 3, B - 1):
+        alone = run(y[b:b + 1], w[b:b + 1], plan, None, g[b:b + 1], "cuda")
+        for a, full, name in zip(alone, batch, NAMES):
+            assert torch.equal(a[0], full[b]), f"{name}: sample {b} alone differs from the batch"
+    compact = _block_diagonal_plan(plan, B)
+    N, nnz = plan.num_metabolites, plan.nnz
+    packed = run(y.reshape(1, B * N, H, C), w.reshape(1, B * nnz, H), compact, None, g.reshape(1, B * N, H, C),
+                 "cuda")
+    for a, full, name in zip(packed, batch, NAMES):
+        assert torch.equal(a.reshape(full.shape), full), f"{name}: compacted layout differs from the batch"
+    want, scale = reference_and_scale(y, w, plan, None, g)
+    rel = bound(torch.float32, reduction_length(plan))
+    for a, b, s, name in zip(packed, want, scale, NAMES):
+        assert_within(a.reshape(b.shape), b, s, rel, f"packed compacted {name} vs float64 reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_shared_weight_real_size(backend, dtype, yeast_plans):
+    """Review finding 6 at real size: one weight [1, nnz, H] for B = 32 samples (never
+    expanded), grad_weight [1, nnz, H] reduced over the batch in the kernel: within the bound
+    of the float64 reference (the batch sum adds B terms to the weight gradient's chain), and
+    bit-deterministic run to run."""
+    plan = yeast_plans[1]
+    B, H, C = 32, 2, 64
+    y, w, keep, g = make_inputs(plan, B, H, C, dtype, seed=23)
+    shared = w[:1].contiguous()
+    got = run(y, shared, plan, keep, g, backend)
+    assert got[2].shape == (1, plan.nnz, H)
+    again = run(y, shared, plan, keep, g, backend)
+    for a, b, name in zip(got, again, NAMES):
+        assert torch.equal(a, b), f"{backend} shared-weight {name} differs run to run"
+    want, scale = reference_and_scale(y, shared.expand(B, -1, -1), plan, keep, g)
+    want = (want[0], want[1], want[2].sum(0, keepdim=True))
+    scale = (scale[0], scale[1], scale[2].sum(0, keepdim=True))
+    L = reduction_length(plan)
+    for a, b, s, name, length in zip(got, want, scale, NAMES, (L, L, B * C * L)):
+        assert_within(a, b, s, bound(dtype, length), f"{backend} shared-weight {name} vs float64 reference")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

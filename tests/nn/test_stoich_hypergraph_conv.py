@@ -167,3 +167,36 @@ def test_constructor_rejects_bad_options():
         FastConv(F_IN, C, use_attention=True, attention_mode="bogus")
     with pytest.raises(ValueError, match="`backend` must be one of"):
         FastConv(F_IN, C, backend="bogus")
+
+
+@pytest.mark.parametrize("gate,attention", [(False, False), (True, False), (False, True)])
+def test_layer_passes_a_shared_weight_unexpanded(gate, attention, monkeypatch):
+    """Review finding 6: without a per-sample factor (no gate, no attention) the layer hands the
+    op one weight [1, nnz, H] for the whole batch (never expanded to [B, nnz, H]); with a gate or
+    attention the weight is per sample. Either way the batch equals the compacted reference."""
+    import stoichconv.nn.stoich_hypergraph_conv as layer_module
+
+    shapes = []
+    real = layer_module.stoich_conv
+
+    def recording(y, weight, *args, **kwargs):
+        shapes.append(tuple(weight.shape))
+        return real(y, weight, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "stoich_conv", recording)
+    options = dict(is_stoich_gated=gate, use_attention=attention, heads=2 if attention else 1)
+    B = 4
+    reference, fast = paired_layers(options)
+    edge_index, stoich, _, attr = graph(seed=2)
+    x = torch.randn(B, N, F_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    keep = random_keep(B, M, seed=8)
+    compact, compact_stoich, kept_reactions = compact_metabolic_batch(edge_index, stoich, keep, N)
+    assert_same_forward_backward(
+        reference, fast,
+        (compact, compact_stoich, attr[kept_reactions], int(keep.sum())),
+        (edge_index, stoich, attr, M, keep),
+        x.reshape(B * N, F_IN), x,
+        reshape=lambda t: t.reshape(B * N, -1),
+    )
+    H = options["heads"]
+    assert shapes == [(1 if not (gate or attention) else B, NNZ, H)]

@@ -83,10 +83,15 @@ def raw_ops(backend, device):
     return kernel_op(OP, backend, device), kernel_op(OP, backend, device, name="backward")
 
 
+@pytest.mark.parametrize("dst_is_row", [False, True], ids=["shared-dst", "dst-is-row"])
 @pytest.mark.parametrize("backend,device,rows,E,S,D", DETERMINISM)
-def test_deterministic_across_runs_and_threads_and_empty_edge_set(backend, device, rows, E, S, D):
+def test_deterministic_across_runs_and_threads_and_empty_edge_set(backend, device, rows, E, S, D, dst_is_row):
+    # both CPU backward schedules: destinations shared (a pass by destination) and dst == row
+    # (x_r's gradient in the row pass)
     forward, backward = raw_ops(backend, device)
     edges = random_edge_set(num_rows=rows, num_edges=E, num_src=S, num_dst=D, seed=9)
+    if dst_is_row:
+        edges = EdgeSet(edges.src, edges.row.clone(), edges.row, edges.crow, edges.num_rows)
     x_l, x_r, att = (t.detach().float() for t in features(edges, H=2, C=32, device=device))
     edges = on(device, edges)
     args = (x_l, x_r, att, edges.src, edges.dst, edges.crow, 0.2)

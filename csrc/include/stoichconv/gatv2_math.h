@@ -74,29 +74,53 @@ SC_INLINE acc_t gatv2_destination_grad(acc_t gl, acc_t att, acc_t x_l, acc_t x_r
 }
 
 // The backward's per-channel rows of one edge and head (pre = x_l + x_r), the
-// gradients accumulated in acc_t rows:
-//   to_src[c] += a * g[c] + gl * att[c] * lrelu'(pre[c])   (the gradient of x_l[src])
+// gradients accumulated in acc_t rows. Pass by destination (the edges of one
+// output row, next to the logit gradients):
 //   to_att[c] += gl * lrelu(pre[c])                         (the gradient of att)
+//   to_dst[c] += gl * att[c] * lrelu'(pre[c])               (the gradient of x_r[dst])
 template <typename scalar_t, typename acc_t>
-SC_INLINE void gatv2_source_grad_row(acc_t* __restrict__ to_src, acc_t* __restrict__ to_att,
-                                     acc_t a, const scalar_t* __restrict__ g, acc_t gl,
+SC_INLINE void gatv2_destination_grad_row(acc_t* __restrict__ to_dst, acc_t* __restrict__ to_att,
+                                          acc_t gl, const scalar_t* __restrict__ att,
+                                          const scalar_t* __restrict__ x_l,
+                                          const scalar_t* __restrict__ x_r, acc_t slope,
+                                          int64_t C) {
+  SC_SIMD for (int64_t c = 0; c < C; ++c) {
+    const acc_t pre = acc_t(x_l[c]) + acc_t(x_r[c]);
+    to_att[c] += gl * leaky_relu(pre, slope);
+    to_dst[c] += gatv2_destination_grad(gl, acc_t(att[c]), acc_t(x_l[c]), acc_t(x_r[c]), slope);
+  }
+}
+
+//   to_att[c] += gl * lrelu(pre[c])   (the att gradient alone: x_r's gradient taken elsewhere)
+template <typename scalar_t, typename acc_t>
+SC_INLINE void gatv2_attention_grad_row(acc_t* __restrict__ to_att, acc_t gl,
+                                        const scalar_t* __restrict__ x_l,
+                                        const scalar_t* __restrict__ x_r, acc_t slope, int64_t C) {
+  SC_SIMD for (int64_t c = 0; c < C; ++c)
+    to_att[c] += gl * leaky_relu(acc_t(x_l[c]) + acc_t(x_r[c]), slope);
+}
+
+//   to_dst[c] += gl * att[c] * lrelu'(pre[c])   (x_r's gradient alone, by destination row)
+template <typename scalar_t, typename acc_t>
+SC_INLINE void gatv2_x_r_grad_row(acc_t* __restrict__ to_dst, acc_t gl,
+                                  const scalar_t* __restrict__ att,
+                                  const scalar_t* __restrict__ x_l,
+                                  const scalar_t* __restrict__ x_r, acc_t slope, int64_t C) {
+  SC_SIMD for (int64_t c = 0; c < C; ++c)
+    to_dst[c] += gatv2_destination_grad(gl, acc_t(att[c]), acc_t(x_l[c]), acc_t(x_r[c]), slope);
+}
+
+// Pass by source (the edges leaving one source row):
+//   to_src[c] += a * g[c] + gl * att[c] * lrelu'(pre[c])   (the gradient of x_l[src])
+template <typename scalar_t, typename acc_t>
+SC_INLINE void gatv2_source_grad_row(acc_t* __restrict__ to_src, acc_t a,
+                                     const scalar_t* __restrict__ g, acc_t gl,
                                      const scalar_t* __restrict__ att,
                                      const scalar_t* __restrict__ x_l,
                                      const scalar_t* __restrict__ x_r, acc_t slope, int64_t C) {
   SC_SIMD for (int64_t c = 0; c < C; ++c)
-    gatv2_source_grad(to_src[c], to_att[c], a, acc_t(g[c]), gl, acc_t(att[c]), acc_t(x_l[c]),
-                      acc_t(x_r[c]), slope);
-}
-
-//   to_dst[c] += gl * att[c] * lrelu'(x_l[c] + x_r[c])      (the gradient of x_r[dst])
-template <typename scalar_t, typename acc_t>
-SC_INLINE void gatv2_destination_grad_row(acc_t* __restrict__ to_dst, acc_t gl,
-                                          const scalar_t* __restrict__ att,
-                                          const scalar_t* __restrict__ x_l,
-                                          const scalar_t* __restrict__ x_r, acc_t slope,
-                                          int64_t C) {
-  SC_SIMD for (int64_t c = 0; c < C; ++c)
-    to_dst[c] += gatv2_destination_grad(gl, acc_t(att[c]), acc_t(x_l[c]), acc_t(x_r[c]), slope);
+    to_src[c] += a * acc_t(g[c]) +
+                 gl * acc_t(att[c]) * leaky_relu_grad(acc_t(x_l[c]) + acc_t(x_r[c]), slope);
 }
 
 // One head's attention logit of an edge:

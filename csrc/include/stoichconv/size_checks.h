@@ -16,6 +16,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "stoichconv/host_pages.h"
+
 namespace stoichconv {
 
 // The product of `dims` (non-negative), or an error "<op>: <what> = d0 * d1 *
@@ -56,7 +58,7 @@ namespace detail {
 // at::empty(sizes, options), but a size overflow or a failed allocation is
 // reported as "<op>: cannot allocate `name` [sizes] (bytes on device)" (an
 // out-of-memory error stays a c10::OutOfMemoryError, torch.OutOfMemoryError
-// in Python).
+// in Python). Large CPU outputs are advised into huge pages (host_pages.h).
 inline at::Tensor allocate(const char* op, const char* name, at::IntArrayRef sizes,
                            const at::TensorOptions& options) {
   int64_t numel = 1;
@@ -68,7 +70,9 @@ inline at::Tensor allocate(const char* op, const char* name, at::IntArrayRef siz
   TORCH_CHECK(!overflow, op, ": cannot allocate `", name, "` ", sizes, ": its size in bytes ",
               "overflows int64");
   try {
-    return at::empty(sizes, options);
+    at::Tensor out = at::empty(sizes, options);
+    if (out.device().is_cpu()) advise_huge_pages(out.data_ptr(), bytes);
+    return out;
   } catch (const c10::OutOfMemoryError&) {
     detail::allocation_failed(op, name, sizes, bytes, true, device.c_str());
   } catch (const c10::Error&) {

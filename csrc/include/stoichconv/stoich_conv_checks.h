@@ -54,10 +54,11 @@ inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& wei
               y.scalar_type());
   const int64_t B = y.size(0), N = y.size(1), H = y.size(2);
   const int64_t nnz = metabolite_index.numel();
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == B && weight.size(1) == nnz &&
-                  weight.size(2) == H,
+  TORCH_CHECK(weight.dim() == 3 && (weight.size(0) == B || weight.size(0) == 1) &&
+                  weight.size(1) == nnz && weight.size(2) == H,
               "stoich_conv: `weight` must be [B, nnz, H] = [", B, ", ", nnz, ", ", H,
-              "], got shape ", weight.sizes());
+              "] or shared by the batch [1, nnz, H] = [1, ", nnz, ", ", H, "], got shape ",
+              weight.sizes());
   TORCH_CHECK(weight.scalar_type() == y.scalar_type(), "stoich_conv: `weight` dtype ",
               weight.scalar_type(), " differs from `y` dtype ", y.scalar_type());
   TORCH_CHECK(weight.device() == y.device(), "stoich_conv: `weight` is on ", weight.device(),
@@ -82,6 +83,14 @@ inline int64_t check_stoich_conv_args(const at::Tensor& y, const at::Tensor& wei
                 keep.device(), " but `y` is on ", y.device());
   }
   return nnz;
+}
+
+// Elements between the samples of a (contiguous) `weight` checked by
+// check_stoich_conv_args: nnz * H for a per-sample weight [B, nnz, H], 0 for
+// one shared by the batch [1, nnz, H] (the kernels read row 0 for every
+// sample, and the backward returns grad_weight [1, nnz, H] summed over it).
+inline int64_t weight_sample_stride(const at::Tensor& weight) {
+  return weight.size(0) == 1 ? 0 : weight.size(1) * weight.size(2);
 }
 
 // The forward's `abs_stoich` [nnz] in the accumulate dtype of `y`, on its device.

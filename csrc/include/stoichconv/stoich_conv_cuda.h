@@ -20,9 +20,12 @@ namespace stoichconv {
 namespace cuda {
 
 // Batch geometry: y is [B, N, H, C]; keep is [B, M] bool or nullptr
-// (then the norms are [1, N] / [1, M], else [B, N] / [B, M]).
+// (then the norms are [1, N] / [1, M], else [B, N] / [B, M]); weight is
+// [B, nnz, H], or [1, nnz, H] shared by the batch (shared_weight: read as row 0
+// for every sample, and grad_weight [1, nnz, H] is its sum over the batch).
 struct Geometry {
   int64_t B, H, C;
+  bool shared_weight;
 };
 
 // Stage 1 alone: hidden [B,M,H,C] from y, weight and the forward's edge_norm

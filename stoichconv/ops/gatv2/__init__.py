@@ -42,7 +42,9 @@ HeteroCell. Backends (:data:`SPEC`): ``cpu`` and ``cuda`` run the two compiled o
 (``csrc/cpu/gatv2.cpp``, ``csrc/cuda/gatv2.cpp``; on CUDA a team of threads owns each
 (row, head), the groupings by a stable sort), deterministic for any thread count (every output row
 written by one thread, sums in a fixed order, ``grad_att`` summed over fixed
-blocks of source rows; no atomics); ``triton`` runs
+blocks of rows: of output rows on the CPU, of source rows on CUDA; no atomics; the CPU backward
+is two passes over the edges, by output row then by source, the edges' softmax gradients
+written in source order by the first); ``triton`` runs
 ``stoichconv::triton_gatv2_forward`` / ``_backward`` (:mod:`.triton_kernels`, the same
 row-owned structure, the per-source and per-destination groupings by a stable sort in the
 launcher); ``reference`` runs the edge-chunked pure-PyTorch forward and backward of

@@ -16,6 +16,15 @@ features ``y`` [B, N, H, C] and per-incidence weights ``w`` [B, nnz, H]
 * ``hidden[b, e, h] = Bn[b, e] * sum_{k: e_k = e, kept} w[b, k, h] * y[b, v_k, h]``  (metabolite -> reaction),
 * ``out[b, v, h]    = D[b, v]  * sum_{k: v_k = v, kept} w[b, k, h] * hidden[b, e_k, h]``  (reaction -> metabolite).
 
+Shared weight: a weight that is the same for every sample (no per-sample gate or attention, e.g.
+``w = s`` or ``s * alpha`` with ``alpha`` a parameter) may be given once, as ``weight`` [1, nnz, H]
+(or [nnz, H] to :func:`stoich_conv`), and means ``w[b] = weight[0]`` for every b. No backend
+materialises the expansion: the kernels read row 0 for every sample, and the backward returns
+``grad_weight`` in the weight's own shape, ``dL/dweight[0, k] = sum_b dL/dw[b, k]``, reduced over
+the batch inside the kernel in sample order b = 0, 1, ..., B - 1 (no atomics: deterministic on
+every backend). The results equal those of the expanded weight up to rounding (the batch sum is
+taken in the accumulate dtype and rounded once).
+
 B = 1 is a single graph; a compacted block-diagonal batch is B = 1 on the
 bigger graph; both layouts give the same numbers. The backward is hand-written
 (``R`` = the reaction-side gradient, ``G`` = dL/dout):
@@ -193,7 +202,9 @@ def stoich_conv(
 
     Args:
         y: transformed metabolite features [B, N, H, C], float16, bfloat16, float32 or float64.
-        weight: per-incidence weights [B, nnz, H] (``s * gate * alpha``), same dtype.
+        weight: per-incidence weights [B, nnz, H] (``s * gate * alpha``), same dtype; or one
+            weight shared by every sample, [1, nnz, H] or [nnz, H] (never expanded; its
+            gradient comes back in its own shape: module docstring, "Shared weight").
         plan: the graph's :class:`~stoichconv.types.StoichPlan` (``build_stoich_plan``), on
             ``y``'s device.
         reaction_keep: optional bool [B, M]; False drops the reaction in that sample.
@@ -207,6 +218,8 @@ def stoich_conv(
     """
     if isinstance(y, Tensor):
         y, weight = cast_for_autocast(y.device, y, weight)
+    if isinstance(weight, Tensor) and weight.dim() == 2:  # [nnz, H], shared by the batch
+        weight = weight.unsqueeze(0)
     check_propagate_args(y, weight, plan, reaction_keep)
     selected = select("stoich_conv", backend, y.device)
     if selected.backend == "reference":

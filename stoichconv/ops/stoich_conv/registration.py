@@ -27,6 +27,7 @@ def backward_fake(grad_out, grad_hidden, y, weight, reaction_keep, hidden, node_
                   metabolite_index, reaction_index, reaction_ptr, reaction_perm, metabolite_ptr,
                   metabolite_perm, need_grad_y, need_grad_weight):
     grad_y = y.new_empty(y.shape) if need_grad_y else y.new_empty(0)
+    # the weight's own shape: [1, nnz, H] for a weight shared by the batch (its batch sum)
     grad_weight = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
     return grad_y, grad_weight
 

@@ -28,7 +28,10 @@ that, mirroring the C++ CPU kernel ``csrc/cpu/stoich_conv.cpp``:
   a fixed summation order: no atomics, bit-identical results run to run.
 * ``_weight_grad_kernel``: ``dL/dw[b, k, h] = D_v <G_v, hidden_e> + B_e <R_e, y_v>``
   (0 for masked incidences), one program per (incidence tile, sample, head),
-  looping over channel tiles.
+  looping over channel tiles; for a weight [1, nnz, H] shared by the batch, one
+  program per (incidence tile, head) that loops over the samples in order and
+  stores the batch sum once.
+* A shared weight [1, nnz, H] is read with a sample stride of 0 (never expanded).
 
 Dtypes (the policy: the "Dtypes" section of :mod:`stoichconv.ops.stoich_conv`):
 float16, bfloat16, float32 and float64. The kernels take the accumulate dtype as
@@ -92,13 +95,14 @@ def _segment_reduce_kernel(
     row_ptr, perm, other_index,
     w, keep, reaction_index,
     coef_norm, coef_norm_index, abs_stoich, row_norm,
-    rows, src_rows, nnz, M, coef_norm_len, H, C,
+    rows, src_rows, nnz, M, coef_norm_len, H, C, w_stride,
     HAS_INIT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_COEF_NORM: tl.constexpr,
     ROW_NORM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HC: tl.constexpr, ACC: tl.constexpr,
 ):
     # dst[b, r, h, c] = init[b, r, h, c] + row_norm[b', r] *
     #     sum_{j in CSR row r} w[b, k, h] kept(b, k) coef_norm[b', idx(k)] src[b, other(k), h, c]
-    # with k = perm[j], b' = b with a keep-mask (per-sample norms) else 0.
+    # with k = perm[j], b' = b with a keep-mask (per-sample norms) else 0; w[b] starts at
+    # b * w_stride (w_stride = 0: one weight [1, nnz, H] shared by every sample).
     # The tile runs over the flattened (h, c) row of H * C channels.
     # ROW_NORM: the row's degree norm 1 / sum_{j in row, kept} |s_k| (0 for an
     # empty sum) is computed in the same loop over the row and also written to
@@ -141,7 +145,7 @@ def _segment_reduce_kernel(
             cn = tl.load(coef_norm + nb * coef_norm_len + ci, mask=on, other=0.0)
             on = on & (cn != 0)
         m2 = on[:, None] & hcmask[None, :]
-        coef = tl.load(w + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0).to(ACC)
+        coef = tl.load(w + b * w_stride + k[:, None] * H + h[None, :], mask=m2, other=0.0).to(ACC)
         if HAS_COEF_NORM:
             coef = coef * cn[:, None]
         vals = tl.load(src + (b * src_rows + other)[:, None] * HC + hc[None, :], mask=m2, other=0.0).to(ACC)
@@ -161,46 +165,59 @@ def _segment_reduce_kernel(
 def _weight_grad_kernel(
     grad_out, hidden, reaction_grad, y,
     metabolite_index, reaction_index, keep, node_norm, edge_norm, grad_weight,
-    nnz, N, M, H, C,
-    HAS_KEEP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    nnz, N, M, H, C, B,
+    HAS_KEEP: tl.constexpr, SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # gw[b, k, h] = kept(b, k) * (D[b', v] <G[b, v, h], hidden[b, e, h]> + B[b', e] <R[b, e, h], y[b, v, h]>)
-    # summed in ACC (the dtype of the norms), rounded to grad_weight's dtype on store
+    # summed in ACC (the dtype of the norms), rounded to grad_weight's dtype on store.
+    # SHARED (a weight [1, nnz, H] shared by the batch): one program per (incidence tile, head)
+    # sums gw[b, k, h] over the samples b = 0 .. B-1 in that order, in ACC, and stores
+    # grad_weight[0, k, h] once (no atomics).
     kb = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    if HAS_KEEP:
-        nb = b
+    if SHARED:
+        b_first = kb * 0
+        b_count = B
     else:
-        nb = b * 0
+        b_first = tl.program_id(1).to(tl.int64)
+        b_count = 1
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     m = k < nnz
     v = tl.load(metabolite_index + k, mask=m, other=0)
     e = tl.load(reaction_index + k, mask=m, other=0)
-    v_row = ((b * N + v) * H + h) * C
-    e_row = ((b * M + e) * H + h) * C
-    ld = m  # the incidences whose rows are read (a masked one's are not)
-    if HAS_KEEP:
-        kept = tl.load(keep + b * M + e, mask=m, other=0)
-        ld = ld & (kept != 0)
-    dot_gh = tl.zeros([BLOCK_K], dtype=ACC)
-    dot_ry = tl.zeros([BLOCK_K], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m2 = ld[:, None] & (c < C)[None, :]
-        g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
-        hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
-        rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
-        yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
-        dot_gh += tl.sum(g * hd, axis=1)
-        dot_ry += tl.sum(rg * yy, axis=1)
-    dn = tl.load(node_norm + nb * N + v, mask=ld, other=0.0)
-    en = tl.load(edge_norm + nb * M + e, mask=ld, other=0.0)
-    # skip (select, never multiply by 0) the terms of zero-degree rows and masked incidences
-    gw = tl.where(dn != 0, dn * dot_gh, 0.0) + tl.where(en != 0, en * dot_ry, 0.0)
-    if HAS_KEEP:
-        gw = tl.where(kept != 0, gw, 0.0)
-    tl.store(grad_weight + (b * nnz + k) * H + h, gw.to(grad_weight.dtype.element_ty), mask=m)
+    total = tl.zeros([BLOCK_K], dtype=ACC)
+    for i in range(0, b_count):
+        b = b_first + i
+        if HAS_KEEP:
+            nb = b
+        else:
+            nb = b * 0
+        v_row = ((b * N + v) * H + h) * C
+        e_row = ((b * M + e) * H + h) * C
+        ld = m  # the incidences whose rows are read (a masked one's are not)
+        if HAS_KEEP:
+            kept = tl.load(keep + b * M + e, mask=m, other=0)
+            ld = ld & (kept != 0)
+        dot_gh = tl.zeros([BLOCK_K], dtype=ACC)
+        dot_ry = tl.zeros([BLOCK_K], dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m2 = ld[:, None] & (c < C)[None, :]
+            g = tl.load(grad_out + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+            hd = tl.load(hidden + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+            rg = tl.load(reaction_grad + e_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+            yy = tl.load(y + v_row[:, None] + c[None, :], mask=m2, other=0.0).to(ACC)
+            dot_gh += tl.sum(g * hd, axis=1)
+            dot_ry += tl.sum(rg * yy, axis=1)
+        dn = tl.load(node_norm + nb * N + v, mask=ld, other=0.0)
+        en = tl.load(edge_norm + nb * M + e, mask=ld, other=0.0)
+        # skip (select, never multiply by 0) the terms of zero-degree rows and masked incidences
+        gw = tl.where(dn != 0, dn * dot_gh, 0.0) + tl.where(en != 0, en * dot_ry, 0.0)
+        if HAS_KEEP:
+            gw = tl.where(kept != 0, gw, 0.0)
+        total += gw
+    tl.store(grad_weight + (b_first * nnz + k) * H + h, total.to(grad_weight.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------
@@ -270,6 +287,7 @@ def _segment_reduce(src, dst, ptr, perm, other_index, w, keep, ri, M,
         abs_stoich if abs_stoich is not None else dummy,
         row_norm if row_norm is not None else dummy,
         rows, src_rows, nnz, M, coef_norm.shape[1] if coef_norm is not None else 0, H, C,
+        0 if w.shape[0] == 1 else nnz * H,
         HAS_INIT=init is not None, HAS_KEEP=keep is not None, HAS_COEF_NORM=coef_norm is not None,
         ROW_NORM=abs_stoich is not None, BLOCK_K=_BLOCK_K, BLOCK_HC=block_hc, ACC=_tl_accumulate(dst.dtype),
     )
@@ -287,15 +305,17 @@ def _backward_launches(G, grad_hidden, y, weight, keep, hidden, node_norm, edge_
         # dL/dy[b, u] = sum_{k: v_k = u, kept} w_k B_{e_k} R[b, e_k]
         _segment_reduce(R, grad_y, mptr, mperm, ri, weight, keep, ri, M,
                         coef_norm=edge_norm, coef_norm_index=ri)
-    if grad_weight is not None and B * nnz * H > 0:
-        if C == 0:
+    shared = weight.shape[0] == 1 and B != 1  # grad_weight [1, nnz, H]: the sum over the batch
+    if grad_weight is not None and grad_weight.numel() > 0:
+        if C == 0 or B == 0:
             grad_weight.zero_()
         else:
-            grid = (triton.cdiv(nnz, _BLOCK_K), B, H)
+            grid = (triton.cdiv(nnz, _BLOCK_K), 1 if shared else B, H)
             _weight_grad_kernel[grid](
                 G, hidden, R, y, mi, ri, keep if keep is not None else rptr, node_norm, edge_norm,
-                grad_weight, nnz, N, M, H, C,
-                HAS_KEEP=keep is not None, BLOCK_K=_BLOCK_K, BLOCK_C=_block_c(C), ACC=_tl_accumulate(y.dtype),
+                grad_weight, nnz, N, M, H, C, B,
+                HAS_KEEP=keep is not None, SHARED=shared, BLOCK_K=_BLOCK_K, BLOCK_C=_block_c(C),
+                ACC=_tl_accumulate(y.dtype),
             )
 
 

@@ -35,10 +35,12 @@ def check_features(y) -> None:
 
 
 def check_weight(weight, y: Tensor, nnz: int) -> None:
+    """``weight`` per sample [B, nnz, H] or shared by the batch [1, nnz, H], of ``y``'s dtype and device."""
     B, _, H, _ = y.shape
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != (B, nnz, H):
+    if not isinstance(weight, Tensor) or tuple(weight.shape) not in ((B, nnz, H), (1, nnz, H)):
         raise ValueError(
-            f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
+            f"`weight` must have shape [B, nnz, H] = [{B}, {nnz}, {H}] or, shared by the batch, "
+            f"[1, nnz, H] = [1, {nnz}, {H}], got {tuple(getattr(weight, 'shape', ()))}"
         )
     check_same_dtype("y", y, weight=weight)
     if weight.device != y.device:
@@ -85,7 +87,7 @@ def check_plan_consistent(plan: StoichPlan) -> None:
 
 
 def check_propagate_args(y, weight, plan, reaction_keep) -> None:
-    """The public function's checks: ``y`` [B, N, H, C], ``weight`` [B, nnz, H], the plan
+    """The public function's checks: ``y`` [B, N, H, C], ``weight`` [B, nnz, H] or [1, nnz, H], the plan
     (checked in full once when it was not built by ``build_stoich_plan``)."""
     if not isinstance(plan, StoichPlan):
         raise TypeError(f"`plan` must be a StoichPlan (from build_stoich_plan), got {type(plan).__name__}")
