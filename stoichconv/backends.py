@@ -70,6 +70,7 @@ class OpSpec:
         compiled: its operator in ``torch.ops.stoichconv`` (the forward, for an op with a
             backward), registered under ``CPU`` / ``CUDA`` by ``stoichconv._C``.
         compiled_backward: the compiled backward operator, for a differentiable op.
+        compiled_out: the compiled variant that writes into caller buffers (``out=``), if any.
         triton: ``"module:function"`` of its Triton entry (a ``stoichconv::triton_*`` custom op).
         reference: ``"module:function"`` of its pure-PyTorch reference.
     """
@@ -78,6 +79,7 @@ class OpSpec:
     backends: tuple[str, ...]
     compiled: Optional[str] = None
     compiled_backward: Optional[str] = None
+    compiled_out: Optional[str] = None
     triton: Optional[str] = None
     reference: Optional[str] = None
 

@@ -117,7 +117,7 @@ def declared_ops() -> list[str]:
 
 def compiled_ops_of(spec) -> list[str]:
     """The compiled operators an OpSpec of the backend table names (forward, and backward)."""
-    return [name for name in (spec.compiled, spec.compiled_backward) if name is not None]
+    return [name for name in (spec.compiled, spec.compiled_backward, spec.compiled_out) if name is not None]
 
 
 def table_compiled_ops() -> dict[str, object]:

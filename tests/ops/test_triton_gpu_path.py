@@ -404,7 +404,7 @@ class _OpRecorder(TorchDispatchMode):
 def _compiled_names():
     names = set()
     for spec in OPS.values():
-        names.update(n for n in (spec.compiled, spec.compiled_backward) if n)
+        names.update(n for n in (spec.compiled, spec.compiled_backward, spec.compiled_out) if n)
     return names
 
 

@@ -124,6 +124,7 @@ FILTER_EDGES = register_op(OpSpec(
     name="filter_edges",
     backends=("cpu", "cuda", "triton", "reference"),
     compiled="filter_edges",
+    compiled_out="filter_edges_out",
     triton="stoichconv.ops.pert_mask.triton_kernels:triton_filter_edges",
     reference="stoichconv.reference.pert_mask:filter_edges_reference",
 ))
@@ -131,6 +132,7 @@ REACTION_KEEP = register_op(OpSpec(
     name="reaction_keep",
     backends=("cpu", "cuda", "triton", "reference"),
     compiled="reaction_keep",
+    compiled_out="reaction_keep_out",
     triton="stoichconv.ops.pert_mask.triton_kernels:triton_reaction_keep",
     reference="stoichconv.reference.pert_mask:reaction_keep_reference",
 ))
@@ -138,6 +140,7 @@ FILTER_BIPARTITE = register_op(OpSpec(
     name="filter_bipartite",
     backends=("cpu", "cuda", "triton", "reference"),
     compiled="filter_bipartite",
+    compiled_out="filter_bipartite_out",
     triton="stoichconv.ops.pert_mask.triton_kernels:triton_filter_bipartite",
     reference="stoichconv.reference.pert_mask:filter_bipartite_reference",
 ))
