@@ -48,13 +48,13 @@ _MAX_BLOCK_H = 16  # heads per program
 
 
 @triton.jit
-def _logits(score_v, score_e, mi, ri, b, be, k, h, m2, N, M, H, slope, ACC: tl.constexpr):
-    v = tl.load(score_v + ((b * N + tl.load(mi + k, mask=m2[:, 0], other=0)) * H)[:, None] + h[None, :],
+def _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC: tl.constexpr):
+    v = tl.load(score_v + ((b * N + tl.load(mi + k, mask=jm, other=0)) * H)[:, None] + h[None, :],
                 mask=m2, other=0.0).to(ACC)
-    e = tl.load(score_e + ((be * M + tl.load(ri + k, mask=m2[:, 0], other=0)) * H)[:, None] + h[None, :],
+    e = tl.load(score_e + ((be * M + tl.load(ri + k, mask=jm, other=0)) * H)[:, None] + h[None, :],
                 mask=m2, other=0.0).to(ACC)
     pre = v + e
-    return pre, tl.where(pre > 0, pre, pre * slope)
+    return pre, tl.where(pre > 0, pre, pre * tl.load(slope))
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _forward_kernel(score_v, score_e, mi, ri, kept, alpha, ptr, perm, G, N, M, n
         if HAS_KEPT:
             on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
         m2 = jm[:, None] & hm[None, :]
-        _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, m2, N, M, H, slope, ACC)
+        _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
         l = tl.where(on[:, None] & hm[None, :], l, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(l, axis=0))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -98,7 +98,7 @@ def _forward_kernel(score_v, score_e, mi, ri, kept, alpha, ptr, perm, G, N, M, n
         if HAS_KEPT:
             on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
         m2 = jm[:, None] & hm[None, :]
-        _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, m2, N, M, H, slope, ACC)
+        _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
         a = tl.where(on[:, None] & hm[None, :] & live[None, :], tl.exp(l - shift[None, :]) / denom[None, :], 0.0)
         tl.store(alpha + (b * nnz + k)[:, None] * H + h[None, :], a.to(alpha.dtype.element_ty), mask=m2)
 
@@ -133,8 +133,8 @@ def _pre_grad_kernel(grad, alpha, score_v, score_e, mi, ri, dpre, ptr, perm, G, 
         off = (b * nnz + k)[:, None] * H + h[None, :]
         a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
         gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
-        pre, _l = _logits(score_v, score_e, mi, ri, b, be, k, h, m2, N, M, H, slope, ACC)
-        d = a * (gg - dot[None, :]) * tl.where(pre > 0, 1.0, slope)
+        pre, _l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
+        d = a * (gg - dot[None, :]) * tl.where(pre > 0, 1.0, tl.load(slope))
         tl.store(dpre + off, d.to(dpre.dtype.element_ty), mask=m2)
 
 
@@ -158,6 +158,12 @@ def _row_sum_kernel(src, out, ptr, perm, R, PER, nnz, H,
             m2 = jm[:, None] & hm[None, :]
             acc += tl.sum(tl.load(src + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=0.0).to(ACC), axis=0)
     tl.store(out + pid * H + h, acc.to(out.dtype.element_ty), mask=hm)
+
+
+def _slope(negative_slope: float, like: Tensor) -> Tensor:
+    """The slope as a one-element tensor of the accumulate dtype (a Python float argument would
+    reach the kernel as float32, off by 3e-9 relative in float64)."""
+    return torch.full((1,), float(negative_slope), dtype=accumulate_dtype(like.dtype), device=like.device)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -249,7 +255,7 @@ def triton_incidence_attention(score_v: Tensor, score_e: Tensor, metabolite_inde
     with _device_guard(score_v.device):
         _forward_kernel[grid](
             score_v.contiguous(), score_e.contiguous(), metabolite_index.contiguous(), reaction_index.contiguous(),
-            keep, alpha, group_ptr.contiguous(), group_perm.contiguous(), G, N, M, nnz, H, float(negative_slope),
+            keep, alpha, group_ptr.contiguous(), group_perm.contiguous(), G, N, M, nnz, H, _slope(negative_slope, score_v),
             SHARED_E=score_e.shape[0] == 1, HAS_KEPT=kept is not None, ACC=_acc_dtype(score_v.dtype),
             BLOCK_J=_BLOCK_J, BLOCK_H=block_h,
         )
@@ -287,7 +293,7 @@ def triton_incidence_attention_backward(grad: Tensor, alpha: Tensor, score_v: Te
             _pre_grad_kernel[grid](
                 grad.contiguous(), alpha.contiguous(), score_v.contiguous(), score_e.contiguous(),
                 metabolite_index.contiguous(), reaction_index.contiguous(), dpre, group_ptr.contiguous(),
-                group_perm.contiguous(), G, N, M, nnz, H, float(negative_slope),
+                group_perm.contiguous(), G, N, M, nnz, H, _slope(negative_slope, score_v),
                 SHARED_E=Be == 1, ACC=acc, BLOCK_J=_BLOCK_J, BLOCK_H=block_h,
             )
         for out, ptr, perm, outs, per, R in ((grad_v, metabolite_ptr, metabolite_perm, B, 1, N),
