@@ -208,11 +208,11 @@ def test_kernel_rejects_bad_values(backend, device):
     alpha = forward(*args)
     bargs = [torch.randn_like(alpha), alpha, *args[:4], *args[5:]]
     bad = list(bargs)
-    bad[8] = plan.metabolite_perm.clone()
-    bad[8][0] = bad[8][1]
+    bad[9] = plan.metabolite_perm.clone()
+    bad[9][0] = bad[9][1]
     with pytest.raises(errors, match="`metabolite_perm` must be a permutation"):
         backward(*bad)
     bad = list(bargs)
-    bad[9] = plan.reaction_ptr[:-1]
+    bad[10] = plan.reaction_ptr[:-1]
     with pytest.raises(errors, match="`reaction_ptr` must have length"):
         backward(*bad)
