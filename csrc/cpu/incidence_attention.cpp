@@ -3,8 +3,9 @@
 // ReLU and the grouped softmax of the stoich conv layer's attention in one op.
 //
 // Forward: one task per (sample, group) row of the CSR ordering (`group_ptr`,
-// `group_perm`): the logits of the row are built from the two scores into a
-// row buffer (acc_t), then max, exps, sum and scaling in the CSR order.
+// `group_perm`): the logits of the row are built from the two scores and
+// shifted by the row's kept maximum, one vectorised exp over the whole tensor,
+// then the row sums and the scaling in the CSR order.
 // Backward: the same rows give d pre = alpha (g - dot) leaky_relu'(pre) into
 // an acc_t [B, nnz, H] buffer; then one task per (sample, metabolite) row of
 // the metabolite grouping and one per (sample or the whole batch, reaction)
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "stoichconv/accumulate_type.h"
@@ -61,48 +63,65 @@ struct Scores {
   const int64_t *mi, *ri, *ptr, *perm;
 };
 
-template <typename scalar_t>
-void forward_kernel(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
-                    acc_type<scalar_t> slope, scalar_t* alpha) {
-  using acc_t = acc_type<scalar_t>;
+// Pass 1 of the forward: the logits of each (sample, group) row gathered from
+// the two scores, their kept maximum, and the shifted logits (-inf where not
+// kept or the group is empty) into `shifted` (acc_t: alpha itself for float32 /
+// float64).  Then one vectorised exp over the whole tensor (ATen's) and
+// normalize_rows, as in csrc/cpu/group_softmax.cpp.
+template <typename scalar_t, typename acc_t>
+void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
+                    acc_t slope, acc_t* shifted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t H = s.H;
   at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gmax(H), denom(H), buf;
+    std::vector<acc_t> gmax(H);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.G, g = row % s.G;
-      const int64_t j0 = s.ptr[g], len = s.ptr[g + 1] - j0;
       const scalar_t* sv_b = sv + b * s.N * H;
       const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
       const bool* kept_b = kept ? kept + b * s.nnz : nullptr;
-      buf.resize(static_cast<size_t>(len * H));
+      acc_t* x_b = shifted + b * s.nnz * H;
       std::fill(gmax.begin(), gmax.end(), kNegInf);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t k = s.perm[j0 + t];
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
+        const int64_t k = s.perm[j];
         const scalar_t* v = sv_b + s.mi[k] * H;
         const scalar_t* e = se_b + s.ri[k] * H;
+        acc_t* x = x_b + k * H;
         const bool on = !kept_b || kept_b[k];
         for (int64_t h = 0; h < H; ++h) {
-          const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
-          buf[t * H + h] = l;
-          if (on) gmax[h] = group_max_update(gmax[h], l);
+          x[h] = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
+          if (on) gmax[h] = group_max_update(gmax[h], x[h]);
         }
       }
-      std::fill(denom.begin(), denom.end(), acc_t(0));
-      for (int64_t t = 0; t < len; ++t) {
-        const bool on = !kept_b || kept_b[s.perm[j0 + t]];
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t x = std::exp(group_shifted_logit(buf[t * H + h], gmax[h], on));
-          buf[t * H + h] = x;
-          denom[h] += x;
-        }
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
+        const int64_t k = s.perm[j];
+        const bool on = !kept_b || kept_b[k];
+        acc_t* x = x_b + k * H;
+        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], on);
       }
-      for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
+    }
+  });
+}
+
+// alpha = exps * (1 / group sum of exps); `exps` may be alpha itself.
+template <typename scalar_t, typename acc_t>
+void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
+  const int64_t H = s.H;
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> denom(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.G, g = row % s.G;
+      const acc_t* x_b = exps + b * s.nnz * H;
       scalar_t* a_b = alpha + b * s.nnz * H;
-      for (int64_t t = 0; t < len; ++t) {
-        scalar_t* a = a_b + s.perm[j0 + t] * H;
-        for (int64_t h = 0; h < H; ++h) a[h] = static_cast<scalar_t>(buf[t * H + h] * denom[h]);
-      }
+      std::fill(denom.begin(), denom.end(), acc_t(0));
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[s.perm[j] * H + h];
+      for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t i = s.perm[j] * H + h;
+          a_b[i] = static_cast<scalar_t>(x_b[i] * denom[h]);
+        }
     }
   });
 }
@@ -198,10 +217,17 @@ at::Tensor incidence_attention_cpu(const at::Tensor& score_v_in, const at::Tenso
   const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
                                   "incidence_attention_cpu", [&] {
-    forward_kernel<scalar_t>(s, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
-                             kept.defined() ? kept.data_ptr<bool>() : nullptr,
-                             static_cast<acc_type<scalar_t>>(negative_slope),
-                             alpha.data_ptr<scalar_t>());
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor exps =
+        std::is_same<acc_t, scalar_t>::value
+            ? alpha
+            : allocate(op, "the shifted logits", {B, nnz, H},
+                       sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    shifted_logits<scalar_t, acc_t>(s, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                    kept.defined() ? kept.data_ptr<bool>() : nullptr,
+                                    static_cast<acc_t>(negative_slope), exps.data_ptr<acc_t>());
+    exps.exp_();
+    normalize_rows<scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
   });
   return alpha;
 }
