@@ -72,29 +72,36 @@ template <typename scalar_t, typename acc_t>
 void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
                     acc_t slope, acc_t* shifted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t H = s.H;
-  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gmax(H);
+  const int64_t H = s.H, G = s.G, N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = s.mi, *ri = s.ri;
+  at::parallel_for(0, s.B * G, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gmax_buf(H);
+    acc_t* gmax = gmax_buf.data();
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.G, g = row % s.G;
-      const scalar_t* sv_b = sv + b * s.N * H;
-      const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
-      const bool* kept_b = kept ? kept + b * s.nnz : nullptr;
-      acc_t* x_b = shifted + b * s.nnz * H;
-      std::fill(gmax.begin(), gmax.end(), kNegInf);
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t k = s.perm[j];
-        const scalar_t* v = sv_b + s.mi[k] * H;
-        const scalar_t* e = se_b + s.ri[k] * H;
+      const int64_t b = row / G, g = row % G;
+      const scalar_t* sv_b = sv + b * N * H;
+      const scalar_t* se_b = se + (Be == 1 ? 0 : b) * M * H;
+      const bool* kept_b = kept ? kept + b * nnz : nullptr;
+      acc_t* x_b = shifted + b * nnz * H;
+      std::fill(gmax, gmax + H, kNegInf);
+      const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = perm[j];
+        const scalar_t* v = sv_b + mi[k] * H;
+        const scalar_t* e = se_b + ri[k] * H;
         acc_t* x = x_b + k * H;
-        const bool on = !kept_b || kept_b[k];
-        for (int64_t h = 0; h < H; ++h) {
-          x[h] = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
-          if (on) gmax[h] = group_max_update(gmax[h], x[h]);
+        if (!kept_b || kept_b[k]) {
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
+            x[h] = l;
+            gmax[h] = group_max_update(gmax[h], l);
+          }
+        } else {
+          for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
         }
       }
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t k = s.perm[j];
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = perm[j];
         const bool on = !kept_b || kept_b[k];
         acc_t* x = x_b + k * H;
         for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], on);
