@@ -62,6 +62,21 @@ TORCH_LIBRARY(stoichconv, m) {
   m.def(
       "group_softmax_backward(Tensor grad, Tensor alpha, Tensor group_ptr, Tensor group_perm) "
       "-> Tensor");
+  // Fused attention of the stoich conv layer: alpha [B, nnz, H] = the softmax over the
+  // groups (group_ptr / group_perm) of leaky_relu(score_v[:, metabolite_index] +
+  // score_e[:, reaction_index]); the metabolite / reaction groupings serve the backward.
+  // CPU and CUDA kernels; semantics and dtypes: stoichconv.ops.incidence_attention docstring.
+  m.def(
+      "incidence_attention(Tensor score_v, Tensor score_e, Tensor metabolite_index, "
+      "Tensor reaction_index, Tensor? kept, Tensor group_ptr, Tensor group_perm, "
+      "Tensor metabolite_ptr, Tensor metabolite_perm, Tensor reaction_ptr, Tensor reaction_perm, "
+      "float negative_slope) -> Tensor");
+  // Its backward: (grad_score_v [B, N, H], grad_score_e in the shape of score_e).
+  m.def(
+      "incidence_attention_backward(Tensor grad, Tensor alpha, Tensor score_v, Tensor score_e, "
+      "Tensor metabolite_index, Tensor reaction_index, Tensor group_ptr, Tensor group_perm, "
+      "Tensor metabolite_ptr, Tensor metabolite_perm, Tensor reaction_ptr, Tensor reaction_perm, "
+      "float negative_slope) -> (Tensor, Tensor)");
   // Bipartite edges (GPR pairs, metabolic incidences) surviving per-sample node keep-masks.
   m.def(
       "filter_bipartite(Tensor edge_index, int num_src, int num_dst, int num_samples, "

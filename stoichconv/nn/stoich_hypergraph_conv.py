@@ -7,8 +7,8 @@ it slots into ``torch_geometric.nn.HeteroConv`` (pass ``stoich_dict``,
 ``hyperedge_attr_dict``, ``num_edges_dict``). The math is the reference's:
 ``w_k,h = s_k * g_{v_k} * alpha_k,h`` computed here with small gathers, then
 the two propagation stages and their hand-written backward in one operator
-(:func:`stoichconv.ops.stoich_conv`), and the attention softmax as one
-more (:func:`stoichconv.ops.group_softmax`).
+(:func:`stoichconv.ops.stoich_conv`), and the attention (score gathers,
+leaky ReLU and softmax) as one more (:func:`stoichconv.ops.incidence_attention`).
 
 Beyond the reference it takes a *shared-topology batch*: ``x`` [B, N, F]
 (``hyperedge_attr`` [M, F] or [B, M, F]) with ``reaction_keep`` [B, M]; masked
@@ -28,7 +28,7 @@ from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
 
 from stoichconv.backends import check_backend_name, resolve
-from stoichconv.ops.group_softmax import group_softmax
+from stoichconv.ops.incidence_attention import incidence_attention
 from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_conv
 
 ATTENTION_MODES = ("node", "edge")
@@ -179,15 +179,18 @@ class StoichHypergraphConv(torch.nn.Module):
         score_v = x @ torch.einsum("hcf,hc->fh", weight, att[:, :C])  # [B, N, H]
         score_e = hyperedge_attr @ torch.einsum("hcf,hc->fh", weight, att[:, C:])  # [M, H] or [B, M, H]
         score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
-        logits = score_v.index_select(1, plan.metabolite_index) + score_e.index_select(1, plan.reaction_index)
-        logits = F.leaky_relu(logits, self.negative_slope).expand(B, plan.nnz, H)
+        # The gathers, the leaky ReLU and the softmax in one op: the [B, nnz, H] logits are
+        # never materialised, and the backward sums per metabolite / reaction without atomics.
         kept = None if reaction_keep is None else reaction_keep.index_select(1, plan.reaction_index)
         if self.attention_mode == "node":
             ptr, perm = plan.reaction_ptr, plan.reaction_perm
         else:
             ptr, perm = plan.metabolite_ptr, plan.metabolite_perm
-        backend = resolve("group_softmax", self.backend, x.device, strict=False)
-        alpha = group_softmax(logits, ptr, perm, kept, backend=backend)
+        backend = resolve("incidence_attention", self.backend, x.device, strict=False)
+        alpha = incidence_attention(
+            score_v, score_e, plan.metabolite_index, plan.reaction_index, ptr, perm, kept, self.negative_slope,
+            metabolite_grouping=(plan.metabolite_ptr, plan.metabolite_perm),
+            reaction_grouping=(plan.reaction_ptr, plan.reaction_perm), backend=backend)
         return F.dropout(alpha, p=self.dropout, training=self.training)
 
     def __repr__(self) -> str:

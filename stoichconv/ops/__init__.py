@@ -9,6 +9,7 @@ included (so ``TRITON_INTERPRET=1``, to run them on CPU tensors, must be set bef
 from stoichconv.backends import load_entries
 from stoichconv.ops.gatv2 import gatv2_attention
 from stoichconv.ops.group_softmax import group_softmax
+from stoichconv.ops.incidence_attention import incidence_attention
 from stoichconv.ops.pert_mask import filter_bipartite, filter_edges, reaction_keep
 from stoichconv.ops.stoich_conv import PlanCache, build_stoich_plan, stoich_conv, stoich_propagate
 from stoichconv.types import EdgeSet, FilteredBipartite, FilteredEdges, StoichPlan
@@ -26,6 +27,7 @@ __all__ = [
     "filter_edges",
     "gatv2_attention",
     "group_softmax",
+    "incidence_attention",
     "reaction_keep",
     "stoich_conv",
     "stoich_propagate",

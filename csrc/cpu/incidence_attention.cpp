@@ -1,0 +1,312 @@
+// C++ CPU kernels of the fused incidence attention (semantics and dtypes:
+// stoichconv.ops.incidence_attention docstring): the score gathers, the leaky
+// ReLU and the grouped softmax of the stoich conv layer's attention in one op.
+//
+// Forward: one task per (sample, group) row of the CSR ordering (`group_ptr`,
+// `group_perm`): the logits of the row are built from the two scores and
+// shifted by the row's kept maximum, one vectorised exp over the whole tensor,
+// then the row sums and the scaling in the CSR order.
+// Backward: the same rows give d pre = alpha (g - dot) leaky_relu'(pre) into
+// an acc_t [B, nnz, H] buffer; then one task per (sample, metabolite) row of
+// the metabolite grouping and one per (sample or the whole batch, reaction)
+// row of the reaction grouping sums it in their CSR order (the batch outer,
+// ascending).  Results are bit-identical for any thread count; no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "stoichconv/accumulate_type.h"
+#include "stoichconv/csr_checks.h"
+#include "stoichconv/group_softmax_checks.h"
+#include "stoichconv/incidence_attention_checks.h"
+#include "stoichconv/incidence_attention_math.h"
+#include "stoichconv/size_checks.h"
+
+namespace stoichconv {
+namespace {
+
+constexpr int64_t kRowGrain = 64;  // rows per task
+
+// The structure and values of one CSR grouping of the nnz incidences.
+void check_grouping_values(const char* op, const char* ptr_name, const char* perm_name,
+                           const at::Tensor& ptr_in, const at::Tensor& perm_in, int64_t rows,
+                           int64_t nnz, const at::Tensor& like) {
+  check_incidence_grouping(op, ptr_name, perm_name, ptr_in, perm_in, rows, nnz, like, at::kCPU);
+  const auto ptr = ptr_in.contiguous(), perm = perm_in.contiguous();
+  check_row_pointer(op, ptr_name, ptr.data_ptr<int64_t>(), ptr.size(0) - 1, nnz, "nnz");
+  incidence_perm_values(op, perm_name, perm.data_ptr<int64_t>(), nnz);
+}
+
+// Scores, indices (values in range) and the softmax grouping.
+void check_inputs(const char* op, const at::Tensor& score_v, const at::Tensor& score_e,
+                  const at::Tensor& mi, const at::Tensor& ri, const at::Tensor& group_ptr,
+                  const at::Tensor& group_perm) {
+  check_incidence_scores(op, score_v, score_e, mi, ri, at::kCPU);
+  const int64_t nnz = mi.size(0);
+  incidence_index_values(op, "metabolite_index", mi.contiguous().data_ptr<int64_t>(), nnz,
+                         score_v.size(1), "N");
+  incidence_index_values(op, "reaction_index", ri.contiguous().data_ptr<int64_t>(), nnz,
+                         score_e.size(1), "M");
+  check_grouping_values(op, "group_ptr", "group_perm", group_ptr, group_perm, -1, nnz, score_v);
+}
+
+struct Scores {
+  int64_t B, N, M, H, nnz, G, Be;
+  const int64_t *mi, *ri, *ptr, *perm;
+};
+
+// Pass 1 of the forward: the logits of each (sample, group) row gathered from
+// the two scores, their kept maximum, and the shifted logits (-inf where not
+// kept or the group is empty) into `shifted` (acc_t: alpha itself for float32 /
+// float64).  Then one vectorised exp over the whole tensor (ATen's) and
+// normalize_rows, as in csrc/cpu/group_softmax.cpp.
+template <typename scalar_t, typename acc_t>
+void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
+                    acc_t slope, acc_t* shifted) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t H = s.H, G = s.G, N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = s.mi, *ri = s.ri;
+  at::parallel_for(0, s.B * G, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gmax_buf(H);
+    acc_t* gmax = gmax_buf.data();
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / G, g = row % G;
+      const scalar_t* sv_b = sv + b * N * H;
+      const scalar_t* se_b = se + (Be == 1 ? 0 : b) * M * H;
+      const bool* kept_b = kept ? kept + b * nnz : nullptr;
+      acc_t* x_b = shifted + b * nnz * H;
+      std::fill(gmax, gmax + H, kNegInf);
+      const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = perm[j];
+        const scalar_t* v = sv_b + mi[k] * H;
+        const scalar_t* e = se_b + ri[k] * H;
+        acc_t* x = x_b + k * H;
+        if (!kept_b || kept_b[k]) {
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
+            x[h] = l;
+            gmax[h] = group_max_update(gmax[h], l);
+          }
+        } else {
+          for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = perm[j];
+        const bool on = !kept_b || kept_b[k];
+        acc_t* x = x_b + k * H;
+        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], on);
+      }
+    }
+  });
+}
+
+// alpha = exps * (1 / group sum of exps); `exps` may be alpha itself.
+template <typename scalar_t, typename acc_t>
+void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
+  const int64_t H = s.H;
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> denom(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.G, g = row % s.G;
+      const acc_t* x_b = exps + b * s.nnz * H;
+      scalar_t* a_b = alpha + b * s.nnz * H;
+      std::fill(denom.begin(), denom.end(), acc_t(0));
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[s.perm[j] * H + h];
+      for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t i = s.perm[j] * H + h;
+          a_b[i] = static_cast<scalar_t>(x_b[i] * denom[h]);
+        }
+    }
+  });
+}
+
+// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per (sample, group).
+template <typename scalar_t>
+void pre_grad_kernel(const Scores& s, const scalar_t* grad, const scalar_t* alpha,
+                     const scalar_t* sv, const scalar_t* se, acc_type<scalar_t> slope,
+                     acc_type<scalar_t>* dpre) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t H = s.H;
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dot(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.G, g = row % s.G;
+      const int64_t off = b * s.nnz * H;
+      const scalar_t* sv_b = sv + b * s.N * H;
+      const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
+      std::fill(dot.begin(), dot.end(), acc_t(0));
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
+        const int64_t i = off + s.perm[j] * H;
+        for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(alpha[i + h]) * acc_t(grad[i + h]);
+      }
+      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
+        const int64_t k = s.perm[j];
+        const int64_t i = off + k * H;
+        const scalar_t* v = sv_b + s.mi[k] * H;
+        const scalar_t* e = se_b + s.ri[k] * H;
+        for (int64_t h = 0; h < H; ++h)
+          dpre[i + h] = incidence_pre_grad(acc_t(alpha[i + h]), acc_t(grad[i + h]), dot[h],
+                                           acc_t(v[h]), acc_t(e[h]), slope);
+      }
+    }
+  });
+}
+
+// out[o, r, h] = sum_{b in [o * per, o * per + per)} sum_{j in row r} src[b, perm[j], h]
+// (per = 1: one output sample per sample; per = B: summed over the batch), the
+// batch outer and ascending, the row in CSR order.
+template <typename scalar_t, typename acc_t>
+void row_sums(const acc_t* src, const int64_t* ptr, const int64_t* perm, int64_t outs, int64_t per,
+              int64_t R, int64_t nnz, int64_t H, scalar_t* out) {
+  at::parallel_for(0, outs * R, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(H);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t o = row / R, r = row % R;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t b = o * per; b < o * per + per; ++b) {
+        const acc_t* src_b = src + b * nnz * H;
+        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+          const acc_t* x = src_b + perm[j] * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += x[h];
+        }
+      }
+      scalar_t* y = out + row * H;
+      for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(acc[h]);
+    }
+  });
+}
+
+Scores make_scores(const at::Tensor& sv, const at::Tensor& se, const at::Tensor& mi,
+                   const at::Tensor& ri, const at::Tensor& ptr, const at::Tensor& perm) {
+  return Scores{sv.size(0), sv.size(1), se.size(1), sv.size(2), mi.size(0), ptr.size(0) - 1,
+                se.size(0), mi.data_ptr<int64_t>(), ri.data_ptr<int64_t>(),
+                ptr.data_ptr<int64_t>(), perm.data_ptr<int64_t>()};
+}
+
+at::Tensor incidence_attention_cpu(const at::Tensor& score_v_in, const at::Tensor& score_e_in,
+                                   const at::Tensor& metabolite_index,
+                                   const at::Tensor& reaction_index,
+                                   const std::optional<at::Tensor>& kept_in,
+                                   const at::Tensor& group_ptr, const at::Tensor& group_perm,
+                                   const at::Tensor& /*metabolite_ptr*/,
+                                   const at::Tensor& /*metabolite_perm*/,
+                                   const at::Tensor& /*reaction_ptr*/,
+                                   const at::Tensor& /*reaction_perm*/, double negative_slope) {
+  const char* op = "incidence_attention";
+  check_inputs(op, score_v_in, score_e_in, metabolite_index, reaction_index, group_ptr, group_perm);
+  const int64_t B = score_v_in.size(0), H = score_v_in.size(2), nnz = metabolite_index.size(0);
+  if (kept_in.has_value()) {
+    TORCH_CHECK(kept_in->scalar_type() == at::kBool && kept_in->device().is_cpu(), op,
+                ": `kept` must be a bool CPU tensor");
+    TORCH_CHECK(kept_in->dim() == 2 && kept_in->size(0) == B && kept_in->size(1) == nnz, op,
+                ": `kept` must be [B, nnz] = [", B, ", ", nnz, "], got ", kept_in->sizes());
+  }
+  const auto sv = score_v_in.contiguous(), se = score_e_in.contiguous();
+  const auto mi = metabolite_index.contiguous(), ri = reaction_index.contiguous();
+  const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
+  at::Tensor kept;
+  if (kept_in.has_value()) kept = kept_in->contiguous();
+  // every entry written: group_perm is a permutation
+  auto alpha = allocate(op, "alpha", {B, nnz, H}, sv.options());
+  const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
+                                  "incidence_attention_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor exps =
+        std::is_same<acc_t, scalar_t>::value
+            ? alpha
+            : allocate(op, "the shifted logits", {B, nnz, H},
+                       sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    shifted_logits<scalar_t, acc_t>(s, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                    kept.defined() ? kept.data_ptr<bool>() : nullptr,
+                                    static_cast<acc_t>(negative_slope), exps.data_ptr<acc_t>());
+    exps.exp_();
+    normalize_rows<scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
+  });
+  return alpha;
+}
+
+std::tuple<at::Tensor, at::Tensor> incidence_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& alpha_in, const at::Tensor& score_v_in,
+    const at::Tensor& score_e_in, const at::Tensor& metabolite_index,
+    const at::Tensor& reaction_index, const at::Tensor& group_ptr, const at::Tensor& group_perm,
+    const at::Tensor& metabolite_ptr, const at::Tensor& metabolite_perm,
+    const at::Tensor& reaction_ptr, const at::Tensor& reaction_perm, double negative_slope) {
+  const char* op = "incidence_attention_backward";
+  check_inputs(op, score_v_in, score_e_in, metabolite_index, reaction_index, group_ptr, group_perm);
+  const int64_t B = score_v_in.size(0), N = score_v_in.size(1), M = score_e_in.size(1);
+  const int64_t H = score_v_in.size(2), nnz = metabolite_index.size(0), Be = score_e_in.size(0);
+  TORCH_CHECK(alpha_in.dim() == 3 && alpha_in.size(0) == B && alpha_in.size(1) == nnz &&
+                  alpha_in.size(2) == H && alpha_in.scalar_type() == score_v_in.scalar_type() &&
+                  alpha_in.device() == score_v_in.device(),
+              op, ": `alpha` must be [B, nnz, H] = [", B, ", ", nnz, ", ", H,
+              "] of the dtype and device of `score_v`");
+  check_group_grad(op, grad_in, alpha_in);
+  check_grouping_values(op, "metabolite_ptr", "metabolite_perm", metabolite_ptr, metabolite_perm,
+                        N, nnz, score_v_in);
+  check_grouping_values(op, "reaction_ptr", "reaction_perm", reaction_ptr, reaction_perm, M, nnz,
+                        score_v_in);
+  const auto sv = score_v_in.contiguous(), se = score_e_in.contiguous();
+  const auto mi = metabolite_index.contiguous(), ri = reaction_index.contiguous();
+  const auto ptr = group_ptr.contiguous(), perm = group_perm.contiguous();
+  const auto mptr = metabolite_ptr.contiguous(), mperm = metabolite_perm.contiguous();
+  const auto rptr = reaction_ptr.contiguous(), rperm = reaction_perm.contiguous();
+  const auto grad = grad_in.contiguous(), alpha = alpha_in.contiguous();
+  // The groupings are trusted to agree with the indices (the plan's); check it (cheap).
+  {
+    const int64_t *mp = mptr.data_ptr<int64_t>(), *mq = mperm.data_ptr<int64_t>();
+    const int64_t *rp = rptr.data_ptr<int64_t>(), *rq = rperm.data_ptr<int64_t>();
+    const int64_t *mix = mi.data_ptr<int64_t>(), *rix = ri.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = mp[n]; j < mp[n + 1]; ++j)
+        TORCH_CHECK(mix[mq[j]] == n, op,
+                    ": `metabolite_ptr` / `metabolite_perm` must group the incidences by "
+                    "`metabolite_index`");
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = rp[m]; j < rp[m + 1]; ++j)
+        TORCH_CHECK(rix[rq[j]] == m, op,
+                    ": `reaction_ptr` / `reaction_perm` must group the incidences by "
+                    "`reaction_index`");
+  }
+  auto grad_v = allocate(op, "grad_score_v", {B, N, H}, sv.options());
+  auto grad_e = allocate(op, "grad_score_e", {Be, M, H}, sv.options());
+  const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
+                                  "incidence_attention_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto dpre = allocate(op, "the logit gradients", {B, nnz, H},
+                         sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    pre_grad_kernel<scalar_t>(s, grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                              sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                              static_cast<acc_t>(negative_slope), dpre.data_ptr<acc_t>());
+    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), mptr.data_ptr<int64_t>(),
+                              mperm.data_ptr<int64_t>(), B, 1, N, nnz, H,
+                              grad_v.data_ptr<scalar_t>());
+    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), rptr.data_ptr<int64_t>(),
+                              rperm.data_ptr<int64_t>(), Be, Be == 1 ? B : 1, M, nnz, H,
+                              grad_e.data_ptr<scalar_t>());
+  });
+  return {grad_v, grad_e};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
+  m.impl("incidence_attention", &incidence_attention_cpu);
+  m.impl("incidence_attention_backward", &incidence_attention_backward_cpu);
+}
+
+}  // namespace stoichconv
