@@ -5,16 +5,19 @@
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which needs cusparse.h).
 //
 // Host synchronisation: one per call, to validate the index and ordering
-// values: they are copied to the host (int64 [nnz] each, small next to the
-// [B, nnz, H] values) and checked by the CPU launcher's functions, so that a
-// hand-made ordering raises the CPU error instead of reading out of bounds.
+// values: they are copied to the host together in one transfer (int64 [nnz]
+// each, small next to the [B, nnz, H] values) and checked by the CPU
+// launcher's functions, so that a hand-made ordering raises the CPU error
+// instead of reading out of bounds.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <vector>
 
 #include "stoichconv/accumulate_type.h"
 #include "stoichconv/csr_checks.h"
@@ -30,25 +33,44 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-void check_grouping_values(const char* op, const char* ptr_name, const char* perm_name,
-                           const at::Tensor& ptr_in, const at::Tensor& perm_in, int64_t rows,
-                           int64_t nnz, const at::Tensor& like) {
-  check_incidence_grouping(op, ptr_name, perm_name, ptr_in, perm_in, rows, nnz, like, at::kCUDA);
-  const auto ptr = ptr_in.cpu(), perm = perm_in.cpu();
-  check_row_pointer(op, ptr_name, ptr.data_ptr<int64_t>(), ptr.size(0) - 1, nnz, "nnz");
-  incidence_perm_values(op, perm_name, perm.data_ptr<int64_t>(), nnz);
+struct Grouping {
+  const char* ptr_name;
+  const char* perm_name;
+  const at::Tensor& ptr;
+  const at::Tensor& perm;
+};
+
+// The value checks of the indices and orderings (the CPU launcher's
+// functions, so the same errors): every tensor is copied to the host in one
+// transfer, the call's one host synchronisation.
+void check_values(const char* op, const at::Tensor& mi, const at::Tensor& ri, int64_t N, int64_t M,
+                  std::initializer_list<Grouping> groupings) {
+  std::vector<at::Tensor> parts{mi.reshape(-1), ri.reshape(-1)};
+  for (const Grouping& g : groupings) {
+    parts.push_back(g.ptr.reshape(-1));
+    parts.push_back(g.perm.reshape(-1));
+  }
+  const at::Tensor host = at::cat(parts).cpu();
+  const int64_t* p = host.data_ptr<int64_t>();
+  const int64_t nnz = mi.numel();
+  incidence_index_values(op, "metabolite_index", p, nnz, N, "N");
+  p += nnz;
+  incidence_index_values(op, "reaction_index", p, nnz, M, "M");
+  p += nnz;
+  for (const Grouping& g : groupings) {
+    check_row_pointer(op, g.ptr_name, p, g.ptr.numel() - 1, nnz, "nnz");
+    p += g.ptr.numel();
+    incidence_perm_values(op, g.perm_name, p, nnz);
+    p += g.perm.numel();
+  }
 }
 
 void check_inputs(const char* op, const at::Tensor& score_v, const at::Tensor& score_e,
                   const at::Tensor& mi, const at::Tensor& ri, const at::Tensor& group_ptr,
                   const at::Tensor& group_perm) {
   check_incidence_scores(op, score_v, score_e, mi, ri, at::kCUDA);
-  const int64_t nnz = mi.size(0);
-  incidence_index_values(op, "metabolite_index", mi.cpu().data_ptr<int64_t>(), nnz,
-                         score_v.size(1), "N");
-  incidence_index_values(op, "reaction_index", ri.cpu().data_ptr<int64_t>(), nnz, score_e.size(1),
-                         "M");
-  check_grouping_values(op, "group_ptr", "group_perm", group_ptr, group_perm, -1, nnz, score_v);
+  check_incidence_grouping(op, "group_ptr", "group_perm", group_ptr, group_perm, -1, mi.size(0),
+                           score_v, at::kCUDA);
 }
 
 struct Inputs {
@@ -81,6 +103,8 @@ at::Tensor incidence_attention_cuda(const at::Tensor& score_v, const at::Tensor&
   const c10::cuda::CUDAGuard guard(score_v.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(score_v.device().index()).stream();
   check_inputs(op, score_v, score_e, metabolite_index, reaction_index, group_ptr, group_perm);
+  check_values(op, metabolite_index, reaction_index, score_v.size(1), score_e.size(1),
+               {{"group_ptr", "group_perm", group_ptr, group_perm}});
   const int64_t B = score_v.size(0), H = score_v.size(2), nnz = metabolite_index.size(0);
   if (kept_in.has_value()) {
     TORCH_CHECK(kept_in->scalar_type() == at::kBool && kept_in->device() == score_v.device(), op,
@@ -122,10 +146,14 @@ std::tuple<at::Tensor, at::Tensor> incidence_attention_backward_cuda(
               op, ": `alpha` must be [B, nnz, H] = [", B, ", ", nnz, ", ", H,
               "] of the dtype and device of `score_v`");
   check_group_grad(op, grad_in, alpha_in);
-  check_grouping_values(op, "metabolite_ptr", "metabolite_perm", metabolite_ptr, metabolite_perm,
-                        N, nnz, score_v);
-  check_grouping_values(op, "reaction_ptr", "reaction_perm", reaction_ptr, reaction_perm, M, nnz,
-                        score_v);
+  check_incidence_grouping(op, "metabolite_ptr", "metabolite_perm", metabolite_ptr,
+                           metabolite_perm, N, nnz, score_v, at::kCUDA);
+  check_incidence_grouping(op, "reaction_ptr", "reaction_perm", reaction_ptr, reaction_perm, M,
+                           nnz, score_v, at::kCUDA);
+  check_values(op, metabolite_index, reaction_index, N, M,
+               {{"group_ptr", "group_perm", group_ptr, group_perm},
+                {"metabolite_ptr", "metabolite_perm", metabolite_ptr, metabolite_perm},
+                {"reaction_ptr", "reaction_perm", reaction_ptr, reaction_perm}});
   const Inputs in = prepare(score_v, score_e, metabolite_index, reaction_index, group_ptr, group_perm);
   const auto grad = grad_in.contiguous(), alpha = alpha_in.contiguous();
   const auto mptr = metabolite_ptr.contiguous(), mperm = metabolite_perm.contiguous();

@@ -39,7 +39,7 @@ def test_triton_model_equals_reference_and_runs_no_other_kernel(device):
     ops = {e.name for e in prof.events() if e.name.startswith("stoichconv::")}
     assert ops and all(name.startswith("stoichconv::triton_") for name in ops), sorted(ops)
     for op in ("filter_edges", "reaction_keep", "gatv2_forward", "gatv2_backward", "stoich_conv_forward",
-               "stoich_conv_backward", "group_softmax", "group_softmax_backward"):
+               "stoich_conv_backward", "incidence_attention", "incidence_attention_backward"):
         assert f"stoichconv::triton_{op}" in ops, (op, sorted(ops))
     want, _ = reference(graph, perturb_batch_reference(graph, pert, pert_ptr))
     want.square().sum().backward()
