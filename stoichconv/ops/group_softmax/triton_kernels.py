@@ -61,6 +61,62 @@ _BLOCK_J = 16  # incidences per tile
 _MAX_BLOCK_H = 16  # heads per program
 
 
+# Per-tile steps of a row-owned group softmax, shared with the fused incidence attention
+# (:mod:`stoichconv.ops.incidence_attention.triton_kernels`).
+@triton.jit
+def group_tile(perm, kept, b, j0, offs, end, nnz, HAS_KEPT: tl.constexpr):
+    """The tile ``j0 + offs`` of a group ending at ``end``: its incidences ``k``, the in-group
+    mask ``jm`` and the kept mask ``on`` (``jm`` and, with ``HAS_KEPT``, ``kept[b, k]``)."""
+    j = j0 + offs
+    jm = j < end
+    k = tl.load(perm + j, mask=jm, other=0)
+    on = jm
+    if HAS_KEPT:
+        on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
+    return k, jm, on
+
+
+@triton.jit
+def online_softmax_update(run_max, run_sum, l, m2):
+    """One tile of the running maximum and sum of ``exp(l - max)`` over the entries ``m2``
+    (``l`` is ``-inf`` elsewhere); returns the new ``(run_max, run_sum)``."""
+    new_max = tl.maximum(run_max, tl.max(l, axis=0))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.where(m2, tl.exp(l - safe[None, :]), 0.0)
+    return new_max, run_sum * tl.exp(run_max - safe) + tl.sum(p, axis=0)
+
+
+@triton.jit
+def softmax_normaliser(run_max, run_sum):
+    """``(live, shift, denom)`` of a finished group: a group with no kept entry or only ``-inf``
+    logits is not live (its weights are 0)."""
+    live = run_max != float("-inf")
+    return live, tl.where(live, run_max, 0.0), tl.where(live & (run_sum > 0), run_sum, 1.0)
+
+
+@triton.jit
+def softmax_grad_tile(grad, alpha, perm, b, j0, offs, end, h, hm, nnz, H, ACC: tl.constexpr):
+    """The tile's ``(k, jm, m2, off, alpha, grad)`` of the softmax backward (values in ``ACC``)."""
+    k, jm, _on = group_tile(perm, perm, b, j0, offs, end, nnz, False)
+    m2 = jm[:, None] & hm[None, :]
+    off = (b * nnz + k)[:, None] * H + h[None, :]
+    a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
+    gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
+    return k, jm, m2, off, a, gg
+
+
+@triton.jit
+def softmax_grad_dot(grad, alpha, perm, b, start, end, h, hm, nnz, H,
+                     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``sum_{e in group} alpha_e * grad_e`` per head (the softmax backward's row term)."""
+    offs = tl.arange(0, BLOCK_J)
+    dot = tl.zeros([BLOCK_H], ACC)
+    for j0 in range(start, end, BLOCK_J):
+        _k, _jm, _m2, _off, a, gg = softmax_grad_tile(grad, alpha, perm, b, j0, offs, end, h, hm, nnz, H, ACC)
+        dot += tl.sum(a * gg, axis=0)
+    return dot
+
+
 @triton.jit
 def _group_softmax_kernel(logits, kept, alpha, ptr, perm, G, nnz, H,
                           HAS_KEPT: tl.constexpr, ACC: tl.constexpr,
@@ -77,30 +133,14 @@ def _group_softmax_kernel(logits, kept, alpha, ptr, perm, G, nnz, H,
     run_sum = tl.zeros([BLOCK_H], ACC)
     # Pass 1: running max and sum of exp(l - max) over the kept incidences.
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        on = jm
-        if HAS_KEPT:
-            on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
+        k, jm, on = group_tile(perm, kept, b, j0, offs, end, nnz, HAS_KEPT)
         m2 = on[:, None] & hm[None, :]
         l = tl.load(logits + (b * nnz + k)[:, None] * H + h[None, :], mask=m2, other=float("-inf")).to(ACC)
-        new_max = tl.maximum(run_max, tl.max(l, axis=0))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.where(m2, tl.exp(l - safe[None, :]), 0.0)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(p, axis=0)
-        run_max = new_max
-    live = run_max != float("-inf")  # else: empty, fully masked or all -inf -> 0
-    shift = tl.where(live, run_max, 0.0)
-    denom = tl.where(live & (run_sum > 0), run_sum, 1.0)
+        run_max, run_sum = online_softmax_update(run_max, run_sum, l, m2)
+    live, shift, denom = softmax_normaliser(run_max, run_sum)  # not live: empty, fully masked or all -inf -> 0
     # Pass 2: alpha = exp(l - max) / sum (0 where not kept or not live).
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        on = jm
-        if HAS_KEPT:
-            on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
+        k, jm, on = group_tile(perm, kept, b, j0, offs, end, nnz, HAS_KEPT)
         m2 = on[:, None] & hm[None, :]
         off = (b * nnz + k)[:, None] * H + h[None, :]
         l = tl.load(logits + off, mask=m2, other=float("-inf")).to(ACC)
@@ -119,24 +159,9 @@ def _group_softmax_backward_kernel(grad, alpha, grad_logits, ptr, perm, G, nnz, 
     start = tl.load(ptr + g)
     end = tl.load(ptr + g + 1)
     offs = tl.arange(0, BLOCK_J)
-    dot = tl.zeros([BLOCK_H], ACC)
+    dot = softmax_grad_dot(grad, alpha, perm, b, start, end, h, hm, nnz, H, ACC, BLOCK_J, BLOCK_H)
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        m2 = jm[:, None] & hm[None, :]
-        off = (b * nnz + k)[:, None] * H + h[None, :]
-        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
-        gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
-        dot += tl.sum(a * gg, axis=0)
-    for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        m2 = jm[:, None] & hm[None, :]
-        off = (b * nnz + k)[:, None] * H + h[None, :]
-        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
-        gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
+        _k, _jm, m2, off, a, gg = softmax_grad_tile(grad, alpha, perm, b, j0, offs, end, h, hm, nnz, H, ACC)
         tl.store(grad_logits + off, (a * (gg - dot[None, :])).to(grad_logits.dtype.element_ty), mask=m2)
 
 

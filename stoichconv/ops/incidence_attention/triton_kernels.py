@@ -30,7 +30,6 @@ GPU the plan is trusted, no host sync).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -39,6 +38,9 @@ import triton.language as tl
 from torch import Tensor
 
 from stoichconv.ops._dtypes import FLOAT_DTYPES, accumulate_dtype
+from stoichconv.ops.group_softmax.triton_kernels import (_acc_dtype, _device_guard, group_tile,
+                                                        online_softmax_update, softmax_grad_dot,
+                                                        softmax_grad_tile, softmax_normaliser)
 from stoichconv.ops.incidence_attention import register
 
 __all__ = ["triton_incidence_attention", "triton_incidence_attention_backward"]
@@ -73,30 +75,14 @@ def _forward_kernel(score_v, score_e, mi, ri, kept, alpha, ptr, perm, G, N, M, n
     run_max = tl.full([BLOCK_H], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_H], ACC)
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        on = jm
-        if HAS_KEPT:
-            on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
+        k, jm, on = group_tile(perm, kept, b, j0, offs, end, nnz, HAS_KEPT)
         m2 = jm[:, None] & hm[None, :]
         _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
         l = tl.where(on[:, None] & hm[None, :], l, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(l, axis=0))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.where(on[:, None] & hm[None, :], tl.exp(l - safe[None, :]), 0.0)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(p, axis=0)
-        run_max = new_max
-    live = run_max != float("-inf")
-    shift = tl.where(live, run_max, 0.0)
-    denom = tl.where(live & (run_sum > 0), run_sum, 1.0)
+        run_max, run_sum = online_softmax_update(run_max, run_sum, l, on[:, None] & hm[None, :])
+    live, shift, denom = softmax_normaliser(run_max, run_sum)
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        on = jm
-        if HAS_KEPT:
-            on = on & (tl.load(kept + b * nnz + k, mask=jm, other=0) != 0)
+        k, jm, on = group_tile(perm, kept, b, j0, offs, end, nnz, HAS_KEPT)
         m2 = jm[:, None] & hm[None, :]
         _pre, l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
         a = tl.where(on[:, None] & hm[None, :] & live[None, :], tl.exp(l - shift[None, :]) / denom[None, :], 0.0)
@@ -115,24 +101,9 @@ def _pre_grad_kernel(grad, alpha, score_v, score_e, mi, ri, dpre, ptr, perm, G, 
     start = tl.load(ptr + g)
     end = tl.load(ptr + g + 1)
     offs = tl.arange(0, BLOCK_J)
-    dot = tl.zeros([BLOCK_H], ACC)
+    dot = softmax_grad_dot(grad, alpha, perm, b, start, end, h, hm, nnz, H, ACC, BLOCK_J, BLOCK_H)
     for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        m2 = jm[:, None] & hm[None, :]
-        off = (b * nnz + k)[:, None] * H + h[None, :]
-        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
-        gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
-        dot += tl.sum(a * gg, axis=0)
-    for j0 in range(start, end, BLOCK_J):
-        j = j0 + offs
-        jm = j < end
-        k = tl.load(perm + j, mask=jm, other=0)
-        m2 = jm[:, None] & hm[None, :]
-        off = (b * nnz + k)[:, None] * H + h[None, :]
-        a = tl.load(alpha + off, mask=m2, other=0.0).to(ACC)
-        gg = tl.load(grad + off, mask=m2, other=0.0).to(ACC)
+        k, jm, m2, off, a, gg = softmax_grad_tile(grad, alpha, perm, b, j0, offs, end, h, hm, nnz, H, ACC)
         pre, _l = _logits(score_v, score_e, mi, ri, b, be, k, h, jm, m2, N, M, H, slope, ACC)
         d = a * (gg - dot[None, :]) * tl.where(pre > 0, 1.0, tl.load(slope))
         tl.store(dpre + off, d.to(dpre.dtype.element_ty), mask=m2)
@@ -164,14 +135,6 @@ def _slope(negative_slope: float, like: Tensor) -> Tensor:
     """The slope as a one-element tensor of the accumulate dtype (a Python float argument would
     reach the kernel as float32, off by 3e-9 relative in float64)."""
     return torch.full((1,), float(negative_slope), dtype=accumulate_dtype(like.dtype), device=like.device)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_int(op: str, name: str, t, like: Tensor) -> None:
