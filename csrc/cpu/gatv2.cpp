@@ -81,7 +81,6 @@ void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
 // rows of the edge this many edges (slots) ahead are prefetched, every cache
 // line of them.
 constexpr int64_t kPrefetchEdges = 4;
-constexpr int64_t kPrefetchSlots = kPrefetchEdges;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t n) {
@@ -252,7 +251,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
         gl.resize(static_cast<size_t>((e1 - e0) * H));
         for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
         for (int64_t e = e0; e < e1; ++e) {
-          if (e + kPrefetchSlots < E) prefetch_row(xl + src[e + kPrefetchSlots] * W, W);
+          if (e + kPrefetchEdges < E) prefetch_row(xl + src[e + kPrefetchEdges] * W, W);
           for (int64_t h = 0; h < H; ++h) {
             const acc_t ga = dot_row<kLanes<acc_t>>(gi + h * C, xl + src[e] * W + h * C, C);
             gl[(e - e0) * H + h] = ga;
@@ -302,8 +301,8 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xs = xl + s * W;
       for (int64_t j = src_ptr[s]; j < src_ptr[s + 1]; ++j) {
-        if (j + kPrefetchSlots < E) {
-          const int64_t jn = j + kPrefetchSlots;
+        if (j + kPrefetchEdges < E) {
+          const int64_t jn = j + kPrefetchEdges;
           prefetch_row(xr + slot_dst[jn] * W, W);
           prefetch_row(g + (dst_is_row ? slot_dst[jn] : slot_row[jn]) * W, W);
         }
@@ -327,7 +326,7 @@ void backward_kernel(const scalar_t* g, const scalar_t* xl, const scalar_t* xr, 
       for (int64_t c = 0; c < W; ++c) acc[c] = acc_t(0);
       const scalar_t* xd = xr + d * W;
       for (int64_t j = dst_ptr[d]; j < dst_ptr[d + 1]; ++j) {
-        if (j + kPrefetchSlots < E) prefetch_row(xl + dst_slot_src[j + kPrefetchSlots] * W, W);
+        if (j + kPrefetchEdges < E) prefetch_row(xl + dst_slot_src[j + kPrefetchEdges] * W, W);
         const scalar_t* xs = xl + dst_slot_src[j] * W;
         for (int64_t h = 0; h < H; ++h) {
           const int64_t o = h * C;

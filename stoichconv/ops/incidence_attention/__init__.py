@@ -54,6 +54,7 @@ from torch import Tensor
 from stoichconv._extension import has_compiled_kernels
 from stoichconv.backends import OpSpec, register_op, select
 from stoichconv.ops._dtypes import cast_for_autocast, check_float, check_same_dtype
+from stoichconv.ops.group_softmax import _group_of
 
 __all__ = ["SPEC", "incidence_attention", "register"]
 
@@ -65,14 +66,6 @@ SPEC = register_op(OpSpec(
     triton="stoichconv.ops.incidence_attention.triton_kernels:triton_incidence_attention",
     reference="stoichconv.reference.incidence_attention:incidence_attention_reference",
 ))
-
-
-def _group_of(group_ptr: Tensor, group_perm: Tensor) -> Tensor:
-    """incidence -> group id from the CSR ordering (no host sync)."""
-    nnz = group_perm.numel()
-    rows = torch.repeat_interleave(torch.arange(group_ptr.numel() - 1, device=group_ptr.device), group_ptr.diff(),
-                                   output_size=nnz)
-    return torch.empty_like(group_perm).scatter_(0, group_perm, rows)
 
 
 def _check_index(name: str, t) -> None:
