@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "stoichconv/pert_mask_checks.h"
+#include "stoichconv/pert_mask_outputs.h"
 #include "stoichconv/pert_mask_cuda.h"
 #include "stoichconv/size_checks.h"
 
@@ -130,30 +131,6 @@ void prepare(Deletions& d, bool* node_keep, int64_t N, int64_t* kept_counts,
                kept_counts, status.data_ptr<int64_t>(), stream),
            op);
 }
-
-// An output of `n` elements: the first n of the caller's buffer (the *_out
-// variants; checked by check_out_buffer) or a fresh tensor.
-at::Tensor output(const at::Tensor& given, const char* op, const char* name, int64_t n,
-                  const at::TensorOptions& opts) {
-  if (given.defined()) return given.view(-1).narrow(0, 0, n);
-  return allocate(op, name, {n}, opts);
-}
-
-// The edge list [2, total]: a view of the first 2 * total elements of the
-// caller's buffer, or a fresh tensor.
-at::Tensor output_edges(const at::Tensor& given, const char* op, int64_t total,
-                        const at::TensorOptions& opts) {
-  if (given.defined()) return given.view(-1).narrow(0, 0, 2 * total).view({2, total});
-  return allocate(op, "edge_index (output)", {2, total}, opts);
-}
-
-// Caller buffers of filter_edges_out / filter_bipartite_out (undefined: allocate).
-struct FilterEdgesBuffers {
-  at::Tensor edge_index, edge_ptr, edge_keep, node_keep, node_ptr;
-};
-struct FilterBipartiteBuffers {
-  at::Tensor edge_index, edge_ptr, edge_keep, edge_id;
-};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_edges_impl(
     const at::Tensor& edge_index_in, int64_t num_nodes, const at::Tensor& pert,
