@@ -46,38 +46,102 @@ void degree_norms(const StoichPlanView& s, const acc_t* abs_stoich, const bool* 
   });
 }
 
+// Channels of one register tile of reduce_row: 256 bytes of accumulators (64 float or 32 double
+// sums: eight 32-byte registers), held in registers while a row's incidences are summed.
+template <typename acc_t>
+constexpr int64_t kTileChannels = 256 / sizeof(acc_t);
+
+// One 32-byte register of acc_t lanes (a GCC vector type: one ymm register with AVX2, two xmm
+// registers in the portable code).
+// (Spelled per type: GCC drops vector_size on an alias template of a dependent type.)
+typedef float TileVectorFloat __attribute__((vector_size(32)));
+typedef double TileVectorDouble __attribute__((vector_size(32)));
+template <typename acc_t>
+using TileVector = std::conditional_t<std::is_same_v<acc_t, float>, TileVectorFloat, TileVectorDouble>;
+
+// acc[0:kTile] = sum_{j in [j0, j1)} coef(b, j, h) * src_b[other(j), h, c0 : c0 + kTile]
+// in incidence order (one register tile of a reduce_row output row).  A float32 / float64 source
+// is summed in vector registers (kTile / lanes of them); a 16-bit one is converted on load and
+// summed lane by lane.  Either way every lane's sum is the same sequence of multiply-adds.
+template <int64_t kTile, typename acc_t, typename scalar_t, typename Other, typename Coef>
+inline void gather_tile(acc_t* __restrict__ acc, int64_t b, int64_t h, int64_t c0,
+                        int64_t row_size, int64_t C, int64_t j0, int64_t j1,
+                        const scalar_t* src_b, Other other, Coef coef) {
+  const int64_t offset = h * C + c0;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    using vec_t = TileVector<acc_t>;
+    static_assert(sizeof(vec_t) == 32 && sizeof(vec_t) == 32 / sizeof(acc_t) * sizeof(acc_t));
+    constexpr int64_t kLanes = 32 / sizeof(acc_t), kVectors = kTile / kLanes;
+    vec_t sum[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) sum[v] = vec_t{};
+    for (int64_t j = j0; j < j1; ++j) {
+      const vec_t c = vec_t{} + static_cast<acc_t>(coef(b, j, h));
+      const scalar_t* src = src_b + other(j) * row_size + offset;
+      for (int64_t v = 0; v < kVectors; ++v) {
+        vec_t x;
+        std::memcpy(&x, src + v * kLanes, sizeof(vec_t));
+        sum[v] += c * x;
+      }
+    }
+    std::memcpy(acc, sum, sizeof(sum));
+  } else {
+    acc_t sum[kTile];
+    for (int64_t i = 0; i < kTile; ++i) sum[i] = acc_t(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const acc_t c = static_cast<acc_t>(coef(b, j, h));
+      const scalar_t* src = src_b + other(j) * row_size + offset;
+      SC_SIMD for (int64_t i = 0; i < kTile; ++i) sum[i] += c * static_cast<acc_t>(src[i]);
+    }
+    for (int64_t i = 0; i < kTile; ++i) acc[i] = sum[i];
+  }
+}
+
 // Row r of sample b of one segment reduction (dst: that row; init_row: its
 // init row or nullptr; buffer: one acc_t row, used when acc_t is not scalar_t):
 //   dst_b[r] = (init_b ? init_b[r] : 0) + row_scale(b, r) *
-//              sum_{k in CSR row r} coef(b, k, h) * src_b[other(k), h]
+//              sum_{j in CSR row r} coef(b, j, h) * src_b[other(j), h]
 // for each head h (rows of H * C values; src_b / init_b / dst_b point at
-// sample b's rows).  `other` maps an incidence to the row of src it gathers.
+// sample b's rows).  The incidences are named by their position j in the CSR
+// ordering (ptr): `other(j)` is the row of src incidence j gathers, coef its factor
+// (both read from arrays in that order: CsrIncidences).
 // Both forward stages and both backward reductions are instances of this one
-// segment reduction.  The output row stays in L1 while the row's incidences
-// are accumulated into it; the order of the sums is fixed by the plan.
-// `coef` and `row_scale` return acc_t; the sum runs in acc_t: in the output
-// row itself when acc_t is scalar_t, else in a buffer of one row (reused
-// across the rows) that is rounded to scalar_t once, after the init term.
+// segment reduction.  Each head's channels are summed one register tile
+// (kTileChannels) at a time over all the row's incidences, the source rows
+// the channels past the last whole tile are
+// summed in the output row itself.  Every sum runs over the incidences in plan
+// order, so the result does not depend on the tiling; the sums are in acc_t, in
+// the output row itself when acc_t is scalar_t, else in a buffer of one row
+// (reused across the rows) rounded to scalar_t once, after the init term.
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
 inline void reduce_row(int64_t b, int64_t r, int64_t H, int64_t C, const int64_t* ptr,
-                       const int64_t* perm, const scalar_t* src_b, const scalar_t* init_row,
+                       const scalar_t* src_b, const scalar_t* init_row,
                        scalar_t* dst, stoichconv::acc_type<scalar_t>* buffer, Other other,
                        Coef coef, Scale row_scale) {
   using acc_t = stoichconv::acc_type<scalar_t>;
   constexpr bool in_place = std::is_same_v<acc_t, scalar_t>;
+  constexpr int64_t kTile = kTileChannels<acc_t>;
   const int64_t row_size = H * C;
   acc_t* out;
   if constexpr (in_place) out = dst; else out = buffer;
-  for (int64_t i = 0; i < row_size; ++i) out[i] = acc_t(0);
   const acc_t scale = row_scale(b, r);
   if (scale != acc_t(0)) {
-    for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
-      const int64_t k = perm[j];
-      const scalar_t* src_row = src_b + other(k) * row_size;
-      for (int64_t h = 0; h < H; ++h)
-        axpy_row(out + h * C, static_cast<acc_t>(coef(b, k, h)), src_row + h * C, C);
+    const int64_t j0 = ptr[r], j1 = ptr[r + 1];
+    const int64_t whole = C - C % kTile;
+    for (int64_t h = 0; h < H; ++h) {
+      acc_t* out_h = out + h * C;
+      for (int64_t c0 = 0; c0 < whole; c0 += kTile)
+        gather_tile<kTile>(out_h + c0, b, h, c0, row_size, C, j0, j1, src_b, other, coef);
+      if (whole < C) {
+        for (int64_t c = whole; c < C; ++c) out_h[c] = acc_t(0);
+        for (int64_t j = j0; j < j1; ++j) {
+          axpy_row(out_h + whole, static_cast<acc_t>(coef(b, j, h)),
+                   src_b + other(j) * row_size + h * C + whole, C - whole);
+        }
+      }
     }
     scale_row(out, scale, row_size);
+  } else {
+    for (int64_t i = 0; i < row_size; ++i) out[i] = acc_t(0);
   }
   if (init_row != nullptr) axpy_row(out, acc_t(1), init_row, row_size);
   if constexpr (!in_place)
@@ -87,7 +151,7 @@ inline void reduce_row(int64_t b, int64_t r, int64_t H, int64_t C, const int64_t
 // Rows [r0, r1) of sample b (reduce_row for each, one row buffer reused).
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
 inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
-                        const int64_t* ptr, const int64_t* perm, const scalar_t* src_b,
+                        const int64_t* ptr, const scalar_t* src_b,
                         const scalar_t* init_b, scalar_t* dst_b, Other other, Coef coef,
                         Scale row_scale) {
   using acc_t = stoichconv::acc_type<scalar_t>;
@@ -95,7 +159,7 @@ inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
   const int64_t row_size = H * C;
   std::vector<acc_t> buffer(in_place ? 0 : static_cast<size_t>(row_size));
   for (int64_t r = r0; r < r1; ++r)
-    reduce_row(b, r, H, C, ptr, perm, src_b, init_b ? init_b + r * row_size : nullptr,
+    reduce_row(b, r, H, C, ptr, src_b, init_b ? init_b + r * row_size : nullptr,
                dst_b + r * row_size, buffer.data(), other, coef, row_scale);
 }
 
@@ -103,7 +167,7 @@ inline void reduce_rows(int64_t b, int64_t r0, int64_t r1, int64_t H, int64_t C,
 // there are fewer samples than threads).
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
 void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_t C,
-                    const int64_t* ptr, const int64_t* perm, const scalar_t* src,
+                    const int64_t* ptr, const scalar_t* src,
                     const scalar_t* init, scalar_t* dst, Other other, Coef coef,
                     Scale row_scale) {
   const int64_t row_size = H * C;
@@ -111,7 +175,7 @@ void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / rows, r0 = row % rows;
       const int64_t r1 = std::min(rows, r0 + (end - row));
-      reduce_rows(b, r0, r1, H, C, ptr, perm, src + b * src_rows * row_size,
+      reduce_rows(b, r0, r1, H, C, ptr, src + b * src_rows * row_size,
                   init ? init + b * rows * row_size : nullptr, dst + b * rows * row_size, other,
                   coef, row_scale);
       row += r1 - r0;
@@ -123,35 +187,77 @@ void segment_reduce(int64_t B, int64_t rows, int64_t src_rows, int64_t H, int64_
 // back, the intermediate rows still in cache) rather than rows.
 inline bool by_sample(int64_t B) { return B >= at::get_num_threads(); }
 
+// The plan's incidences in its two CSR orders, gathered once per call so that the row loops
+// read them in sequence instead of through perm -> index chains.  In the reaction order
+// (reaction_ptr) position j is incidence reaction_perm[j], of metabolite metabolite[j]; in the
+// metabolite order (metabolite_ptr) position j is incidence metabolite_perm[j], of reaction
+// reaction[j].  A weight shared by the samples (w_stride 0) is gathered into both orders too;
+// a per-sample weight is read through the permutation.
+template <typename scalar_t>
+struct CsrIncidences {
+  using acc_t = stoichconv::acc_type<scalar_t>;
+  const StoichPlanView& s;
+  const scalar_t* w;
+  int64_t ws, H;
+  std::vector<int64_t> metabolite, reaction;
+  std::vector<scalar_t> weight_by_reaction, weight_by_metabolite;  // shared weight only
+
+  CsrIncidences(const StoichPlanView& plan, const scalar_t* weight, int64_t w_stride, int64_t heads)
+      : s(plan), w(weight), ws(w_stride), H(heads),
+        metabolite(static_cast<size_t>(plan.nnz)), reaction(static_cast<size_t>(plan.nnz)) {
+    for (int64_t j = 0; j < s.nnz; ++j) {
+      metabolite[j] = s.metabolite_index[s.reaction_perm[j]];
+      reaction[j] = s.reaction_index[s.metabolite_perm[j]];
+    }
+    if (ws == 0) {
+      weight_by_reaction.resize(static_cast<size_t>(s.nnz * H));
+      weight_by_metabolite.resize(static_cast<size_t>(s.nnz * H));
+      for (int64_t j = 0; j < s.nnz; ++j)
+        for (int64_t h = 0; h < H; ++h) {
+          weight_by_reaction[j * H + h] = w[s.reaction_perm[j] * H + h];
+          weight_by_metabolite[j * H + h] = w[s.metabolite_perm[j] * H + h];
+        }
+    }
+  }
+  // w[b, k, h] of the incidence k at position j of the reaction / metabolite order
+  acc_t reaction_order_weight(int64_t b, int64_t j, int64_t h) const {
+    return static_cast<acc_t>(ws == 0 ? weight_by_reaction[j * H + h]
+                                      : w[b * ws + s.reaction_perm[j] * H + h]);
+  }
+  acc_t metabolite_order_weight(int64_t b, int64_t j, int64_t h) const {
+    return static_cast<acc_t>(ws == 0 ? weight_by_metabolite[j * H + h]
+                                      : w[b * ws + s.metabolite_perm[j] * H + h]);
+  }
+};
+
 // Stage 1, metabolite -> reaction, for rows [e0, e1) of sample b:
 //   hidden_b[e] = B_e * sum_{k in e} w_k y[b, v_k]
 // (the forward's first stage, and the backward's recomputation of `hidden`
 // when the forward did not save it).
 template <typename scalar_t>
-inline void stage1_rows(const StoichPlanView& s, int64_t b, int64_t e0, int64_t e1, int64_t N,
-                        int64_t H, int64_t C, int64_t w_stride, const bool* keep, const scalar_t* y,
-                        const scalar_t* w, const stoichconv::acc_type<scalar_t>* edge_norm,
-                        scalar_t* hidden_b) {
-  using acc_t = stoichconv::acc_type<scalar_t>;
-  const int64_t M = s.M, row_size = H * C;
+inline void stage1_rows(const CsrIncidences<scalar_t>& g, int64_t b, int64_t e0, int64_t e1,
+                        int64_t N, int64_t C, const bool* keep, const scalar_t* y,
+                        const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* hidden_b) {
+  const StoichPlanView& s = g.s;
+  const int64_t M = s.M, H = g.H, row_size = H * C;
   reduce_rows(
-      b, e0, e1, H, C, s.reaction_ptr, s.reaction_perm, y + b * N * row_size,
-      static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t k) { return s.metabolite_index[k]; },
-      [&](int64_t bb, int64_t k, int64_t h) { return static_cast<acc_t>(w[bb * w_stride + k * H + h]); },
+      b, e0, e1, H, C, s.reaction_ptr, y + b * N * row_size,
+      static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t j) { return g.metabolite[j]; },
+      [&](int64_t bb, int64_t j, int64_t h) { return g.reaction_order_weight(bb, j, h); },
       [&](int64_t bb, int64_t e) { return edge_norm[(keep ? bb : 0) * M + e]; });
 }
 
 // Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
 template <typename scalar_t>
-void stage1_all(const StoichPlanView& s, int64_t B, int64_t N, int64_t H, int64_t C, int64_t w_stride,
-                const bool* keep, const scalar_t* y, const scalar_t* w,
+void stage1_all(const CsrIncidences<scalar_t>& g, int64_t B, int64_t N, int64_t C,
+                const bool* keep, const scalar_t* y,
                 const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* hidden) {
-  const int64_t M = s.M, row_size = H * C;
+  const int64_t M = g.s.M, row_size = g.H * C;
   at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / M, e0 = row % M;
       const int64_t e1 = std::min(M, e0 + (end - row));
-      stage1_rows(s, b, e0, e1, N, H, C, w_stride, keep, y, w, edge_norm, hidden + b * M * row_size);
+      stage1_rows(g, b, e0, e1, N, C, keep, y, edge_norm, hidden + b * M * row_size);
       row += e1 - e0;
     }
   });
@@ -165,14 +271,13 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, ws = a.w_stride;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
-  const scalar_t* w = a.weight;
   const acc_t* dn = a.node_norm;
   degree_norms(s, a.abs_stoich, keep, keep ? a.B : 1, a.node_norm, a.edge_norm);
+  const CsrIncidences<scalar_t> g(s, a.weight, ws, H);
   // Stage 2, reaction -> metabolite: out[b,v] = D_v * sum_k w_k h[b, e_k]
-  const auto stage2_other = [&](int64_t k) { return s.reaction_index[k]; };
-  const auto stage2_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return incidence_kept(keep, b, M, s.reaction_index[k]) ? static_cast<acc_t>(w[b * ws + k * H + h])
-                                                           : acc_t(0);
+  const auto stage2_other = [&](int64_t j) { return g.reaction[j]; };
+  const auto stage2_coef = [&](int64_t b, int64_t j, int64_t h) {
+    return incidence_kept(keep, b, M, g.reaction[j]) ? g.metabolite_order_weight(b, j, h) : acc_t(0);
   };
   const auto stage2_scale = [&](int64_t b, int64_t v) { return dn[(keep ? b : 0) * N + v]; };
   if (by_sample(a.B)) {
@@ -180,8 +285,8 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
       std::vector<scalar_t> scratch(a.hidden ? 0 : static_cast<size_t>(M * row_size));
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* hidden_b = a.hidden ? a.hidden + b * M * row_size : scratch.data();
-        stage1_rows(s, b, 0, M, N, H, C, ws, keep, a.y, w, a.edge_norm, hidden_b);
-        reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
+        stage1_rows(g, b, 0, M, N, C, keep, a.y, a.edge_norm, hidden_b);
+        reduce_rows(b, 0, N, H, C, s.metabolite_ptr,
                     static_cast<const scalar_t*>(hidden_b), static_cast<const scalar_t*>(nullptr),
                     a.out + b * N * row_size, stage2_other, stage2_coef, stage2_scale);
       }
@@ -190,8 +295,8 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
   }
   std::vector<scalar_t> temporary(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
   scalar_t* hidden = a.hidden ? a.hidden : temporary.data();
-  stage1_all(s, a.B, N, H, C, ws, keep, a.y, w, a.edge_norm, hidden);
-  segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, hidden,
+  stage1_all(g, a.B, N, C, keep, a.y, a.edge_norm, hidden);
+  segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, hidden,
                            nullptr, a.out, stage2_other, stage2_coef, stage2_scale);
 }
 
@@ -204,18 +309,16 @@ void forward_kernel(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
 // and h_e of sample b are read from R / hidden [B, M, H, C] where given, else recomputed
 // (reduce_row: the same arithmetic as the whole-batch rows).
 template <typename scalar_t, typename ROther, typename RCoef, typename RScale>
-void shared_weight_grads(const StoichPlanView& s, const BackwardArgs<scalar_t>& a,
+void shared_weight_grads(const CsrIncidences<scalar_t>& g, const BackwardArgs<scalar_t>& a,
                          const scalar_t* R, const scalar_t* hidden, ROther r_other, RCoef r_coef,
                          RScale r_scale) {
   using acc_t = stoichconv::acc_type<scalar_t>;
-  const int64_t M = s.M, N = a.N, H = a.H, C = a.C, ws = a.w_stride;
+  const StoichPlanView& s = g.s;
+  const int64_t M = s.M, N = a.N, H = a.H, C = a.C;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
-  const scalar_t* w = a.weight;
   const acc_t* en = a.edge_norm;
-  const auto h_coef = [&](int64_t bb, int64_t k, int64_t h) {
-    return static_cast<acc_t>(w[bb * ws + k * H + h]);
-  };
+  const auto h_coef = [&](int64_t bb, int64_t j, int64_t h) { return g.reaction_order_weight(bb, j, h); };
   const auto h_scale = [&](int64_t bb, int64_t e) { return en[(keep ? bb : 0) * M + e]; };
   at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> R_row(R ? 0 : static_cast<size_t>(row_size));
@@ -230,17 +333,17 @@ void shared_weight_grads(const StoichPlanView& s, const BackwardArgs<scalar_t>& 
         const int64_t nb = keep ? b : 0;
         const scalar_t* R_e = R ? R + (b * M + e) * row_size : R_row.data();
         if (!R)
-          reduce_row(b, e, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out + b * N * row_size,
+          reduce_row(b, e, H, C, s.reaction_ptr, a.grad_out + b * N * row_size,
                      a.grad_hidden ? a.grad_hidden + (b * M + e) * row_size : nullptr,
                      R_row.data(), buffer.data(), r_other, r_coef, r_scale);
         const scalar_t* h_e = hidden ? hidden + (b * M + e) * row_size : h_row.data();
         if (!hidden)
-          reduce_row(b, e, H, C, s.reaction_ptr, s.reaction_perm, a.y + b * N * row_size,
+          reduce_row(b, e, H, C, s.reaction_ptr, a.y + b * N * row_size,
                      static_cast<const scalar_t*>(nullptr), h_row.data(), buffer.data(),
-                     [&](int64_t k) { return s.metabolite_index[k]; }, h_coef, h_scale);
+                     [&](int64_t j) { return g.metabolite[j]; }, h_coef, h_scale);
         const acc_t be = en[nb * M + e];
         for (int64_t j = j0; j < j1; ++j) {
-          const int64_t v = s.metabolite_index[s.reaction_perm[j]];
+          const int64_t v = g.metabolite[j];
           const acc_t d = a.node_norm[nb * N + v];
           const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
           const scalar_t* Y_v = a.y + (b * N + v) * row_size;
@@ -268,28 +371,27 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
   const int64_t M = s.M, N = a.N, H = a.H, C = a.C, nnz = a.nnz, ws = a.w_stride;
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
-  const scalar_t* w = a.weight;
   const acc_t* dn = a.node_norm;
   const acc_t* en = a.edge_norm;
+  const CsrIncidences<scalar_t> g(s, a.weight, ws, H);
   const auto norm_b = [&](int64_t b) { return keep ? b : int64_t(0); };
   // A weight [1, nnz, H] shared by the samples (w_stride 0, B != 1): one gradient [1, nnz, H].
   const bool shared = ws == 0 && a.B != 1;
   // R[b,e] = dL/dh[b,e] = grad_hidden[b,e] + sum_{k in e} w_k D_{v_k} G[b, v_k]
   // (stored in scalar_t, like `hidden`)
-  const auto r_other = [&](int64_t k) { return s.metabolite_index[k]; };
-  const auto r_coef = [&](int64_t b, int64_t k, int64_t h) {
-    return static_cast<acc_t>(w[b * ws + k * H + h]) * dn[norm_b(b) * N + s.metabolite_index[k]];
+  const auto r_other = [&](int64_t j) { return g.metabolite[j]; };
+  const auto r_coef = [&](int64_t b, int64_t j, int64_t h) {
+    return g.reaction_order_weight(b, j, h) * dn[norm_b(b) * N + g.metabolite[j]];
   };
   const auto r_scale = [&](int64_t b, int64_t e) {
     return incidence_kept(keep, b, M, e) ? acc_t(1) : acc_t(0);
   };
   // dL/dY[b,u] = sum_{k: v_k = u} w_k B_{e_k} R[b, e_k]
-  const auto gy_other = [&](int64_t k) { return s.reaction_index[k]; };
-  const auto gy_coef = [&](int64_t b, int64_t k, int64_t h) {
-    const int64_t e = s.reaction_index[k];
-    return incidence_kept(keep, b, M, e)
-               ? static_cast<acc_t>(w[b * ws + k * H + h]) * en[norm_b(b) * M + e]
-               : acc_t(0);
+  const auto gy_other = [&](int64_t j) { return g.reaction[j]; };
+  const auto gy_coef = [&](int64_t b, int64_t j, int64_t h) {
+    const int64_t e = g.reaction[j];
+    return incidence_kept(keep, b, M, e) ? g.metabolite_order_weight(b, j, h) * en[norm_b(b) * M + e]
+                                         : acc_t(0);
   };
   const auto gy_scale = [](int64_t, int64_t) { return acc_t(1); };
   // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for incidences [k0, k1) of
@@ -321,40 +423,40 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
       scalar_t* R_b = scratch.data();
       scalar_t* hidden_scratch = recompute ? R_b + M * row_size : nullptr;
       for (int64_t b = begin; b < end; ++b) {
-        reduce_rows(b, 0, M, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out + b * N * row_size,
+        reduce_rows(b, 0, M, H, C, s.reaction_ptr, a.grad_out + b * N * row_size,
                     a.grad_hidden ? a.grad_hidden + b * M * row_size : nullptr, R_b, r_other,
                     r_coef, r_scale);
         if (a.grad_y != nullptr)
-          reduce_rows(b, 0, N, H, C, s.metabolite_ptr, s.metabolite_perm,
+          reduce_rows(b, 0, N, H, C, s.metabolite_ptr,
                       static_cast<const scalar_t*>(R_b), static_cast<const scalar_t*>(nullptr),
                       a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
         if (per_sample_w) {
-          if (recompute) stage1_rows(s, b, 0, M, N, H, C, ws, keep, a.y, w, en, hidden_scratch);
+          if (recompute) stage1_rows(g, b, 0, M, N, C, keep, a.y, en, hidden_scratch);
           weight_grads(b, 0, nnz, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
         }
       }
     });
     // A shared weight: its gradient from the saved (or recomputed) rows, R row by row again.
     if (a.grad_weight != nullptr && shared)
-      shared_weight_grads(s, a, static_cast<const scalar_t*>(nullptr), a.hidden, r_other, r_coef,
+      shared_weight_grads(g, a, static_cast<const scalar_t*>(nullptr), a.hidden, r_other, r_coef,
                           r_scale);
     return;
   }
   std::vector<scalar_t> R(static_cast<size_t>(a.B * M * row_size));
-  segment_reduce<scalar_t>(a.B, M, N, H, C, s.reaction_ptr, s.reaction_perm, a.grad_out,
+  segment_reduce<scalar_t>(a.B, M, N, H, C, s.reaction_ptr, a.grad_out,
                            a.grad_hidden, R.data(), r_other, r_coef, r_scale);
   if (a.grad_y != nullptr)
-    segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, s.metabolite_perm, R.data(),
+    segment_reduce<scalar_t>(a.B, N, M, H, C, s.metabolite_ptr, R.data(),
                              nullptr, a.grad_y, gy_other, gy_coef, gy_scale);
   if (a.grad_weight != nullptr) {
     std::vector<scalar_t> recomputed(a.hidden ? 0 : static_cast<size_t>(a.B * M * row_size));
     const scalar_t* hidden = a.hidden;
     if (hidden == nullptr) {
-      stage1_all(s, a.B, N, H, C, ws, keep, a.y, w, en, recomputed.data());
+      stage1_all(g, a.B, N, C, keep, a.y, en, recomputed.data());
       hidden = recomputed.data();
     }
     if (shared) {
-      shared_weight_grads(s, a, static_cast<const scalar_t*>(R.data()), hidden, r_other, r_coef,
+      shared_weight_grads(g, a, static_cast<const scalar_t*>(R.data()), hidden, r_other, r_coef,
                           r_scale);
       return;
     }
