@@ -45,6 +45,8 @@ class BenchCase:
     # Bytes the op must move at least (stoichconv.bench.limits), or a function computing them
     # (called once, after timing, e.g. when counting needs one more run); None: not stated.
     bytes_moved: Union[int, Callable[[], int], None] = None
+    # Timed repeats at least (after the warm-up), whatever the time budget.
+    min_repeats: int = 3
 
     @property
     def group(self) -> tuple:
@@ -147,7 +149,8 @@ def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool 
     for case in iterator:
         if tqdm and progress:
             iterator.set_postfix_str(f"{case.op}/{case.config}/B={case.batch}/{case.backend}")
-        median_ms, output = time_call(case.run, budget_s=budget_s)
+        median_ms, output = time_call(case.run, min_repeats=case.min_repeats,
+                                      max_repeats=max(20, case.min_repeats), budget_s=budget_s)
         extra = dict(case.extra)
         if case.measure_extra is not None:
             extra.update(case.measure_extra())

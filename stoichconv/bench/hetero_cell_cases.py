@@ -13,6 +13,7 @@ Rows: ``args.train_batches`` (default B = 2, 8) at 2 heads, and the original bat
 gene-gene convs 10 x 6 channels projected to 64).
 
 Both models start from the same parameters, so the first step's predictions are compared.
+Every row's median is taken over at least ``STEP_REPEATS`` = 5 timed steps after a warm-up step.
 ``extra`` records the peak memory of one step: ``torch.cuda.max_memory_allocated`` on GPU; on CPU
 the peak-RSS growth of a fresh subprocess over one step (``VmHWM`` after the step minus the RSS
 before it, model and graph already loaded), with that step's wall and CPU seconds (``step_s``,
@@ -47,6 +48,7 @@ OP = "train_step"
 LARGE_BATCH = 32  # the original's batch size
 LARGE_BATCH_HEADS = (2, 10)
 LAYERS = 3
+STEP_REPEATS = 5  # timed steps per row at least (after a warm-up step): the median of 5 or more
 
 
 def _setup(kind: str, batch_size: int, hidden: int, device, seed: int = 0, state=None, heads: int = 2):
@@ -185,7 +187,8 @@ def peak_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int, he
 
 def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure, floor=None) -> BenchCase:
     return BenchCase(op=OP, backend=backend, config=config, batch=B, run=_step_fn(kind, *setup),
-                     extra={"threads": threads}, measure_extra=measure, bytes_moved=floor)
+                     extra={"threads": threads}, measure_extra=measure, bytes_moved=floor,
+                     min_repeats=STEP_REPEATS)
 
 
 def step_floor(B: int, hidden: int, device, state: dict, heads: int, autocast_dtype=None):
@@ -231,7 +234,8 @@ def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: di
     return BenchCase(op=OP, backend=f"{backend} bf16-mixed", config=config, batch=B,
                      run=_step_fn("fast", *setup, autocast_dtype=torch.bfloat16, first=first),
                      extra={"threads": threads}, measure_extra=error_vs_float64,
-                     bytes_moved=step_floor(B, hidden, device, state, heads, torch.bfloat16))
+                     bytes_moved=step_floor(B, hidden, device, state, heads, torch.bfloat16),
+                     min_repeats=STEP_REPEATS)
 
 
 def cases(args) -> list:

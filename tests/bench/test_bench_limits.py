@@ -292,3 +292,16 @@ def test_a_preloaded_allocator_is_recognised(name):
     plain = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
                            capture_output=True, text=True, check=True)
     assert plain.stdout.strip() == "glibc"
+
+
+def test_a_case_is_timed_at_least_its_min_repeats(monkeypatch):
+    """BenchCase.min_repeats is honoured even when one call exceeds the time budget (the
+    training-step rows ask for the median of at least 5 steps)."""
+    from stoichconv.bench import hetero_cell_cases
+    from stoichconv.bench.core import BenchCase, run_cases
+
+    calls = []
+    case = BenchCase("op", "reference", "cfg", 1, run=lambda: calls.append(1), min_repeats=7)
+    run_cases([case], budget_s=0.0, progress=False)
+    assert len(calls) == 1 + 7  # the warm-up call, then 7 timed ones
+    assert hetero_cell_cases.STEP_REPEATS >= 5
