@@ -394,23 +394,32 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
                                          : acc_t(0);
   };
   const auto gy_scale = [](int64_t, int64_t) { return acc_t(1); };
-  // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for incidences [k0, k1) of
-  // sample b, 0 for masked incidences (R_b: sample b's rows of R).
-  const auto weight_grads = [&](int64_t b, int64_t k0, int64_t k1, const scalar_t* R_b,
+  // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for the incidences of reactions [e0, e1) of
+  // sample b, 0 for masked incidences (R_b / hidden_b: sample b's rows of R / hidden).  In the
+  // reaction CSR order, so that a reaction's rows h_e and R_e stay in cache while its
+  // incidences' G_v and Y_v are gathered; each entry is one dot product pair (the order of
+  // the loop does not change any value).
+  const auto weight_grads = [&](int64_t b, int64_t e0, int64_t e1, const scalar_t* R_b,
                                 const scalar_t* hidden_b) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t v = s.metabolite_index[k], e = s.reaction_index[k];
+    for (int64_t e = e0; e < e1; ++e) {
       const bool kept = incidence_kept(keep, b, M, e);
-      const acc_t d = dn[norm_b(b) * N + v], be = en[norm_b(b) * M + e];
-      const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
-      const scalar_t* Y_v = a.y + (b * N + v) * row_size;
+      const acc_t be = en[norm_b(b) * M + e];
       const scalar_t* h_e = hidden_b + e * row_size;
       const scalar_t* R_e = R_b + e * row_size;
-      for (int64_t h = 0; h < H; ++h)
-        a.grad_weight[(b * nnz + k) * H + h] =
-            kept ? static_cast<scalar_t>(incidence_weight_grad<kDotLanes<acc_t>>(
-                       d, G_v + h * C, h_e + h * C, be, R_e + h * C, Y_v + h * C, C))
-                 : scalar_t(0);
+      for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j) {
+        const int64_t k = s.reaction_perm[j], v = g.metabolite[j];
+        scalar_t* grad_w = a.grad_weight + (b * nnz + k) * H;
+        if (!kept) {
+          for (int64_t h = 0; h < H; ++h) grad_w[h] = scalar_t(0);
+          continue;
+        }
+        const acc_t d = dn[norm_b(b) * N + v];
+        const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
+        const scalar_t* Y_v = a.y + (b * N + v) * row_size;
+        for (int64_t h = 0; h < H; ++h)
+          grad_w[h] = static_cast<scalar_t>(incidence_weight_grad<kDotLanes<acc_t>>(
+              d, G_v + h * C, h_e + h * C, be, R_e + h * C, Y_v + h * C, C));
+      }
     }
   };
   if (by_sample(a.B)) {
@@ -432,7 +441,7 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
                       a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
         if (per_sample_w) {
           if (recompute) stage1_rows(g, b, 0, M, N, C, keep, a.y, en, hidden_scratch);
-          weight_grads(b, 0, nnz, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
+          weight_grads(b, 0, M, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
         }
       }
     });
@@ -460,12 +469,12 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
                           r_scale);
       return;
     }
-    at::parallel_for(0, a.B * nnz, kGrain * 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.B * M, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end;) {
-        const int64_t b = idx / nnz, k0 = idx % nnz;
-        const int64_t k1 = std::min(nnz, k0 + (end - idx));
-        weight_grads(b, k0, k1, R.data() + b * M * row_size, hidden + b * M * row_size);
-        idx += k1 - k0;
+        const int64_t b = idx / M, e0 = idx % M;
+        const int64_t e1 = std::min(M, e0 + (end - idx));
+        weight_grads(b, e0, e1, R.data() + b * M * row_size, hidden + b * M * row_size);
+        idx += e1 - e0;
       }
     });
   }
