@@ -254,8 +254,63 @@ class _Batch:
 # ----------------------------------------------------------------------------------------------
 # Norms, dropout and pooling over the kept rows of the full layout
 # ----------------------------------------------------------------------------------------------
-def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
-    """``torch_geometric.nn.LayerNorm`` (graph mode, no batch vector) over the kept rows only."""
+class _GraphLayerNormFunction(torch.autograd.Function):
+    """``torch_geometric.nn.LayerNorm`` in graph mode (one mean and one biased std over the rows
+    weighted by ``keep`` [rows] 0/1 x all channels; every row normalised) with a hand-written
+    backward: the statistics from per-row sums (``[rows]`` vectors), the output in one
+    ``addcmul`` pass, the backward in one product pass, two column sums and in-place updates
+    of that product's buffer (the autograd graph of the formulas takes ~20 full passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tensor:
+        rowsum = x.sum(1)
+        if keep is None:
+            n = x.new_tensor(float(x.numel()))
+            total = rowsum.sum()
+        else:
+            n = keep.sum() * x.size(1)
+            total = (rowsum * keep).sum()
+        mean = total / n
+        xc = x - mean
+        sq = torch.linalg.vector_norm(xc, dim=1).square()
+        var = (sq.sum() if keep is None else (sq * keep).sum()) / n
+        std = var.sqrt()
+        inv = 1.0 / (std + eps)
+        scale = inv if weight is None else weight * inv
+        out = xc * scale if bias is None else torch.addcmul(bias, xc, scale)
+        ctx.save_for_backward(xc, keep, weight, n, std, inv)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        xc, keep, weight, n, std, inv = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
+        prod = grad * xc
+        colsum = prod.sum(0)  # sum_rows grad * xc, per channel
+        grad_sum = grad.sum(0)
+        grad_w = colsum * inv if need_w else None
+        grad_b = grad_sum if need_b else None
+        grad_x = None
+        if need_x:
+            a = colsum.sum() if weight is None else torch.dot(colsum, weight)  # d loss / d inv
+            beta = -a * inv * inv / (std * n)  # d loss / d xc (kept rows) through the variance, per xc
+            scale = inv if weight is None else weight * inv
+            shift = (grad_sum.sum() if weight is None else torch.dot(grad_sum, weight)) * inv / n
+            # the sum over kept rows of xc is 0: the mean's gradient is -shift on every kept entry
+            if keep is None:
+                grad_x = torch.mul(xc, beta, out=prod).sub_(shift)
+            else:
+                coef = (keep * beta).unsqueeze(1)
+                grad_x = torch.mul(xc, coef, out=prod).sub_((keep * shift).unsqueeze(1))
+            grad_x.addcmul_(grad, scale)
+        return grad_x, None, grad_w, grad_b, None
+
+
+def _graph_layer_norm_formula(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """The masked graph LayerNorm as autograd formulas (any dtype mix, e.g. under autocast)."""
     if keep is None:
         return norm(x)
     k = keep.to(x.dtype).unsqueeze(-1)
@@ -266,6 +321,17 @@ def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
     if norm.weight is not None:
         out = out * norm.weight + norm.bias
     return out
+
+
+def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """``torch_geometric.nn.LayerNorm`` (graph mode, no batch vector) over the kept rows only
+    (``keep`` [rows] bool; None: all rows)."""
+    weight, bias = norm.weight, norm.bias
+    if (x.dim() != 2 or x.dtype not in (torch.float32, torch.float64) or (weight is None) != (bias is None)
+            or (weight is not None and (weight.dtype != x.dtype or bias.dtype != x.dtype))):
+        return _graph_layer_norm_formula(norm, x, keep)
+    k = None if keep is None else keep.to(x.dtype)
+    return _GraphLayerNormFunction.apply(x.contiguous(), k, weight, bias, float(norm.eps))
 
 
 def _batch_norm(bn: nn.BatchNorm1d, x: Tensor, weight: Optional[Tensor]) -> Tensor:
