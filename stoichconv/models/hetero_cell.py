@@ -14,7 +14,9 @@ builds everything else on the device:
 * **Layout.** Node features live in the full layout (row ``b * N + v``; removed nodes keep a row
   that no edge touches). Removed nodes are excluded from every graph-mode LayerNorm / BatchNorm
   statistic and from the attentional pooling, so the results equal the reference's compacted
-  batch. Layer-1 inputs are the same for every sample (embeddings, the per-node preprocessor), so
+  batch. The graph LayerNorm and the row-weighted BatchNorm are autograd Functions with
+  hand-written backwards (a few passes over the rows instead of the formulas' ~20; float32 and
+  float64 with parameters of the same dtype, else the formulas). Layer-1 inputs are the same for every sample (embeddings, the per-node preprocessor), so
   they are computed once on the wildtype rows and indexed, never copied B times; with a
   ``"batch"`` norm the preprocessor's statistics weight each wildtype row by the number of samples
   that keep it. Only a training-mode preprocessor dropout (independent masks per sample) makes it
@@ -334,17 +336,70 @@ def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
     return _GraphLayerNormFunction.apply(x.contiguous(), k, weight, bias, float(norm.eps))
 
 
+class _WeightedBatchNormFunction(torch.autograd.Function):
+    """Training-mode ``BatchNorm1d`` over the rows weighted by ``weight`` [rows] (0/1 for kept
+    rows, or how many samples share a row): per-channel weighted mean and biased variance, every
+    row normalised; a hand-written backward (one product pass, two column sums, in-place updates
+    of that product's buffer). Returns ``(out, mean, var)`` (the statistics without gradient,
+    for the running-statistics update)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
+        w = weight.unsqueeze(1)
+        n = weight.sum()
+        buf = x * w
+        mean = buf.sum(0) / n
+        xc = x - mean
+        torch.mul(xc, xc, out=buf).mul_(w)
+        var = buf.sum(0) / n
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if gamma is None else gamma * rstd
+        out = torch.mul(xc, scale, out=buf) if beta is None else torch.addcmul(beta, xc, scale, out=buf)
+        ctx.save_for_backward(xc, weight, gamma, n, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _grad_mean, _grad_var):
+        xc, weight, gamma, n, rstd = ctx.saved_tensors
+        need_x, _, need_g, need_b, _ = ctx.needs_input_grad
+        grad = grad.contiguous()
+        prod = grad * xc
+        colsum = prod.sum(0)  # per channel: sum_rows grad * xc
+        grad_sum = grad.sum(0)
+        grad_x = None
+        if need_x:
+            scale = rstd if gamma is None else gamma * rstd
+            # d loss / d x = grad * scale - w * (xc * scale * rstd^2 * colsum / n + scale * grad_sum / n)
+            coef = scale * rstd * rstd * colsum / n
+            shift = scale * grad_sum / n
+            grad_x = torch.mul(xc, coef, out=prod).add_(shift).mul_(weight.unsqueeze(1)).neg_()
+            grad_x.addcmul_(grad, scale)
+        return grad_x, None, (colsum * rstd) if need_g else None, grad_sum if need_b else None, None
+
+
 def _batch_norm(bn: nn.BatchNorm1d, x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """``bn(x)`` with training statistics over the rows weighted by ``weight`` [rows] (0/1 for
     kept rows, or how many samples share a row): mean, biased variance for the normalisation,
     running statistics updated as PyTorch does (unbiased variance of the ``sum(weight)`` rows)."""
     if weight is None or not (bn.training or bn.running_mean is None):
         return bn(x)
-    w = weight.to(x.dtype).unsqueeze(-1)
-    n = w.sum()
-    mean = (x * w).sum(0) / n
-    xc = x - mean
-    var = (xc * xc * w).sum(0) / n
+    w = weight.to(x.dtype)
+    if (x.dim() == 2 and x.dtype in (torch.float32, torch.float64)
+            and (not bn.affine or (bn.weight.dtype == x.dtype and bn.bias.dtype == x.dtype))):
+        out, mean, var = _WeightedBatchNormFunction.apply(x.contiguous(), w, bn.weight if bn.affine else None,
+                                                          bn.bias if bn.affine else None, float(bn.eps))
+        n = w.sum()
+    else:  # the formulas (any dtype mix, e.g. under autocast)
+        w1 = w.unsqueeze(-1)
+        n = w1.sum()
+        mean = (x * w1).sum(0) / n
+        xc = x - mean
+        var = (xc * xc * w1).sum(0) / n
+        out = xc * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            out = out * bn.weight + bn.bias
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         # in place through ``.data``, as the native kernel updates them: without a version bump, so
         # that an earlier call of the same norm in this graph (which saved them) can still backward
@@ -353,9 +408,6 @@ def _batch_norm(bn: nn.BatchNorm1d, x: Tensor, weight: Optional[Tensor]) -> Tens
             factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             bn.running_mean.data.mul_(1 - factor).add_(mean.detach(), alpha=factor)
             bn.running_var.data.mul_(1 - factor).add_(var.detach() * (n / (n - 1)), alpha=factor)
-    out = xc * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        out = out * bn.weight + bn.bias
     return out
 
 

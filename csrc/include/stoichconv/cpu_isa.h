@@ -1,9 +1,9 @@
-// The instruction sets the C++ CPU stoich conv and GATv2 kernels are compiled for: the
-// portable code always, plus AVX2 + FMA code (chosen at run time when the CPU
-// has it) where the compiler is GCC-compatible and the target x86.  Shared by
-// csrc/cpu/stoich_conv.cpp and csrc/cpu/gatv2.cpp (which compile their kernels once per instruction
-// set) and csrc/build_info.cpp (which reports them), so the report is what is
-// actually compiled.
+// The instruction sets the C++ CPU stoich conv and GATv2 kernels are compiled
+// for: the portable code always, plus AVX2 + FMA code (chosen at run time when
+// the CPU has it, cpu_isa_avx2()) where the compiler is GCC-compatible and the
+// target x86.  Shared by csrc/cpu/stoich_conv.cpp and csrc/cpu/gatv2.cpp (which
+// compile their kernels once per instruction set) and csrc/build_info.cpp
+// (which reports them), so the report is what is actually compiled.
 #pragma once
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
