@@ -599,6 +599,9 @@ class HeteroCell(ReferenceHeteroCell):
             x_r = conv.lin_r(x_dst).view(-1, heads, out_ch)
             out = gatv2_attention(x_l, x_r, conv.att.view(heads, out_ch), es, conv.negative_slope,
                                   backend=resolve("gatv2", self.backend, x_l.device, strict=False))
+            if conv.concat and conv.bias is not None and conv.bias.dtype == out.dtype:
+                # the op's output is a fresh tensor that nothing saved: the bias added in place
+                return out.add_(conv.bias.view(heads, out_ch)).view(es.num_rows, heads * out_ch)
             out = out.reshape(es.num_rows, heads * out_ch) if conv.concat else out.mean(dim=1)
             return out if conv.bias is None else out + conv.bias
 
