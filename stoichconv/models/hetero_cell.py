@@ -14,7 +14,9 @@ builds everything else on the device:
 * **Layout.** Node features live in the full layout (row ``b * N + v``; removed nodes keep a row
   that no edge touches). Removed nodes are excluded from every graph-mode LayerNorm / BatchNorm
   statistic and from the attentional pooling, so the results equal the reference's compacted
-  batch. Layer-1 inputs are the same for every sample (embeddings, the per-node preprocessor), so
+  batch. The graph LayerNorm and the row-weighted BatchNorm are autograd Functions with
+  hand-written backwards (a few passes over the rows instead of the formulas' ~20; float32 and
+  float64 with parameters of the same dtype, else the formulas). Layer-1 inputs are the same for every sample (embeddings, the per-node preprocessor), so
   they are computed once on the wildtype rows and indexed, never copied B times; with a
   ``"batch"`` norm the preprocessor's statistics weight each wildtype row by the number of samples
   that keep it. Only a training-mode preprocessor dropout (independent masks per sample) makes it
@@ -254,8 +256,63 @@ class _Batch:
 # ----------------------------------------------------------------------------------------------
 # Norms, dropout and pooling over the kept rows of the full layout
 # ----------------------------------------------------------------------------------------------
-def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
-    """``torch_geometric.nn.LayerNorm`` (graph mode, no batch vector) over the kept rows only."""
+class _GraphLayerNormFunction(torch.autograd.Function):
+    """``torch_geometric.nn.LayerNorm`` in graph mode (one mean and one biased std over the rows
+    weighted by ``keep`` [rows] 0/1 x all channels; every row normalised) with a hand-written
+    backward: the statistics from per-row sums (``[rows]`` vectors), the output in one
+    ``addcmul`` pass, the backward in one product pass, two column sums and in-place updates
+    of that product's buffer (the autograd graph of the formulas takes ~20 full passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tensor:
+        rowsum = x.sum(1)
+        if keep is None:
+            n = x.new_tensor(float(x.numel()))
+            total = rowsum.sum()
+        else:
+            n = keep.sum() * x.size(1)
+            total = (rowsum * keep).sum()
+        mean = total / n
+        xc = x - mean
+        sq = torch.linalg.vector_norm(xc, dim=1).square()
+        var = (sq.sum() if keep is None else (sq * keep).sum()) / n
+        std = var.sqrt()
+        inv = 1.0 / (std + eps)
+        scale = inv if weight is None else weight * inv
+        out = xc * scale if bias is None else torch.addcmul(bias, xc, scale)
+        ctx.save_for_backward(xc, keep, weight, n, std, inv)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        xc, keep, weight, n, std, inv = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
+        prod = grad * xc
+        colsum = prod.sum(0)  # sum_rows grad * xc, per channel
+        grad_sum = grad.sum(0)
+        grad_w = colsum * inv if need_w else None
+        grad_b = grad_sum if need_b else None
+        grad_x = None
+        if need_x:
+            a = colsum.sum() if weight is None else torch.dot(colsum, weight)  # d loss / d inv
+            beta = -a * inv * inv / (std * n)  # d loss / d xc (kept rows) through the variance, per xc
+            scale = inv if weight is None else weight * inv
+            shift = (grad_sum.sum() if weight is None else torch.dot(grad_sum, weight)) * inv / n
+            # the sum over kept rows of xc is 0: the mean's gradient is -shift on every kept entry
+            if keep is None:
+                grad_x = torch.mul(xc, beta, out=prod).sub_(shift)
+            else:
+                coef = (keep * beta).unsqueeze(1)
+                grad_x = torch.mul(xc, coef, out=prod).sub_((keep * shift).unsqueeze(1))
+            grad_x.addcmul_(grad, scale)
+        return grad_x, None, grad_w, grad_b, None
+
+
+def _graph_layer_norm_formula(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """The masked graph LayerNorm as autograd formulas (any dtype mix, e.g. under autocast)."""
     if keep is None:
         return norm(x)
     k = keep.to(x.dtype).unsqueeze(-1)
@@ -268,17 +325,81 @@ def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
     return out
 
 
+def _graph_layer_norm(norm, x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """``torch_geometric.nn.LayerNorm`` (graph mode, no batch vector) over the kept rows only
+    (``keep`` [rows] bool; None: all rows)."""
+    weight, bias = norm.weight, norm.bias
+    if (x.dim() != 2 or x.dtype not in (torch.float32, torch.float64) or (weight is None) != (bias is None)
+            or (weight is not None and (weight.dtype != x.dtype or bias.dtype != x.dtype))):
+        return _graph_layer_norm_formula(norm, x, keep)
+    k = None if keep is None else keep.to(x.dtype)
+    return _GraphLayerNormFunction.apply(x.contiguous(), k, weight, bias, float(norm.eps))
+
+
+class _WeightedBatchNormFunction(torch.autograd.Function):
+    """Training-mode ``BatchNorm1d`` over the rows weighted by ``weight`` [rows] (0/1 for kept
+    rows, or how many samples share a row): per-channel weighted mean and biased variance, every
+    row normalised; a hand-written backward (one product pass, two column sums, in-place updates
+    of that product's buffer). Returns ``(out, mean, var)`` (the statistics without gradient,
+    for the running-statistics update)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
+        w = weight.unsqueeze(1)
+        n = weight.sum()
+        buf = x * w
+        mean = buf.sum(0) / n
+        xc = x - mean
+        torch.mul(xc, xc, out=buf).mul_(w)
+        var = buf.sum(0) / n
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if gamma is None else gamma * rstd
+        out = torch.mul(xc, scale, out=buf) if beta is None else torch.addcmul(beta, xc, scale, out=buf)
+        ctx.save_for_backward(xc, weight, gamma, n, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _grad_mean, _grad_var):
+        xc, weight, gamma, n, rstd = ctx.saved_tensors
+        need_x, _, need_g, need_b, _ = ctx.needs_input_grad
+        grad = grad.contiguous()
+        prod = grad * xc
+        colsum = prod.sum(0)  # per channel: sum_rows grad * xc
+        grad_sum = grad.sum(0)
+        grad_x = None
+        if need_x:
+            scale = rstd if gamma is None else gamma * rstd
+            # d loss / d x = grad * scale - w * (xc * scale * rstd^2 * colsum / n + scale * grad_sum / n)
+            coef = scale * rstd * rstd * colsum / n
+            shift = scale * grad_sum / n
+            grad_x = torch.mul(xc, coef, out=prod).add_(shift).mul_(weight.unsqueeze(1)).neg_()
+            grad_x.addcmul_(grad, scale)
+        return grad_x, None, (colsum * rstd) if need_g else None, grad_sum if need_b else None, None
+
+
 def _batch_norm(bn: nn.BatchNorm1d, x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """``bn(x)`` with training statistics over the rows weighted by ``weight`` [rows] (0/1 for
     kept rows, or how many samples share a row): mean, biased variance for the normalisation,
     running statistics updated as PyTorch does (unbiased variance of the ``sum(weight)`` rows)."""
     if weight is None or not (bn.training or bn.running_mean is None):
         return bn(x)
-    w = weight.to(x.dtype).unsqueeze(-1)
-    n = w.sum()
-    mean = (x * w).sum(0) / n
-    xc = x - mean
-    var = (xc * xc * w).sum(0) / n
+    w = weight.to(x.dtype)
+    if (x.dim() == 2 and x.dtype in (torch.float32, torch.float64)
+            and (not bn.affine or (bn.weight.dtype == x.dtype and bn.bias.dtype == x.dtype))):
+        out, mean, var = _WeightedBatchNormFunction.apply(x.contiguous(), w, bn.weight if bn.affine else None,
+                                                          bn.bias if bn.affine else None, float(bn.eps))
+        n = w.sum()
+    else:  # the formulas (any dtype mix, e.g. under autocast)
+        w1 = w.unsqueeze(-1)
+        n = w1.sum()
+        mean = (x * w1).sum(0) / n
+        xc = x - mean
+        var = (xc * xc * w1).sum(0) / n
+        out = xc * torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            out = out * bn.weight + bn.bias
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         # in place through ``.data``, as the native kernel updates them: without a version bump, so
         # that an earlier call of the same norm in this graph (which saved them) can still backward
@@ -287,9 +408,6 @@ def _batch_norm(bn: nn.BatchNorm1d, x: Tensor, weight: Optional[Tensor]) -> Tens
             factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             bn.running_mean.data.mul_(1 - factor).add_(mean.detach(), alpha=factor)
             bn.running_var.data.mul_(1 - factor).add_(var.detach() * (n / (n - 1)), alpha=factor)
-    out = xc * torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        out = out * bn.weight + bn.bias
     return out
 
 
@@ -481,6 +599,9 @@ class HeteroCell(ReferenceHeteroCell):
             x_r = conv.lin_r(x_dst).view(-1, heads, out_ch)
             out = gatv2_attention(x_l, x_r, conv.att.view(heads, out_ch), es, conv.negative_slope,
                                   backend=resolve("gatv2", self.backend, x_l.device, strict=False))
+            if conv.concat and conv.bias is not None and conv.bias.dtype == out.dtype:
+                # the op's output is a fresh tensor that nothing saved: the bias added in place
+                return out.add_(conv.bias.view(heads, out_ch)).view(es.num_rows, heads * out_ch)
             out = out.reshape(es.num_rows, heads * out_ch) if conv.concat else out.mean(dim=1)
             return out if conv.bias is None else out + conv.bias
 
