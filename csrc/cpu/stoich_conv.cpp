@@ -15,8 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -85,23 +83,10 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-// Whether to run the AVX2 + FMA kernels: the CPU supports them and
-// STOICHCONV_CPU_ISA is not "default".
-bool use_avx2() {
-#ifdef STOICHCONV_CPU_AVX2
-  const char* forced = std::getenv("STOICHCONV_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
-
 template <typename scalar_t>
 void run_forward(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
 #ifdef STOICHCONV_CPU_AVX2
-  if (use_avx2()) return isa_avx2::forward_kernel(s, a);
+  if (cpu_isa_avx2()) return isa_avx2::forward_kernel(s, a);
 #endif
   isa_default::forward_kernel(s, a);
 }
@@ -109,7 +94,7 @@ void run_forward(const StoichPlanView& s, const ForwardArgs<scalar_t>& a) {
 template <typename scalar_t>
 void run_backward(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
 #ifdef STOICHCONV_CPU_AVX2
-  if (use_avx2()) return isa_avx2::backward_kernel(s, a);
+  if (cpu_isa_avx2()) return isa_avx2::backward_kernel(s, a);
 #endif
   isa_default::backward_kernel(s, a);
 }
