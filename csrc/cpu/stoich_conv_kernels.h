@@ -60,40 +60,30 @@ template <typename acc_t>
 using TileVector = std::conditional_t<std::is_same_v<acc_t, float>, TileVectorFloat, TileVectorDouble>;
 
 // acc[0:kTile] = sum_{j in [j0, j1)} coef(b, j, h) * src_b[other(j), h, c0 : c0 + kTile]
-// in incidence order (one register tile of a reduce_row output row).  A float32 / float64 source
-// is summed in vector registers (kTile / lanes of them); a 16-bit one is converted on load and
-// summed lane by lane.  Either way every lane's sum is the same sequence of multiply-adds.
+// in incidence order (one register tile of a reduce_row output row) of a float32 / float64 source,
+// summed in vector registers (kTile / lanes of them): every lane's sum is the same sequence of
+// multiply-adds as a lane by lane loop.
 template <int64_t kTile, typename acc_t, typename scalar_t, typename Other, typename Coef>
 inline void gather_tile(acc_t* __restrict__ acc, int64_t b, int64_t h, int64_t c0,
                         int64_t row_size, int64_t C, int64_t j0, int64_t j1,
                         const scalar_t* src_b, Other other, Coef coef) {
   const int64_t offset = h * C + c0;
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    using vec_t = TileVector<acc_t>;
-    static_assert(sizeof(vec_t) == 32 && sizeof(vec_t) == 32 / sizeof(acc_t) * sizeof(acc_t));
-    constexpr int64_t kLanes = 32 / sizeof(acc_t), kVectors = kTile / kLanes;
-    vec_t sum[kVectors];
-    for (int64_t v = 0; v < kVectors; ++v) sum[v] = vec_t{};
-    for (int64_t j = j0; j < j1; ++j) {
-      const vec_t c = vec_t{} + static_cast<acc_t>(coef(b, j, h));
-      const scalar_t* src = src_b + other(j) * row_size + offset;
-      for (int64_t v = 0; v < kVectors; ++v) {
-        vec_t x;
-        std::memcpy(&x, src + v * kLanes, sizeof(vec_t));
-        sum[v] += c * x;
-      }
+  static_assert(std::is_same_v<acc_t, scalar_t>, "register tiles sum float32 / float64 sources");
+  using vec_t = TileVector<acc_t>;
+  static_assert(sizeof(vec_t) == 32 && sizeof(vec_t) == 32 / sizeof(acc_t) * sizeof(acc_t));
+  constexpr int64_t kLanes = 32 / sizeof(acc_t), kVectors = kTile / kLanes;
+  vec_t sum[kVectors];
+  for (int64_t v = 0; v < kVectors; ++v) sum[v] = vec_t{};
+  for (int64_t j = j0; j < j1; ++j) {
+    const vec_t c = vec_t{} + static_cast<acc_t>(coef(b, j, h));
+    const scalar_t* src = src_b + other(j) * row_size + offset;
+    for (int64_t v = 0; v < kVectors; ++v) {
+      vec_t x;
+      std::memcpy(&x, src + v * kLanes, sizeof(vec_t));
+      sum[v] += c * x;
     }
-    std::memcpy(acc, sum, sizeof(sum));
-  } else {
-    acc_t sum[kTile];
-    for (int64_t i = 0; i < kTile; ++i) sum[i] = acc_t(0);
-    for (int64_t j = j0; j < j1; ++j) {
-      const acc_t c = static_cast<acc_t>(coef(b, j, h));
-      const scalar_t* src = src_b + other(j) * row_size + offset;
-      SC_SIMD for (int64_t i = 0; i < kTile; ++i) sum[i] += c * static_cast<acc_t>(src[i]);
-    }
-    for (int64_t i = 0; i < kTile; ++i) acc[i] = sum[i];
   }
+  std::memcpy(acc, sum, sizeof(sum));
 }
 
 // Row r of sample b of one segment reduction (dst: that row; init_row: its
@@ -105,10 +95,10 @@ inline void gather_tile(acc_t* __restrict__ acc, int64_t b, int64_t h, int64_t c
 // ordering (ptr): `other(j)` is the row of src incidence j gathers, coef its factor
 // (both read from arrays in that order: CsrIncidences).
 // Both forward stages and both backward reductions are instances of this one
-// segment reduction.  Each head's channels are summed one register tile
-// (kTileChannels) at a time over all the row's incidences, the source rows
-// the channels past the last whole tile are
-// summed in the output row itself.  Every sum runs over the incidences in plan
+// segment reduction.  For float32 / float64 each head's channels are summed one
+// register tile (kTileChannels) at a time over all the row's incidences; the
+// channels past the last whole tile, and every channel of a 16-bit source
+// (converted on load), are summed in the output row or buffer itself.  Every sum runs over the incidences in plan
 // order, so the result does not depend on the tiling; the sums are in acc_t, in
 // the output row itself when acc_t is scalar_t, else in a buffer of one row
 // (reused across the rows) rounded to scalar_t once, after the init term.
@@ -126,11 +116,14 @@ inline void reduce_row(int64_t b, int64_t r, int64_t H, int64_t C, const int64_t
   const acc_t scale = row_scale(b, r);
   if (scale != acc_t(0)) {
     const int64_t j0 = ptr[r], j1 = ptr[r + 1];
-    const int64_t whole = C - C % kTile;
+    // 16-bit sources: each incidence's row converted and added into the acc_t row buffer
+    // (the vectorised conversion loop of axpy_row), no register tiles.
+    const int64_t whole = in_place ? C - C % kTile : 0;
     for (int64_t h = 0; h < H; ++h) {
       acc_t* out_h = out + h * C;
-      for (int64_t c0 = 0; c0 < whole; c0 += kTile)
-        gather_tile<kTile>(out_h + c0, b, h, c0, row_size, C, j0, j1, src_b, other, coef);
+      if constexpr (in_place)
+        for (int64_t c0 = 0; c0 < whole; c0 += kTile)
+          gather_tile<kTile>(out_h + c0, b, h, c0, row_size, C, j0, j1, src_b, other, coef);
       if (whole < C) {
         for (int64_t c = whole; c < C; ++c) out_h[c] = acc_t(0);
         for (int64_t j = j0; j < j1; ++j) {
