@@ -47,6 +47,10 @@ class BenchCase:
     bytes_moved: Union[int, Callable[[], int], None] = None
     # Timed repeats at least (after the warm-up), whatever the time budget.
     min_repeats: int = 3
+    # Or: a function that returns (median ms, output of the warm-up call) measured elsewhere
+    # (e.g. in a fresh process, for a step that would not fit beside this one); ``run`` is then
+    # not timed here.
+    timed: Optional[Callable[[], tuple[float, Any]]] = None
 
     @property
     def group(self) -> tuple:
@@ -149,8 +153,11 @@ def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool 
     for case in iterator:
         if tqdm and progress:
             iterator.set_postfix_str(f"{case.op}/{case.config}/B={case.batch}/{case.backend}")
-        median_ms, output = time_call(case.run, min_repeats=case.min_repeats,
-                                      max_repeats=max(20, case.min_repeats), budget_s=budget_s)
+        if case.timed is not None:
+            median_ms, output = case.timed()
+        else:
+            median_ms, output = time_call(case.run, min_repeats=case.min_repeats,
+                                          max_repeats=max(20, case.min_repeats), budget_s=budget_s)
         extra = dict(case.extra)
         if case.measure_extra is not None:
             extra.update(case.measure_extra())

@@ -18,10 +18,14 @@ Every row's median is taken over at least ``STEP_REPEATS`` = 5 timed steps after
 the peak-RSS growth of a fresh subprocess over one step (``VmHWM`` after the step minus the RSS
 before it, model and graph already loaded), with that step's wall and CPU seconds (``step_s``,
 ``step_cpu_s``: the CPU time does not grow when other processes share the cores). At B = 32 the reference may not fit in memory: its
-step is first run in a subprocess watched by this process, stopped when its RSS reaches 85% of
-the memory available at the start; a reference that does not fit gets no timed row, and the fast
-row of its group records how far it got (``reference_peak_rss_mb``, e.g. ``">19000 (stopped)"``);
-when the 2-head reference does not fit, the 10-head one (which needs more) is not tried.
+step nearly fills a 24 GB machine (19.7 GB of RSS growth at 2 heads), so on CPU the B = 32
+reference rows are timed in a fresh process of their own (:func:`time_in_subprocess`: a warm-up
+step, whose predictions come back for the comparison, then the timed steps), started before the
+rest of the benchmark builds its cases, and watched by this process: stopped when its RSS comes
+within 512 MB of the memory available at its start. A reference that does not fit gets no timed
+row, and the fast row of its group records how far it got (``reference_peak_rss_mb``, e.g.
+``">21000 (stopped)"``); when the 2-head reference does not fit, the 10-head one (which needs
+more) is not tried.
 
 ``bytes_moved`` of a group (the same for its reference and fast rows): the floor of one step,
 :func:`stoichconv.bench.limits.train_step_bytes`, counted on one more step of a fresh fast model
@@ -36,7 +40,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -167,8 +173,48 @@ def peak_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int, he
     ``limit_mb`` (default 85% of the memory available now). Returns its dict, or
     ``{"peak_rss_mb": ">N (stopped)", "fits": False}``."""
     limit_mb = 0.85 * _available_mb() if limit_mb is None else limit_mb
-    cmd = [sys.executable, "-m", "stoichconv.bench.hetero_cell_cases", kind, str(batch_size), str(hidden),
-           str(threads), str(heads)]
+    return _watched(["peak", kind, batch_size, hidden, threads, heads], limit_mb, timeout_s)
+
+
+def time_steps(kind: str, batch_size: int, hidden: int, threads: int, heads: int, repeats: int,
+               output_path: str) -> dict:
+    """In *this* process (a fresh one, on CPU): a warm-up step of ``kind`` (its predictions
+    saved to ``output_path``), then ``repeats`` timed steps. Returns the median step time
+    (``median_ms``), the peak-RSS growth of the warm-up step and its wall and CPU seconds."""
+    torch.set_num_threads(threads)
+    model_kind = "reference" if kind == REFERENCE else "fast"
+    run = _step_fn(model_kind, *_setup(model_kind, batch_size, hidden, torch.device("cpu"), heads=heads))
+    before, reset = _rss_mb(), _reset_peak_rss()
+    start, cpu = time.perf_counter(), _cpu_s()
+    torch.save(run(), output_path)
+    result = {"step_s": round(time.perf_counter() - start, 2), "step_cpu_s": round(_cpu_s() - cpu, 2),
+              "peak_rss_delta_mb": round(_peak_rss_mb() - before, 1) if reset else "n/a (cannot reset VmHWM)"}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "repeats": repeats, **result}
+
+
+def time_in_subprocess(kind: str, batch_size: int, hidden: int, threads: int, heads: int, repeats: int,
+                       limit_mb: float | None = None, timeout_s: float = 3600) -> dict:
+    """:func:`time_steps` in a fresh process, watched like :func:`peak_in_subprocess` (default
+    limit: the memory available now less 512 MB). Returns its dict plus ``output`` (the warm-up
+    step's predictions), or ``{"peak_rss_mb": ">N (stopped)", "fits": False}``."""
+    limit_mb = _available_mb() - 512 if limit_mb is None else limit_mb
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "predictions.pt")
+        result = _watched(["time", kind, batch_size, hidden, threads, heads, repeats, path], limit_mb, timeout_s)
+        if "median_ms" in result:
+            result["output"] = torch.load(path)
+    return result
+
+
+def _watched(argv: list, limit_mb: float, timeout_s: float) -> dict:
+    """``python -m stoichconv.bench.hetero_cell_cases *argv`` watched: killed when its RSS passes
+    ``limit_mb`` or it runs past ``timeout_s``; returns the JSON of its last output line."""
+    cmd = [sys.executable, "-m", "stoichconv.bench.hetero_cell_cases", *map(str, argv)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, start = 0.0, time.monotonic()
     while proc.poll() is None:
@@ -247,9 +293,12 @@ def cases(args) -> list:
     batches = list(getattr(args, "train_batches", [2, 8]))
     fast_backend = "cuda" if device.type == "cuda" else "cpu"
     wanted = set(getattr(args, "backends", None) or [REFERENCE, fast_backend])
-    groups = [(B, 2) for B in batches if B != LARGE_BATCH]
+    groups = []
     if getattr(args, "large_train", True):  # --no-large-train skips them
+        # first: on CPU their references are timed now, in a process of their own, while this
+        # one holds no other case
         groups += [(LARGE_BATCH, heads) for heads in sorted(LARGE_BATCH_HEADS)]
+    groups += [(B, 2) for B in batches if B != LARGE_BATCH]
     out, too_big = [], None
     for B, heads in groups:
         config = f"C={hidden},L={LAYERS},H={heads}"
@@ -259,16 +308,20 @@ def cases(args) -> list:
                 return measure_peak(backend if backend == REFERENCE else "cuda", n, hidden, threads, h)
             return peak_in_subprocess(backend, n, hidden, threads, h)
 
-        reference_extra = None
+        reference_extra, reference_timed = None, None
         if B == LARGE_BATCH and device.type != "cuda":
-            # probe first: the reference may not fit, and a timed row runs in this process; more
-            # heads need more memory, so one that did not fit stops the probes of larger ones
+            # timed now in a fresh process (it may not fit beside this one); more heads need more
+            # memory, so one that did not fit stops the runs of larger ones
             if too_big is not None:
                 reference_extra = {"peak_rss_mb": f"not run (H={too_big} did not fit)", "fits": False}
             else:
-                reference_extra = measure(REFERENCE)
+                reference_extra = time_in_subprocess(REFERENCE, B, hidden, threads, heads, STEP_REPEATS)
                 if reference_extra.get("fits") is False:
                     too_big = heads
+                else:
+                    timed = reference_extra
+                    reference_timed = lambda t=timed: (t["median_ms"], t["output"])  # noqa: E731
+                    reference_extra = {k: v for k, v in timed.items() if k not in ("median_ms", "output")}
         ref_setup = _setup("reference", B, hidden, device, heads=heads)
         state = {k: v.clone() for k, v in ref_setup[1].state_dict().items()}
         floor = step_floor(B, hidden, device, state, heads)
@@ -278,7 +331,9 @@ def cases(args) -> list:
         else:
             ref_measure = ((lambda e=reference_extra: e) if reference_extra is not None
                            else (lambda m=measure: m(REFERENCE)))
-            out.append(_case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure, floor))
+            reference_case = _case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure, floor)
+            reference_case.timed = reference_timed
+            out.append(reference_case)
         if fast_backend in wanted:
             fast_setup = _setup("fast", B, hidden, device, state=state, heads=heads)
             out.append(_case(fast_backend, "fast", config, B, fast_setup, threads,
@@ -289,7 +344,12 @@ def cases(args) -> list:
     return out
 
 
-if __name__ == "__main__":  # python -m stoichconv.bench.hetero_cell_cases KIND B HIDDEN THREADS [HEADS]
-    kind, B, hidden, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    heads = int(sys.argv[5]) if len(sys.argv) > 5 else 2
-    print(json.dumps(measure_peak(kind, B, hidden, threads, heads)))
+if __name__ == "__main__":
+    # python -m stoichconv.bench.hetero_cell_cases peak KIND B HIDDEN THREADS HEADS
+    # python -m stoichconv.bench.hetero_cell_cases time KIND B HIDDEN THREADS HEADS REPEATS OUTPUT_PATH
+    mode, kind = sys.argv[1], sys.argv[2]
+    B, hidden, threads, heads = (int(a) for a in sys.argv[3:7])
+    if mode == "peak":
+        print(json.dumps(measure_peak(kind, B, hidden, threads, heads)))
+    else:
+        print(json.dumps(time_steps(kind, B, hidden, threads, heads, int(sys.argv[7]), sys.argv[8])))

@@ -305,3 +305,19 @@ def test_a_case_is_timed_at_least_its_min_repeats(monkeypatch):
     run_cases([case], budget_s=0.0, progress=False)
     assert len(calls) == 1 + 7  # the warm-up call, then 7 timed ones
     assert hetero_cell_cases.STEP_REPEATS >= 5
+
+
+def test_a_case_timed_elsewhere_is_not_run_here():
+    """BenchCase.timed (a median measured in another process) replaces the timing of ``run``,
+    and its output is the one the group's other rows are compared with."""
+    import torch
+
+    from stoichconv.bench.core import BenchCase, run_cases
+
+    calls = []
+    reference = BenchCase("op", "reference", "cfg", 1, run=lambda: calls.append(1),
+                          timed=lambda: (123.0, torch.ones(3)))
+    fast = BenchCase("op", "cpu", "cfg", 1, run=lambda: torch.ones(3) * 2)
+    ref_row, fast_row = run_cases([reference, fast], budget_s=0.0, progress=False)
+    assert calls == [] and ref_row.median_ms == 123.0
+    assert fast_row.max_rel_err == 1.0 and fast_row.ratio_vs_reference == 123.0 / fast_row.median_ms
