@@ -63,19 +63,18 @@ using TileVector = std::conditional_t<std::is_same_v<acc_t, float>, TileVectorFl
 // in incidence order (one register tile of a reduce_row output row) of a float32 / float64 source,
 // summed in vector registers (kTile / lanes of them): every lane's sum is the same sequence of
 // multiply-adds as a lane by lane loop.
-template <int64_t kTile, typename acc_t, typename scalar_t, typename Other, typename Coef>
-inline void gather_tile(acc_t* __restrict__ acc, int64_t b, int64_t h, int64_t c0,
+template <int64_t kTile, typename scalar_t, typename Other, typename Coef>
+inline void gather_tile(scalar_t* __restrict__ acc, int64_t b, int64_t h, int64_t c0,
                         int64_t row_size, int64_t C, int64_t j0, int64_t j1,
                         const scalar_t* src_b, Other other, Coef coef) {
   const int64_t offset = h * C + c0;
-  static_assert(std::is_same_v<acc_t, scalar_t>, "register tiles sum float32 / float64 sources");
-  using vec_t = TileVector<acc_t>;
-  static_assert(sizeof(vec_t) == 32 && sizeof(vec_t) == 32 / sizeof(acc_t) * sizeof(acc_t));
-  constexpr int64_t kLanes = 32 / sizeof(acc_t), kVectors = kTile / kLanes;
+  using vec_t = TileVector<scalar_t>;
+  static_assert(sizeof(vec_t) == 32, "TileVector must be one 32-byte vector");
+  constexpr int64_t kLanes = 32 / sizeof(scalar_t), kVectors = kTile / kLanes;
   vec_t sum[kVectors];
   for (int64_t v = 0; v < kVectors; ++v) sum[v] = vec_t{};
   for (int64_t j = j0; j < j1; ++j) {
-    const vec_t c = vec_t{} + static_cast<acc_t>(coef(b, j, h));
+    const vec_t c = vec_t{} + static_cast<scalar_t>(coef(b, j, h));
     const scalar_t* src = src_b + other(j) * row_size + offset;
     for (int64_t v = 0; v < kVectors; ++v) {
       vec_t x;
@@ -98,10 +97,11 @@ inline void gather_tile(acc_t* __restrict__ acc, int64_t b, int64_t h, int64_t c
 // segment reduction.  For float32 / float64 each head's channels are summed one
 // register tile (kTileChannels) at a time over all the row's incidences; the
 // channels past the last whole tile, and every channel of a 16-bit source
-// (converted on load), are summed in the output row or buffer itself.  Every sum runs over the incidences in plan
-// order, so the result does not depend on the tiling; the sums are in acc_t, in
-// the output row itself when acc_t is scalar_t, else in a buffer of one row
-// (reused across the rows) rounded to scalar_t once, after the init term.
+// (converted on load), are summed in the output row or buffer itself.  Every
+// sum runs over the incidences in plan order, so the result does not depend on
+// the tiling; the sums are in acc_t, in the output row itself when acc_t is
+// scalar_t, else in a buffer of one row (reused across the rows) rounded to
+// scalar_t once, after the init term.
 template <typename scalar_t, typename Other, typename Coef, typename Scale>
 inline void reduce_row(int64_t b, int64_t r, int64_t H, int64_t C, const int64_t* ptr,
                        const scalar_t* src_b, const scalar_t* init_row,
@@ -223,21 +223,34 @@ struct CsrIncidences {
   }
 };
 
-// Stage 1, metabolite -> reaction, for rows [e0, e1) of sample b:
-//   hidden_b[e] = B_e * sum_{k in e} w_k y[b, v_k]
+// Stage 1, metabolite -> reaction, row e of sample b into `row` (buffer: as reduce_row's):
+//   hidden[b, e] = B_e * sum_{k in e} w_k y[b, v_k]
 // (the forward's first stage, and the backward's recomputation of `hidden`
 // when the forward did not save it).
+template <typename scalar_t>
+inline void stage1_row(const CsrIncidences<scalar_t>& g, int64_t b, int64_t e, int64_t N,
+                       int64_t C, const bool* keep, const scalar_t* y,
+                       const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* row,
+                       stoichconv::acc_type<scalar_t>* buffer) {
+  const StoichPlanView& s = g.s;
+  const int64_t M = s.M, row_size = g.H * C;
+  reduce_row(
+      b, e, g.H, C, s.reaction_ptr, y + b * N * row_size, static_cast<const scalar_t*>(nullptr),
+      row, buffer, [&](int64_t j) { return g.metabolite[j]; },
+      [&](int64_t bb, int64_t j, int64_t h) { return g.reaction_order_weight(bb, j, h); },
+      [&](int64_t bb, int64_t r) { return edge_norm[(keep ? bb : 0) * M + r]; });
+}
+
+// Stage 1 for rows [e0, e1) of sample b into hidden_b (sample b's rows).
 template <typename scalar_t>
 inline void stage1_rows(const CsrIncidences<scalar_t>& g, int64_t b, int64_t e0, int64_t e1,
                         int64_t N, int64_t C, const bool* keep, const scalar_t* y,
                         const stoichconv::acc_type<scalar_t>* edge_norm, scalar_t* hidden_b) {
-  const StoichPlanView& s = g.s;
-  const int64_t M = s.M, H = g.H, row_size = H * C;
-  reduce_rows(
-      b, e0, e1, H, C, s.reaction_ptr, y + b * N * row_size,
-      static_cast<const scalar_t*>(nullptr), hidden_b, [&](int64_t j) { return g.metabolite[j]; },
-      [&](int64_t bb, int64_t j, int64_t h) { return g.reaction_order_weight(bb, j, h); },
-      [&](int64_t bb, int64_t e) { return edge_norm[(keep ? bb : 0) * M + e]; });
+  using acc_t = stoichconv::acc_type<scalar_t>;
+  const int64_t row_size = g.H * C;
+  std::vector<acc_t> buffer(std::is_same_v<acc_t, scalar_t> ? 0 : static_cast<size_t>(row_size));
+  for (int64_t e = e0; e < e1; ++e)
+    stage1_row(g, b, e, N, C, keep, y, edge_norm, hidden_b + e * row_size, buffer.data());
 }
 
 // Stage 1 over every (sample, reaction), parallel over rows, into hidden [B, M, H, C].
@@ -311,8 +324,6 @@ void shared_weight_grads(const CsrIncidences<scalar_t>& g, const BackwardArgs<sc
   const int64_t row_size = H * C;
   const bool* keep = a.keep;
   const acc_t* en = a.edge_norm;
-  const auto h_coef = [&](int64_t bb, int64_t j, int64_t h) { return g.reaction_order_weight(bb, j, h); };
-  const auto h_scale = [&](int64_t bb, int64_t e) { return en[(keep ? bb : 0) * M + e]; };
   at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> R_row(R ? 0 : static_cast<size_t>(row_size));
     std::vector<scalar_t> h_row(hidden ? 0 : static_cast<size_t>(row_size));
@@ -330,10 +341,7 @@ void shared_weight_grads(const CsrIncidences<scalar_t>& g, const BackwardArgs<sc
                      a.grad_hidden ? a.grad_hidden + (b * M + e) * row_size : nullptr,
                      R_row.data(), buffer.data(), r_other, r_coef, r_scale);
         const scalar_t* h_e = hidden ? hidden + (b * M + e) * row_size : h_row.data();
-        if (!hidden)
-          reduce_row(b, e, H, C, s.reaction_ptr, a.y + b * N * row_size,
-                     static_cast<const scalar_t*>(nullptr), h_row.data(), buffer.data(),
-                     [&](int64_t j) { return g.metabolite[j]; }, h_coef, h_scale);
+        if (!hidden) stage1_row(g, b, e, N, C, keep, a.y, en, h_row.data(), buffer.data());
         const acc_t be = en[nb * M + e];
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t v = g.metabolite[j];
