@@ -137,14 +137,29 @@ def _available_mb() -> float:
     return float("inf")
 
 
+def _step_of(kind: str, batch_size: int, hidden: int, threads: int, heads: int, device):
+    """A fresh training step of ``kind`` (the reference or a fast backend) in this process."""
+    torch.set_num_threads(threads)
+    model_kind = "reference" if kind == REFERENCE else "fast"
+    return _step_fn(model_kind, *_setup(model_kind, batch_size, hidden, device, heads=heads))
+
+
+def _first_cpu_step(run) -> tuple:
+    """``run()`` once on CPU: its output and its peak-RSS growth (``peak_rss_delta_mb``, "n/a"
+    where the kernel's peak mark cannot be reset), wall and CPU seconds."""
+    before, reset = _rss_mb(), _reset_peak_rss()  # without the reset the peak may be the set-up's
+    start, cpu = time.perf_counter(), _cpu_s()
+    output = run()
+    return output, {
+        "peak_rss_delta_mb": round(_peak_rss_mb() - before, 1) if reset else "n/a (cannot reset VmHWM)",
+        "step_s": round(time.perf_counter() - start, 2), "step_cpu_s": round(_cpu_s() - cpu, 2)}
+
+
 def measure_peak(kind: str, batch_size: int, hidden: int, threads: int, heads: int = 2) -> dict:
     """Peak memory of one step of ``kind`` in *this* process (call it in a fresh one on CPU);
     on CPU also the step's wall time (``step_s``)."""
-    torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() and kind.endswith("cuda") else "cpu")
-    model_kind = "reference" if kind == REFERENCE else "fast"
-    args = _setup(model_kind, batch_size, hidden, device, heads=heads)
-    run = _step_fn(model_kind, *args)
+    run = _step_of(kind, batch_size, hidden, threads, heads, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -152,13 +167,7 @@ def measure_peak(kind: str, batch_size: int, hidden: int, threads: int, heads: i
         run()
         torch.cuda.synchronize()
         return {"peak_mem_mb": round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)}
-    before = _rss_mb()
-    if not _reset_peak_rss():  # without it the peak may be the set-up's, not the step's
-        return {"peak_rss_delta_mb": "n/a (cannot reset VmHWM)"}
-    start, cpu = time.perf_counter(), _cpu_s()
-    run()
-    return {"peak_rss_delta_mb": round(_peak_rss_mb() - before, 1), "step_s": round(time.perf_counter() - start, 2),
-            "step_cpu_s": round(_cpu_s() - cpu, 2)}
+    return _first_cpu_step(run)[1]
 
 
 def _cpu_s() -> float:
@@ -181,14 +190,9 @@ def time_steps(kind: str, batch_size: int, hidden: int, threads: int, heads: int
     """In *this* process (a fresh one, on CPU): a warm-up step of ``kind`` (its predictions
     saved to ``output_path``), then ``repeats`` timed steps. Returns the median step time
     (``median_ms``), the peak-RSS growth of the warm-up step and its wall and CPU seconds."""
-    torch.set_num_threads(threads)
-    model_kind = "reference" if kind == REFERENCE else "fast"
-    run = _step_fn(model_kind, *_setup(model_kind, batch_size, hidden, torch.device("cpu"), heads=heads))
-    before, reset = _rss_mb(), _reset_peak_rss()
-    start, cpu = time.perf_counter(), _cpu_s()
-    torch.save(run(), output_path)
-    result = {"step_s": round(time.perf_counter() - start, 2), "step_cpu_s": round(_cpu_s() - cpu, 2),
-              "peak_rss_delta_mb": round(_peak_rss_mb() - before, 1) if reset else "n/a (cannot reset VmHWM)"}
+    run = _step_of(kind, batch_size, hidden, threads, heads, torch.device("cpu"))
+    output, result = _first_cpu_step(run)
+    torch.save(output, output_path)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
