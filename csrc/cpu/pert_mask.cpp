@@ -18,11 +18,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "stoichconv/cpu_isa.h"
 #include "stoichconv/pert_mask_checks.h"
 #include "stoichconv/pert_mask_outputs.h"
 #include "stoichconv/pert_mask_math.h"
@@ -30,6 +32,58 @@
 
 namespace stoichconv {
 namespace {
+
+// The write pass's run writers (pert_mask_kernels.h), compiled once per
+// instruction set: portable code, and AVX2 code chosen at run time when the
+// CPU has it (STOICHCONV_CPU_ISA=default forces the portable one;
+// stoichconv/cpu_isa.h).  Both write the same ids.
+namespace isa_default {
+#include "pert_mask_kernels.h"
+}  // namespace isa_default
+
+#ifdef STOICHCONV_CPU_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace isa_avx2 {
+#include "pert_mask_kernels.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+// The run writers of the instruction set chosen once per call.
+struct RunWriters {
+  bool avx2 = false;
+
+  RunWriters() {
+#ifdef STOICHCONV_CPU_AVX2
+    avx2 = cpu_isa_avx2();
+#endif
+  }
+
+  template <typename... Args>
+  void full(Args... args) const {
+#ifdef STOICHCONV_CPU_AVX2
+    if (avx2) return isa_avx2::write_run_full(args...);
+#endif
+    isa_default::write_run_full(args...);
+  }
+
+  template <typename... Args>
+  void padded(Args... args) const {
+#ifdef STOICHCONV_CPU_AVX2
+    if (avx2) return isa_avx2::write_run_padded(args...);
+#endif
+    isa_default::write_run_padded(args...);
+  }
+
+  template <typename... Args>
+  void ranked(Args... args) const {
+#ifdef STOICHCONV_CPU_AVX2
+    if (avx2) return isa_avx2::write_run_ranked(args...);
+#endif
+    isa_default::write_run_ranked(args...);
+  }
+};
 
 // Edges per task of the two-pass filters.
 constexpr int64_t kEdgeChunk = int64_t(1) << 14;
@@ -224,28 +278,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   auto out = output_edges(given.edge_index, op, total, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
+  const RunWriters writers;
   if (relabel) {
-    // Ranks among the kept nodes of every sample, [B, N] (the removed ones
-    // are never read): one lookup per endpoint in the write pass, id =
-    // node_ptr[b] + rank.  Ranks are < N, so an int32 table (half the cache
-    // footprint of int64 ids: a sample's row stays in L1) whenever N fits.
+    // Id = node_ptr[b] + the rank among the kept nodes of the sample.  A
+    // sample of at most kPaddedDeletions deletions (the usual case) computes
+    // the rank from its padded deletion set; any other gets a row of ranks,
+    // [N] (one lookup per endpoint), in an int32 table whenever N fits (half
+    // the cache footprint of int64: a row stays in L1).
+    std::vector<std::array<int64_t, kPaddedDeletions>> padded(B);
+    bool any_ranked = false;
+    for (int64_t b = 0; b < B; ++b) {
+      padded[b].fill(kNoDeletion);
+      if (sets.count[b] <= kPaddedDeletions) {
+        std::copy(sets.ids(b), sets.ids(b) + sets.count[b], padded[b].begin());
+      } else {
+        any_ranked = true;
+      }
+    }
     const auto relabel_with = [&](auto tag) {
       using Rank = decltype(tag);
-      std::vector<Rank> ranks = allocate_buffer<Rank>(op, "kept ranks [B, num_nodes]", B * N);
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t* del = sets.ids(b);
-          const int64_t n = sets.count[b];
-          Rank* row = ranks.data() + b * N;
-          for (int64_t v = 0; v < N; ++v) row[v] = static_cast<Rank>(compacted_id(0, del, n, v));
-        }
-      });
+      std::vector<Rank> ranks = allocate_buffer<Rank>(op, "kept ranks [B, num_nodes]", any_ranked ? B * N : 0);
+      if (any_ranked) {
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            const int64_t* del = sets.ids(b);
+            const int64_t n = sets.count[b];
+            if (n <= kPaddedDeletions) continue;
+            Rank* row = ranks.data() + b * N;
+            for (int64_t v = 0; v < N; ++v) row[v] = static_cast<Rank>(compacted_id(0, del, n, v));
+          }
+        });
+      }
       filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-        const Rank* row = ranks.data() + b * N;
-        const int64_t base = np[b];
-        for (int64_t e = lo; e < hi; ++e, ++pos) {
-          out_src[pos] = base + row[src[e]];
-          out_dst[pos] = base + row[dst[e]];
+        if (sets.count[b] <= kPaddedDeletions) {
+          writers.padded(src + lo, dst + lo, hi - lo, np[b], padded[b].data(), out_src + pos, out_dst + pos);
+        } else {
+          writers.ranked(src + lo, dst + lo, hi - lo, np[b], static_cast<const Rank*>(ranks.data() + b * N),
+                         out_src + pos, out_dst + pos);
         }
       });
     };
@@ -256,10 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
     }
   } else {
     filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-      for (int64_t e = lo; e < hi; ++e, ++pos) {
-        out_src[pos] = full_layout_id(b, N, src[e]);
-        out_dst[pos] = full_layout_id(b, N, dst[e]);
-      }
+      writers.full(src + lo, dst + lo, hi - lo, full_layout_id(b, N, 0), out_src + pos, out_dst + pos);
     });
   }
   return {out, edge_ptr, edge_keep, node_keep, node_ptr};

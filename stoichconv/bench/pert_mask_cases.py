@@ -11,7 +11,11 @@ physical gene-gene relation and ``perturb_batch`` on the whole cell graph,
 * ``cpu`` / ``cuda`` / ``triton``: the fused ops (:mod:`stoichconv.perturb`);
 * ``<backend> batcher``: ``perturb_batch`` through a :class:`stoichconv.perturb.PerturbBatcher`
   (the same ops writing into a reused ring of buffers sized for the largest B; built, and
-  its buffers touched, outside the timing).
+  its buffers touched, outside the timing);
+* ``<backend> out=``: ``filter_edges`` writing into buffers from
+  :func:`stoichconv.perturb.allocate_filter_edges_out` sized for the largest B, allocated once
+  outside the timing (the warm-up calls touch them), called as the batcher calls it
+  (``validate=False``: the wildtype graph is checked once, when it is set up).
 
 ``bytes_moved`` (the same for every row of a group): ``filter_edges`` its inputs read and its
 whole result written (:func:`stoichconv.bench.limits.filter_edges_case_bytes`), ``perturb_batch``
@@ -42,7 +46,7 @@ def batch_tensors(batch) -> tuple:
 def cases(args) -> list:
     from stoichconv.backends import available_backends
     from stoichconv.data import load_cell_graph
-    from stoichconv.perturb import PerturbBatcher, filter_edges, perturb_batch
+    from stoichconv.perturb import PerturbBatcher, allocate_filter_edges_out, filter_edges, perturb_batch
     from stoichconv.reference.padded_mask import PaddedIncidenceTable, PaddedPerturber, filter_edges_padded
     from stoichconv.reference.pert_mask import filter_edges_reference
     from stoichconv.reference.perturb import perturb_batch_reference
@@ -58,6 +62,8 @@ def cases(args) -> list:
     graph_on_device = graph.to(device)
     batchers = {b: PerturbBatcher(graph_on_device, max_batch=max(args.batches), backend=b)
                 for b in fast_backends if b != "triton"}
+    edge_buffers = {b: allocate_filter_edges_out(max(args.batches), physical.size(1), num_genes, device=device)
+                    for b in batchers}
     result = []
     for B in args.batches:
         pert, pert_ptr = random_perturbations(num_genes, B, sizes=(1, 2, 3), seed=B)
@@ -83,6 +89,10 @@ def cases(args) -> list:
                 lambda p, q, b: edges(filter_edges(physical_d, num_genes, p, q, backend=b)), pert_d, pert_ptr_d, backend),
                 bytes_moved=fe_bytes))
             if backend != "triton":  # the Triton backend covers the edge filter only
+                result.append(BenchCase("filter_edges", f"{backend} out=", "physical", B, partial(
+                    lambda p, q, b: edges(filter_edges(physical_d, num_genes, p, q, backend=b, validate=False,
+                                                       out=edge_buffers[b])), pert_d, pert_ptr_d, backend),
+                    bytes_moved=fe_bytes))
                 result.append(BenchCase("perturb_batch", backend, "cell graph", B, partial(
                     lambda p, q, b: batch_tensors(perturb_batch(graph_on_device, p, q, backend=b)), pert_d, pert_ptr_d, backend),
                     bytes_moved=pb_bytes))

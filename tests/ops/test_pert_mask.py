@@ -732,6 +732,23 @@ def test_filter_edges_large_deletion_sets(backend, device, relabel):
         assert_same(raw, want, device)
 
 
+@pytest.mark.parametrize("isa", ["auto", "default"])  # AVX2 write pass where the CPU has it; portable one
+@pytest.mark.parametrize("relabel", [True, False])
+def test_filter_edges_cpu_isa_variants_around_the_padded_deletion_sets(relabel, isa, monkeypatch):
+    # The CPU write pass ranks a sample of at most 4 distinct deletions by compares against its
+    # padded set and any other through a table: sets of 0, 1, 4 and 5 distinct ids (one of them
+    # with repeats), the first and last node, in one batch; edges in runs across chunks of 2^14.
+    monkeypatch.setenv("STOICHCONV_CPU_ISA", isa)
+    N = 40
+    ei = random_edge_index(N, 40000, seed=5)
+    sets = [[], [17], [0, 39, 12, 5], [3, 3, 8, 21, 30, 8, 1], [9, 9, 9, 9, 9, 2], [39, 38, 37, 36, 35]]
+    pert = torch.tensor([v for s in sets for v in s], dtype=torch.long)
+    ptr = torch.tensor([0] + [len(s) for s in sets]).cumsum(0)
+    want = brute_filter_edges(ei, N, pert, ptr, relabel)
+    assert want[4].diff().tolist() == [N, N - 1, N - 4, N - 5, N - 2, N - 5]
+    assert_same(filter_edges(ei, N, pert, ptr, relabel=relabel, backend="cpu"), want)
+
+
 @pytest.mark.parametrize("backend,device", RK)
 def test_reaction_keep_large_deletion_sets(backend, device):
     gpr = gpr_graph(60, 45, 200, 5, seed=3)

@@ -68,6 +68,18 @@ SC_INLINE int64_t full_layout_id(int64_t b, int64_t num_nodes, int64_t v) {
   return b * num_nodes + v;
 }
 
+// kept_rank for a sample of at most kPaddedDeletions deletions, its sorted set
+// padded with kNoDeletion (which no id reaches) to exactly kPaddedDeletions
+// entries d0 <= d1 <= d2 <= d3: the same rank from four compares, no search
+// and no branch, so that a loop over edges vectorises (the CPU write pass).
+constexpr int kPaddedDeletions = 4;
+constexpr int64_t kNoDeletion = INT64_MAX;
+
+SC_INLINE int64_t kept_rank_padded(int64_t d0, int64_t d1, int64_t d2, int64_t d3, int64_t v) {
+  return v - static_cast<int64_t>(d0 < v) - static_cast<int64_t>(d1 < v) -
+         static_cast<int64_t>(d2 < v) - static_cast<int64_t>(d3 < v);
+}
+
 // Id of a kept node v of sample b in the compacted (PyG-collate) layout:
 // cumulative kept count of the earlier samples plus its rank in sample b.
 SC_INLINE int64_t compacted_id(int64_t sample_offset, const int64_t* del, int64_t n, int64_t v) {
