@@ -37,6 +37,7 @@ from stoichconv.data.relations import GPR, METABOLISM, PHYSICAL, REGULATORY
 __all__ = [
     "DEVICE_TYPES",
     "SpecTestVector",
+    "assert_advised_into_huge_pages",
     "assert_close",
     "assert_close_scaled",
     "model_tolerance",
@@ -49,6 +50,7 @@ __all__ = [
     "backend_params",
     "compact_metabolic_batch",
     "device_params",
+    "huge_page_eligible",
     "kernel_op",
     "param_id",
     "random_cell_graph",
@@ -61,6 +63,7 @@ __all__ = [
     "skip_reason",
     "spec_test_vector",
     "tolerance",
+    "transparent_huge_page_mode",
 ]
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -419,3 +422,53 @@ def kernel_op(op: str, backend: str, device, name: Optional[str] = None):
     if name is not None:
         opname = (opname.removesuffix("_forward") if opname.endswith("_forward") else opname) + "_" + name
     return getattr(getattr(torch.ops, namespace), opname).default
+
+
+# --------------------------------------------------------------------------- huge pages
+
+TRANSPARENT_HUGE_PAGES = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_page_mode() -> str:
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or "absent"."""
+    import re
+
+    try:
+        with open(TRANSPARENT_HUGE_PAGES) as f:
+            return re.search(r"\[(\w+)\]", f.read()).group(1)
+    except (OSError, AttributeError):
+        return "absent"
+
+
+def huge_page_eligible(address: int) -> Optional[int]:
+    """The ``THPeligible`` flag of this process's mapping that holds ``address`` (from
+    ``/proc/self/smaps``; None where the kernel reports none)."""
+    import re
+
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+                if head:
+                    inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
+                elif inside and line.startswith("THPeligible:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def assert_advised_into_huge_pages(tensor: Tensor) -> None:
+    """Where this kernel has transparent huge pages on request ("madvise" or "always" mode) and
+    reports them per mapping, the mapping holding the middle of ``tensor`` must be eligible;
+    elsewhere the advice is a no-op and nothing is asserted beyond the mode."""
+    import os
+
+    eligible = huge_page_eligible(tensor.data_ptr() + tensor.nbytes // 2)
+    mode = transparent_huge_page_mode()
+    if os.uname().sysname == "Linux" and mode in ("madvise", "always") and eligible is not None:
+        assert eligible == 1, f"mapping not eligible for huge pages (THP mode {mode})"
+    else:
+        assert mode not in ("madvise", "always") or eligible is None
+

@@ -28,6 +28,7 @@ from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
 
 from stoichconv.backends import check_backend_name, resolve
+from stoichconv.nn._input_projection import input_projection
 from stoichconv.ops.incidence_attention import incidence_attention
 from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_conv
 
@@ -131,13 +132,15 @@ class StoichHypergraphConv(torch.nn.Module):
         plan = self._plans.get(edge_index, stoich, N, int(num_edges))
         check_reaction_keep(reaction_keep, B, plan.num_reactions, x.device)
         H, C = self.heads, self.out_channels
-        y = self.lin(xb).view(B, N, H, C)
+        if self.use_attention:
+            self._check_hyperedge_attr(hyperedge_attr, xb, plan)
+        y, score_v, gate = self._project(xb)
+        y = y.view(B, N, H, C)
         weight = plan.stoich.to(y.dtype).view(1, -1, 1)
         if self.is_stoich_gated:
-            gate = torch.sigmoid(self.gate_lin(xb)).squeeze(-1)  # [B, N], from the untransformed input
             weight = weight * gate.index_select(1, plan.metabolite_index).unsqueeze(-1)
         if self.use_attention:
-            weight = weight * self._attention(xb, hyperedge_attr, plan, reaction_keep)
+            weight = weight * self._attention(score_v, hyperedge_attr, plan, reaction_keep)
         # [1, nnz, H] when no factor depends on the sample (no gate, no attention): the op takes
         # the shared weight as is and sums its gradient over the batch in the kernel.
         weight = weight.expand(weight.shape[0], plan.nnz, H)
@@ -152,9 +155,37 @@ class StoichHypergraphConv(torch.nn.Module):
                 out = out.add_(self.bias)
         return out.squeeze(0) if single else out
 
-    def _attention(self, x: Tensor, hyperedge_attr: Optional[Tensor], plan, reaction_keep: Optional[Tensor]) -> Tensor:
-        """alpha [B, nnz, H]: leaky_relu(<att_h, [Y_v || Z_e]>) normalised over
-        the incidences of each reaction ("node") or metabolite ("edge")."""
+    def _project(self, x: Tensor):
+        """``(lin(x) [B, N, H*C], score_v [B, N, H] or None, gate [B, N] or None)``: the node
+        attention score of every head, <att_h[:C], lin(x)_h> = x . (W_hᵀ att_h[:C]) (att folded
+        into the projection instead of materialising the [B, N, H, C] products), and the gate
+        sigmoid(gate_lin(x)) from the untransformed input. In float32 / float64 outside autocast
+        all three come from one read of ``x`` and their input gradients from one output
+        (:func:`stoichconv.nn._input_projection.input_projection`); otherwise (autocast, a lazy
+        ``in_channels = -1`` layer before its first call, mixed dtypes) from the modules."""
+        B, N, F_in = x.shape
+        H, C = self.heads, self.out_channels
+        weight = self.lin.weight
+        fused = (not isinstance(weight, torch.nn.parameter.UninitializedParameter) and x.dtype == weight.dtype
+                 and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+                 and (not self.is_stoich_gated or self.gate_lin.weight.dtype == x.dtype))
+        if not fused:
+            y = self.lin(x)
+            weight = self.lin.weight
+        att_rows = None
+        if self.use_attention:
+            att_rows = torch.einsum("hcf,hc->hf", weight.view(H, C, -1), self.att.view(H, 2 * C)[:, :C])
+        if not fused:
+            score_v = None if att_rows is None else x @ att_rows.t()  # [B, N, H]
+            gate = torch.sigmoid(self.gate_lin(x)).squeeze(-1) if self.is_stoich_gated else None
+            return y, score_v, gate
+        rows = [r for r in (att_rows, self.gate_lin.weight if self.is_stoich_gated else None) if r is not None]
+        y, side = input_projection(x.reshape(B * N, F_in), weight, torch.cat(rows) if rows else None)
+        score_v = side[:, :H].view(B, N, H) if self.use_attention else None
+        gate = torch.sigmoid(side[:, -1] + self.gate_lin.bias).view(B, N) if self.is_stoich_gated else None
+        return y.view(B, N, H * C), score_v, gate
+
+    def _check_hyperedge_attr(self, hyperedge_attr: Optional[Tensor], x: Tensor, plan) -> None:
         if hyperedge_attr is None:
             raise ValueError("`hyperedge_attr` is required when use_attention=True")
         if not isinstance(hyperedge_attr, Tensor) or not hyperedge_attr.is_floating_point():
@@ -170,13 +201,14 @@ class StoichHypergraphConv(torch.nn.Module):
             raise ValueError(f"`hyperedge_attr` has batch size {hyperedge_attr.size(0)} but `x` has {x.size(0)}")
         if hyperedge_attr.device != x.device:
             raise ValueError(f"`hyperedge_attr` is on {hyperedge_attr.device} but `x` is on {x.device}")
-        B, H, C = x.size(0), self.heads, self.out_channels
-        # <att_h, [lin(x)_h || lin(attr)_h]> = x . (W_hᵀ att_h[:C]) + attr . (W_hᵀ att_h[C:]):
-        # fold att into the projection instead of materialising lin(attr) and
-        # the [B, N, H, C] products.
+
+    def _attention(self, score_v: Tensor, hyperedge_attr: Tensor, plan, reaction_keep: Optional[Tensor]) -> Tensor:
+        """alpha [B, nnz, H]: leaky_relu(<att_h, [Y_v || Z_e]>) normalised over
+        the incidences of each reaction ("node") or metabolite ("edge"); ``score_v`` [B, N, H]
+        the node part (:meth:`_project`)."""
+        H, C = self.heads, self.out_channels
         weight = self.lin.weight.view(H, C, -1)
         att = self.att.view(H, 2 * C)
-        score_v = x @ torch.einsum("hcf,hc->fh", weight, att[:, :C])  # [B, N, H]
         score_e = hyperedge_attr @ torch.einsum("hcf,hc->fh", weight, att[:, C:])  # [M, H] or [B, M, H]
         score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
         # The gathers, the leaky ReLU and the softmax in one op: the [B, nnz, H] logits are
@@ -186,7 +218,7 @@ class StoichHypergraphConv(torch.nn.Module):
             ptr, perm = plan.reaction_ptr, plan.reaction_perm
         else:
             ptr, perm = plan.metabolite_ptr, plan.metabolite_perm
-        backend = resolve("incidence_attention", self.backend, x.device, strict=False)
+        backend = resolve("incidence_attention", self.backend, score_v.device, strict=False)
         alpha = incidence_attention(
             score_v, score_e, plan.metabolite_index, plan.reaction_index, ptr, perm, kept, self.negative_slope,
             metabolite_grouping=(plan.metabolite_ptr, plan.metabolite_perm),

@@ -3,38 +3,10 @@
 eligible for huge pages in ``/proc/self/smaps`` (where the kernel has them in "madvise" or
 "always" mode), small outputs are left alone, and the values are those of the reference."""
 
-import os
-import re
-
-import pytest
 import torch
 
 from stoichconv.ops.gatv2 import gatv2_attention
-from stoichconv.testing import random_edge_set
-
-
-THP = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def _thp_mode() -> str:
-    try:
-        with open(THP) as f:
-            return re.search(r"\[(\w+)\]", f.read()).group(1)
-    except OSError:
-        return "absent"
-
-
-def _thp_eligible(address: int):
-    """The ``THPeligible`` flag of the mapping holding ``address`` (None if the kernel has none)."""
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-            if head:
-                inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
-            elif inside and line.startswith("THPeligible:"):
-                return int(line.split()[1])
-    return None
+from stoichconv.testing import assert_advised_into_huge_pages, random_edge_set
 
 
 def test_large_cpu_output_is_advised_into_huge_pages():
@@ -50,9 +22,4 @@ def test_large_cpu_output_is_advised_into_huge_pages():
     want = gatv2_attention(x_l, x_r, att, edges, 0.2, backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert out.nbytes >= 16 << 20
-    eligible = _thp_eligible(out.data_ptr() + out.nbytes // 2)
-    mode = _thp_mode()
-    if os.uname().sysname == "Linux" and mode in ("madvise", "always") and eligible is not None:
-        assert eligible == 1, f"output mapping not eligible for huge pages (THP mode {mode})"
-    else:  # no transparent huge pages here: the advice is a no-op and only the values are checked
-        assert mode not in ("madvise", "always") or eligible is None
+    assert_advised_into_huge_pages(out)
