@@ -117,11 +117,14 @@ def test_layer_fused_projection_equals_the_module_path(config, monkeypatch):
 
 
 def test_large_cpu_outputs_are_advised_into_huge_pages():
-    t = _host_pages.empty(3 << 20, dtype=torch.float32, device=torch.device("cpu"))  # 12 MiB
-    assert t.shape == (3 << 20,) and t.dtype == torch.float32
+    assert _host_pages.HUGE_PAGE_ADVICE_BYTES == 32 << 20
+    t = _host_pages.empty(9 << 20, dtype=torch.float32, device=torch.device("cpu"))  # 36 MiB
+    assert t.shape == (9 << 20,) and t.dtype == torch.float32
     assert_advised_into_huge_pages(t)
     small = _host_pages.empty(16, 4, dtype=torch.float64, device=torch.device("cpu"))
     assert small.shape == (16, 4) and small.dtype == torch.float64
-    x, w, _ = make(rows=1 << 15, features=8, out=64, side=0, dtype=torch.float32)  # y: 8 MiB
+    x, w, _ = make(rows=1 << 17, features=4, out=72, side=0, dtype=torch.float32)  # y: 36 MiB
     y, _ = input_projection(x, w)
+    assert y.nbytes > _host_pages.HUGE_PAGE_ADVICE_BYTES
     assert_advised_into_huge_pages(y)
+    torch.testing.assert_close(y, x @ w.t())
