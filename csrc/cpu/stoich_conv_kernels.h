@@ -395,32 +395,27 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
                                          : acc_t(0);
   };
   const auto gy_scale = [](int64_t, int64_t) { return acc_t(1); };
-  // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for the incidences of reactions [e0, e1) of
-  // sample b, 0 for masked incidences (R_b / hidden_b: sample b's rows of R / hidden).  In the
-  // reaction CSR order, so that a reaction's rows h_e and R_e stay in cache while its
-  // incidences' G_v and Y_v are gathered; each entry is one dot product pair (the order of
-  // the loop does not change any value).
-  const auto weight_grads = [&](int64_t b, int64_t e0, int64_t e1, const scalar_t* R_b,
-                                const scalar_t* hidden_b) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const bool kept = incidence_kept(keep, b, M, e);
-      const acc_t be = en[norm_b(b) * M + e];
-      const scalar_t* h_e = hidden_b + e * row_size;
-      const scalar_t* R_e = R_b + e * row_size;
-      for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j) {
-        const int64_t k = s.reaction_perm[j], v = g.metabolite[j];
-        scalar_t* grad_w = a.grad_weight + (b * nnz + k) * H;
-        if (!kept) {
-          for (int64_t h = 0; h < H; ++h) grad_w[h] = scalar_t(0);
-          continue;
-        }
-        const acc_t d = dn[norm_b(b) * N + v];
-        const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
-        const scalar_t* Y_v = a.y + (b * N + v) * row_size;
-        for (int64_t h = 0; h < H; ++h)
-          grad_w[h] = static_cast<scalar_t>(incidence_weight_grad<kDotLanes<acc_t>>(
-              d, G_v + h * C, h_e + h * C, be, R_e + h * C, Y_v + h * C, C));
+  // dL/dw_k = D_v <G_v, h_e> + B_e <R_e, Y_v> for the incidences of reaction e of sample b
+  // from its rows R_e and h_e (h_e not read when e is masked in b: its incidences get 0).  In
+  // the reaction CSR order, so that the rows h_e and R_e stay in cache while the incidences'
+  // G_v and Y_v are gathered; each entry is one dot product pair (the order of the loop does
+  // not change any value).
+  const auto reaction_weight_grads = [&](int64_t b, int64_t e, const scalar_t* R_e, const scalar_t* h_e) {
+    const bool kept = incidence_kept(keep, b, M, e);
+    const acc_t be = en[norm_b(b) * M + e];
+    for (int64_t j = s.reaction_ptr[e]; j < s.reaction_ptr[e + 1]; ++j) {
+      const int64_t k = s.reaction_perm[j], v = g.metabolite[j];
+      scalar_t* grad_w = a.grad_weight + (b * nnz + k) * H;
+      if (!kept) {
+        for (int64_t h = 0; h < H; ++h) grad_w[h] = scalar_t(0);
+        continue;
       }
+      const acc_t d = dn[norm_b(b) * N + v];
+      const scalar_t* G_v = a.grad_out + (b * N + v) * row_size;
+      const scalar_t* Y_v = a.y + (b * N + v) * row_size;
+      for (int64_t h = 0; h < H; ++h)
+        grad_w[h] = static_cast<scalar_t>(incidence_weight_grad<kDotLanes<acc_t>>(
+            d, G_v + h * C, h_e + h * C, be, R_e + h * C, Y_v + h * C, C));
     }
   };
   if (by_sample(a.B)) {
@@ -429,21 +424,39 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
     at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
       const bool per_sample_w = a.grad_weight != nullptr && !shared;
       const bool recompute = per_sample_w && a.hidden == nullptr;
-      std::vector<scalar_t> scratch(static_cast<size_t>((recompute ? 2 : 1) * M * row_size));
-      scalar_t* R_b = scratch.data();
-      scalar_t* hidden_scratch = recompute ? R_b + M * row_size : nullptr;
+      std::vector<scalar_t> R_scratch(static_cast<size_t>(M * row_size));
+      std::vector<scalar_t> h_row(static_cast<size_t>(recompute ? row_size : 0));
+      std::vector<acc_t> buffer(std::is_same_v<acc_t, scalar_t> ? 0 : static_cast<size_t>(row_size));
+      scalar_t* R_b = R_scratch.data();
       for (int64_t b = begin; b < end; ++b) {
-        reduce_rows(b, 0, M, H, C, s.reaction_ptr, a.grad_out + b * N * row_size,
-                    a.grad_hidden ? a.grad_hidden + b * M * row_size : nullptr, R_b, r_other,
-                    r_coef, r_scale);
+        const scalar_t* G_b = a.grad_out + b * N * row_size;
+        const scalar_t* init_b = a.grad_hidden ? a.grad_hidden + b * M * row_size : nullptr;
+        if (per_sample_w) {
+          // One pass over the reactions: R_e, h_e (recomputed: stage 1), then the weight
+          // gradients of e's incidences, whose rows G_v and Y_v were just gathered for R_e and
+          // h_e and are still in cache (a pass of its own would gather them again).
+          for (int64_t e = 0; e < M; ++e) {
+            scalar_t* R_e = R_b + e * row_size;
+            reduce_row(b, e, H, C, s.reaction_ptr, G_b, init_b ? init_b + e * row_size : nullptr, R_e,
+                       buffer.data(), r_other, r_coef, r_scale);
+            const scalar_t* h_e = nullptr;
+            if (incidence_kept(keep, b, M, e)) {
+              if (recompute) {
+                stage1_row(g, b, e, N, C, keep, a.y, en, h_row.data(), buffer.data());
+                h_e = h_row.data();
+              } else {
+                h_e = a.hidden + (b * M + e) * row_size;
+              }
+            }
+            reaction_weight_grads(b, e, R_e, h_e);
+          }
+        } else {
+          reduce_rows(b, 0, M, H, C, s.reaction_ptr, G_b, init_b, R_b, r_other, r_coef, r_scale);
+        }
         if (a.grad_y != nullptr)
           reduce_rows(b, 0, N, H, C, s.metabolite_ptr,
                       static_cast<const scalar_t*>(R_b), static_cast<const scalar_t*>(nullptr),
                       a.grad_y + b * N * row_size, gy_other, gy_coef, gy_scale);
-        if (per_sample_w) {
-          if (recompute) stage1_rows(g, b, 0, M, N, C, keep, a.y, en, hidden_scratch);
-          weight_grads(b, 0, M, R_b, recompute ? hidden_scratch : a.hidden + b * M * row_size);
-        }
       }
     });
     // A shared weight: its gradient from the saved (or recomputed) rows, R row by row again.
@@ -474,7 +487,8 @@ void backward_kernel(const StoichPlanView& s, const BackwardArgs<scalar_t>& a) {
       for (int64_t idx = begin; idx < end;) {
         const int64_t b = idx / M, e0 = idx % M;
         const int64_t e1 = std::min(M, e0 + (end - idx));
-        weight_grads(b, e0, e1, R.data() + b * M * row_size, hidden + b * M * row_size);
+        for (int64_t e = e0; e < e1; ++e)
+          reaction_weight_grads(b, e, R.data() + (b * M + e) * row_size, hidden + (b * M + e) * row_size);
         idx += e1 - e0;
       }
     });
