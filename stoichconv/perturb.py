@@ -190,13 +190,13 @@ def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: O
             store.batch = slot.batch[:K].copy_(kept[:, 0])
             store.n_id = slot.n_id[:K].copy_(kept[:, 1])
         if node_ptr is None:
-            counts = keep.view(B, N).sum(dim=1)
+            # The kept nodes are listed sample by sample: sample b's start at the number of kept
+            # nodes of the samples before it (a search in `batch`, not a sum over the mask).
+            samples = torch.arange(B + 1, device=device)
             if slot is None:
-                node_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+                node_ptr = torch.searchsorted(store.batch, samples)
             else:
-                node_ptr = slot.ptr[:B + 1]
-                node_ptr[:1].zero_()
-                torch.cumsum(counts, 0, out=node_ptr[1:])
+                node_ptr = torch.searchsorted(store.batch, samples, out=slot.ptr[:B + 1])
         store.ptr = node_ptr
     elif full is not None:
         store.n_id, store.batch, store.ptr = full.n_id[:B * N], full.batch[:B * N], full.ptr[:B + 1]
