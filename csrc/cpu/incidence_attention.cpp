@@ -63,34 +63,93 @@ struct Scores {
   const int64_t *mi, *ri, *ptr, *perm;
 };
 
+// H as a compile-time constant for the common head counts (kH = 1, 2, 4: the
+// per-head loops unroll and the per-row statistics live in registers), at run
+// time otherwise (kH = 0).  with_heads(H, fn) calls fn(std::integral_constant<int, kH>).
+template <typename F>
+void with_heads(int64_t H, F&& fn) {
+  switch (H) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
+}
+
+// The per-head statistics of one row (a max, a sum): a fixed array for a
+// compile-time H, one vector per task otherwise.
+template <typename T, int kH>
+struct HeadBuf {
+  explicit HeadBuf(int64_t) {}
+  T v[kH];
+  T* data() { return v; }
+};
+template <typename T>
+struct HeadBuf<T, 0> {
+  explicit HeadBuf(int64_t H) : v(H) {}
+  std::vector<T> v;
+  T* data() { return v.data(); }
+};
+
+// Calls fn(b, g, j0, j1) for the rows [begin, end) of the (sample, group)
+// rows b * G + g in order, without a division per row.
+template <typename F>
+inline void for_rows(int64_t begin, int64_t end, int64_t G, const int64_t* ptr, F&& fn) {
+  if (G <= 0) return;
+  int64_t b = begin / G, g = begin % G;
+  for (int64_t row = begin; row < end; ++row) {
+    fn(b, g, ptr[g], ptr[g + 1]);
+    if (++g == G) g = 0, ++b;
+  }
+}
+
+// The index arrays of the incidences in the CSR order of the grouping,
+// gathered once per call (not once per sample): mi_csr[j] = mi[perm[j]] (and ri).
+struct CsrIndices {
+  std::vector<int64_t> mi, ri;
+  bool identity;  // perm[j] == j
+};
+
+CsrIndices csr_indices(const Scores& s) {
+  CsrIndices c{std::vector<int64_t>(s.nnz), std::vector<int64_t>(s.nnz), true};
+  for (int64_t j = 0; j < s.nnz; ++j) {
+    const int64_t k = s.perm[j];
+    c.mi[j] = s.mi[k];
+    c.ri[j] = s.ri[k];
+    c.identity = c.identity && k == j;
+  }
+  return c;
+}
+
 // Pass 1 of the forward: the logits of each (sample, group) row gathered from
-// the two scores, their kept maximum, and the shifted logits (-inf where not
-// kept or the group is empty) into `shifted` (acc_t: alpha itself for float32 /
-// float64).  Then one vectorised exp over the whole tensor (ATen's) and
-// normalize_rows, as in csrc/cpu/group_softmax.cpp.
-template <typename scalar_t, typename acc_t>
-void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
-                    acc_t slope, acc_t* shifted) {
+// the two scores (-inf where not kept), the row's kept maximum and the shifted
+// logits (-inf where not kept or the group is empty), stored in the CSR order
+// of the row, `shifted` [B, nnz, H] (acc_t; alpha itself for float32 / float64
+// when group_perm is the identity).  Then one vectorised exp over the whole
+// tensor (ATen's) and normalize_rows, as in csrc/cpu/group_softmax.cpp.
+// A masked entry holds -inf before the shift, so group_shifted_logit(-inf, m,
+// true) = -inf exactly as group_shifted_logit(l, m, false).
+template <int kH, typename scalar_t, typename acc_t>
+void shifted_logits(const Scores& s, const CsrIndices& c, const scalar_t* sv, const scalar_t* se,
+                    const bool* kept, acc_t slope, acc_t* shifted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t H = s.H, G = s.G, N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
-  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = s.mi, *ri = s.ri;
-  at::parallel_for(0, s.B * G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gmax_buf(H);
+  const int64_t H = kH > 0 ? kH : s.H;
+  const int64_t N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
+  const int64_t *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    HeadBuf<acc_t, kH> gmax_buf(H);
     acc_t* gmax = gmax_buf.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / G, g = row % G;
+    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t, int64_t j0, int64_t j1) {
       const scalar_t* sv_b = sv + b * N * H;
       const scalar_t* se_b = se + (Be == 1 ? 0 : b) * M * H;
       const bool* kept_b = kept ? kept + b * nnz : nullptr;
       acc_t* x_b = shifted + b * nnz * H;
-      std::fill(gmax, gmax + H, kNegInf);
-      const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+      for (int64_t h = 0; h < H; ++h) gmax[h] = kNegInf;
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t k = perm[j];
-        const scalar_t* v = sv_b + mi[k] * H;
-        const scalar_t* e = se_b + ri[k] * H;
-        acc_t* x = x_b + k * H;
-        if (!kept_b || kept_b[k]) {
+        const scalar_t* v = sv_b + mi[j] * H;
+        const scalar_t* e = se_b + ri[j] * H;
+        acc_t* x = x_b + j * H;
+        if (!kept_b || kept_b[perm[j]]) {
           for (int64_t h = 0; h < H; ++h) {
             const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
             x[h] = l;
@@ -101,91 +160,137 @@ void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, con
         }
       }
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t k = perm[j];
-        const bool on = !kept_b || kept_b[k];
-        acc_t* x = x_b + k * H;
-        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], on);
+        acc_t* x = x_b + j * H;
+        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], true);
       }
-    }
+    });
   });
 }
 
-// alpha = exps * (1 / group sum of exps); `exps` may be alpha itself.
-template <typename scalar_t, typename acc_t>
+// alpha[b, perm[j]] = exps[b, j] * (1 / group sum of exps), the sum in CSR
+// order; `exps` (CSR order) may be alpha itself when perm is the identity.
+template <int kH, typename scalar_t, typename acc_t>
 void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
-  const int64_t H = s.H;
+  const int64_t H = kH > 0 ? kH : s.H, nnz = s.nnz;
+  const int64_t* perm = s.perm;
   at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> denom(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.G, g = row % s.G;
-      const acc_t* x_b = exps + b * s.nnz * H;
-      scalar_t* a_b = alpha + b * s.nnz * H;
-      std::fill(denom.begin(), denom.end(), acc_t(0));
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
-        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[s.perm[j] * H + h];
+    HeadBuf<acc_t, kH> denom_buf(H);
+    acc_t* denom = denom_buf.data();
+    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t, int64_t j0, int64_t j1) {
+      const acc_t* x_b = exps + b * nnz * H;
+      scalar_t* a_b = alpha + b * nnz * H;
+      for (int64_t h = 0; h < H; ++h) denom[h] = acc_t(0);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[j * H + h];
       for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t i = s.perm[j] * H + h;
-          a_b[i] = static_cast<scalar_t>(x_b[i] * denom[h]);
-        }
-    }
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t* x = x_b + j * H;
+        scalar_t* a = a_b + perm[j] * H;
+        for (int64_t h = 0; h < H; ++h) a[h] = static_cast<scalar_t>(x[h] * denom[h]);
+      }
+    });
   });
 }
 
-// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per (sample, group).
-template <typename scalar_t>
-void pre_grad_kernel(const Scores& s, const scalar_t* grad, const scalar_t* alpha,
-                     const scalar_t* sv, const scalar_t* se, acc_type<scalar_t> slope,
-                     acc_type<scalar_t>* dpre) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t H = s.H;
-  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dot(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.G, g = row % s.G;
-      const int64_t off = b * s.nnz * H;
-      const scalar_t* sv_b = sv + b * s.N * H;
-      const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
-      std::fill(dot.begin(), dot.end(), acc_t(0));
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t i = off + s.perm[j] * H;
-        for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(alpha[i + h]) * acc_t(grad[i + h]);
-      }
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t k = s.perm[j];
-        const int64_t i = off + k * H;
-        const scalar_t* v = sv_b + s.mi[k] * H;
-        const scalar_t* e = se_b + s.ri[k] * H;
-        for (int64_t h = 0; h < H; ++h)
-          dpre[i + h] = incidence_pre_grad(acc_t(alpha[i + h]), acc_t(grad[i + h]), dot[h],
-                                           acc_t(v[h]), acc_t(e[h]), slope);
-      }
+// One (sample, group) row of the backward: dpre[b, perm[j]] = d pre of the
+// entry (acc_t [B, nnz, H]), and, when `row_sum` is given, row_sum[h] += the
+// row's d pre in CSR order (the reaction sum of node mode, where the softmax
+// grouping is the reaction grouping).
+template <int kH, typename scalar_t, typename acc_t>
+inline void pre_grad_row(const Scores& s, const CsrIndices& c, int64_t b, int64_t j0, int64_t j1,
+                         const scalar_t* grad, const scalar_t* alpha, const scalar_t* sv,
+                         const scalar_t* se, acc_t slope, acc_t* dot, acc_t* dpre,
+                         acc_t* row_sum) {
+  const int64_t H = kH > 0 ? kH : s.H;
+  const int64_t off = b * s.nnz * H;
+  const int64_t* perm = s.perm;
+  const scalar_t* sv_b = sv + b * s.N * H;
+  const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
+  const scalar_t *a_b = alpha + off, *g_b = grad + off;
+  acc_t* d_b = dpre + off;
+  for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = perm[j] * H;
+    for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t i = perm[j] * H;
+    const scalar_t* v = sv_b + c.mi[j] * H;
+    const scalar_t* e = se_b + c.ri[j] * H;
+    for (int64_t h = 0; h < H; ++h) {
+      const acc_t d = incidence_pre_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h],
+                                         acc_t(v[h]), acc_t(e[h]), slope);
+      d_b[i + h] = d;
+      if (row_sum) row_sum[h] += d;
     }
+  }
+}
+
+// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores.  With `grad_e`
+// (node mode: the softmax grouping is the reaction grouping) also the reaction
+// sums, in the order of row_sums (the batch outer and ascending, the row in
+// CSR order): one task per (sample, reaction) row when score_e is per sample,
+// per reaction (all samples, ascending) when it is shared.  Otherwise one task
+// per (sample, group) row.
+template <int kH, typename scalar_t>
+void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
+                     const scalar_t* alpha, const scalar_t* sv, const scalar_t* se,
+                     acc_type<scalar_t> slope, acc_type<scalar_t>* dpre, scalar_t* grad_e) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t H = kH > 0 ? kH : s.H;
+  if (grad_e != nullptr && s.Be == 1) {
+    at::parallel_for(0, s.G, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(s.B, 1)),
+                     [&](int64_t begin, int64_t end) {
+      HeadBuf<acc_t, kH> dot_buf(H), sum_buf(H);
+      acc_t *dot = dot_buf.data(), *sum = sum_buf.data();
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
+        for (int64_t b = 0; b < s.B; ++b)
+          pre_grad_row<kH>(s, c, b, s.ptr[g], s.ptr[g + 1], grad, alpha, sv, se, slope, dot,
+                           dpre, sum);
+        for (int64_t h = 0; h < H; ++h) grad_e[g * H + h] = static_cast<scalar_t>(sum[h]);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    HeadBuf<acc_t, kH> dot_buf(H), sum_buf(H);
+    acc_t *dot = dot_buf.data(), *sum = sum_buf.data();
+    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t g, int64_t j0, int64_t j1) {
+      if (grad_e == nullptr) {
+        pre_grad_row<kH>(s, c, b, j0, j1, grad, alpha, sv, se, slope, dot, dpre, static_cast<acc_t*>(nullptr));
+        return;
+      }
+      for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
+      pre_grad_row<kH>(s, c, b, j0, j1, grad, alpha, sv, se, slope, dot, dpre, sum);
+      scalar_t* y = grad_e + (b * s.G + g) * H;
+      for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(sum[h]);
+    });
   });
 }
 
 // out[o, r, h] = sum_{b in [o * per, o * per + per)} sum_{j in row r} src[b, perm[j], h]
 // (per = 1: one output sample per sample; per = B: summed over the batch), the
 // batch outer and ascending, the row in CSR order.
-template <typename scalar_t, typename acc_t>
+template <int kH, typename scalar_t, typename acc_t>
 void row_sums(const acc_t* src, const int64_t* ptr, const int64_t* perm, int64_t outs, int64_t per,
-              int64_t R, int64_t nnz, int64_t H, scalar_t* out) {
+              int64_t R, int64_t nnz, int64_t H_in, scalar_t* out) {
+  const int64_t H = kH > 0 ? kH : H_in;
   at::parallel_for(0, outs * R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = row / R, r = row % R;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+    HeadBuf<acc_t, kH> acc_buf(H);
+    acc_t* acc = acc_buf.data();
+    for_rows(begin, end, R, ptr, [&](int64_t o, int64_t r, int64_t j0, int64_t j1) {
+      for (int64_t h = 0; h < H; ++h) acc[h] = acc_t(0);
       for (int64_t b = o * per; b < o * per + per; ++b) {
         const acc_t* src_b = src + b * nnz * H;
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           const acc_t* x = src_b + perm[j] * H;
           for (int64_t h = 0; h < H; ++h) acc[h] += x[h];
         }
       }
-      scalar_t* y = out + row * H;
+      scalar_t* y = out + (o * R + r) * H;
       for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(acc[h]);
-    }
+    });
   });
 }
 
@@ -222,19 +327,25 @@ at::Tensor incidence_attention_cpu(const at::Tensor& score_v_in, const at::Tenso
   // every entry written: group_perm is a permutation
   auto alpha = allocate(op, "alpha", {B, nnz, H}, sv.options());
   const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  const CsrIndices c = csr_indices(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
                                   "incidence_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
+    // the shifted logits in CSR order: alpha itself when that is alpha's order and dtype
     const at::Tensor exps =
-        std::is_same<acc_t, scalar_t>::value
+        std::is_same<acc_t, scalar_t>::value && c.identity
             ? alpha
             : allocate(op, "the shifted logits", {B, nnz, H},
                        sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    shifted_logits<scalar_t, acc_t>(s, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
-                                    kept.defined() ? kept.data_ptr<bool>() : nullptr,
-                                    static_cast<acc_t>(negative_slope), exps.data_ptr<acc_t>());
-    exps.exp_();
-    normalize_rows<scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
+    with_heads(H, [&](auto heads) {
+      constexpr int kH = decltype(heads)::value;
+      shifted_logits<kH, scalar_t, acc_t>(s, c, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                          kept.defined() ? kept.data_ptr<bool>() : nullptr,
+                                          static_cast<acc_t>(negative_slope),
+                                          exps.data_ptr<acc_t>());
+      exps.exp_();
+      normalize_rows<kH, scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
+    });
   });
   return alpha;
 }
@@ -284,20 +395,36 @@ std::tuple<at::Tensor, at::Tensor> incidence_attention_backward_cpu(
   auto grad_v = allocate(op, "grad_score_v", {B, N, H}, sv.options());
   auto grad_e = allocate(op, "grad_score_e", {Be, M, H}, sv.options());
   const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  const CsrIndices c = csr_indices(s);
+  // Node mode: the softmax grouping is the reaction grouping, whose sums then
+  // come with the logit gradients (same rows, same order).
+  const bool by_reaction =
+      ptr.size(0) == rptr.size(0) &&
+      (ptr.data_ptr() == rptr.data_ptr() ||
+       std::equal(ptr.data_ptr<int64_t>(), ptr.data_ptr<int64_t>() + ptr.size(0),
+                  rptr.data_ptr<int64_t>())) &&
+      (perm.data_ptr() == rperm.data_ptr() ||
+       std::equal(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + nnz,
+                  rperm.data_ptr<int64_t>()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
                                   "incidence_attention_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     auto dpre = allocate(op, "the logit gradients", {B, nnz, H},
                          sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    pre_grad_kernel<scalar_t>(s, grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                              sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
-                              static_cast<acc_t>(negative_slope), dpre.data_ptr<acc_t>());
-    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), mptr.data_ptr<int64_t>(),
-                              mperm.data_ptr<int64_t>(), B, 1, N, nnz, H,
-                              grad_v.data_ptr<scalar_t>());
-    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), rptr.data_ptr<int64_t>(),
-                              rperm.data_ptr<int64_t>(), Be, Be == 1 ? B : 1, M, nnz, H,
-                              grad_e.data_ptr<scalar_t>());
+    with_heads(H, [&](auto heads) {
+      constexpr int kH = decltype(heads)::value;
+      pre_grad_kernel<kH, scalar_t>(s, c, grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                                    sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                    static_cast<acc_t>(negative_slope), dpre.data_ptr<acc_t>(),
+                                    by_reaction ? grad_e.data_ptr<scalar_t>() : nullptr);
+      row_sums<kH, scalar_t, acc_t>(dpre.data_ptr<acc_t>(), mptr.data_ptr<int64_t>(),
+                                    mperm.data_ptr<int64_t>(), B, 1, N, nnz, H,
+                                    grad_v.data_ptr<scalar_t>());
+      if (!by_reaction)
+        row_sums<kH, scalar_t, acc_t>(dpre.data_ptr<acc_t>(), rptr.data_ptr<int64_t>(),
+                                      rperm.data_ptr<int64_t>(), Be, Be == 1 ? B : 1, M, nnz, H,
+                                      grad_e.data_ptr<scalar_t>());
+    });
   });
   return {grad_v, grad_e};
 }
