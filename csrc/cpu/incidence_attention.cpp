@@ -103,6 +103,19 @@ inline void for_rows(int64_t begin, int64_t end, int64_t G, const int64_t* ptr, 
   }
 }
 
+// Calls fn(b, g0, g1) for the rows [begin, end) of the (sample, group) rows
+// b * G + g, one call per sample: the groups [g0, g1) of sample b, whose
+// entries are the contiguous CSR positions [ptr[g0], ptr[g1]).
+template <typename F>
+inline void for_segments(int64_t begin, int64_t end, int64_t G, F&& fn) {
+  if (G <= 0) return;
+  for (int64_t row = begin; row < end;) {
+    const int64_t b = row / G, g0 = row % G, g1 = std::min(G, g0 + (end - row));
+    fn(b, g0, g1);
+    row += g1 - g0;
+  }
+}
+
 // The index arrays of the incidences in the CSR order of the grouping,
 // gathered once per call (not once per sample): mi_csr[j] = mi[perm[j]] (and ri).
 struct CsrIndices {
@@ -122,46 +135,55 @@ CsrIndices csr_indices(const Scores& s) {
 }
 
 // Pass 1 of the forward: the logits of each (sample, group) row gathered from
-// the two scores (-inf where not kept), the row's kept maximum and the shifted
-// logits (-inf where not kept or the group is empty), stored in the CSR order
-// of the row, `shifted` [B, nnz, H] (acc_t; alpha itself for float32 / float64
-// when group_perm is the identity).  Then one vectorised exp over the whole
-// tensor (ATen's) and normalize_rows, as in csrc/cpu/group_softmax.cpp.
-// A masked entry holds -inf before the shift, so group_shifted_logit(-inf, m,
-// true) = -inf exactly as group_shifted_logit(l, m, false).
+// the two scores, the row's kept maximum and the shifted logits (-inf where
+// not kept or the group is empty), stored in the CSR order of the row,
+// `shifted` [B, nnz, H] (acc_t; alpha itself for float32 / float64 when
+// group_perm is the identity).  Then one vectorised exp over the whole tensor
+// (ATen's) and normalize_rows, as in csrc/cpu/group_softmax.cpp.
+// The logits of a task's rows of one sample are contiguous: gathered as
+// score_v + score_e first, then leaky_relu over the whole span in one loop
+// (vectorised, no branch per entry: incidence_logit split in its two steps),
+// then per row the kept maximum, a masked entry set to -inf on the way, so
+// that group_shifted_logit(-inf, m, true) = -inf = group_shifted_logit(l, m, false).
 template <int kH, typename scalar_t, typename acc_t>
 void shifted_logits(const Scores& s, const CsrIndices& c, const scalar_t* sv, const scalar_t* se,
                     const bool* kept, acc_t slope, acc_t* shifted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t H = kH > 0 ? kH : s.H;
   const int64_t N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
-  const int64_t *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
   at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
     HeadBuf<acc_t, kH> gmax_buf(H);
     acc_t* gmax = gmax_buf.data();
-    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t, int64_t j0, int64_t j1) {
+    for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
       const scalar_t* sv_b = sv + b * N * H;
       const scalar_t* se_b = se + (Be == 1 ? 0 : b) * M * H;
       const bool* kept_b = kept ? kept + b * nnz : nullptr;
       acc_t* x_b = shifted + b * nnz * H;
-      for (int64_t h = 0; h < H; ++h) gmax[h] = kNegInf;
-      for (int64_t j = j0; j < j1; ++j) {
+      const int64_t s0 = ptr[g0], s1 = ptr[g1];
+      for (int64_t j = s0; j < s1; ++j) {
         const scalar_t* v = sv_b + mi[j] * H;
         const scalar_t* e = se_b + ri[j] * H;
         acc_t* x = x_b + j * H;
-        if (!kept_b || kept_b[perm[j]]) {
-          for (int64_t h = 0; h < H; ++h) {
-            const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
-            x[h] = l;
-            gmax[h] = group_max_update(gmax[h], l);
-          }
-        } else {
-          for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
-        }
+        for (int64_t h = 0; h < H; ++h) x[h] = acc_t(v[h]) + acc_t(e[h]);
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        acc_t* x = x_b + j * H;
-        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], true);
+      acc_t* span = x_b + s0 * H;
+      for (int64_t i = 0, n = (s1 - s0) * H; i < n; ++i) span[i] = leaky_relu(span[i], slope);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+        for (int64_t h = 0; h < H; ++h) gmax[h] = kNegInf;
+        for (int64_t j = j0; j < j1; ++j) {
+          acc_t* x = x_b + j * H;
+          if (!kept_b || kept_b[perm[j]]) {
+            for (int64_t h = 0; h < H; ++h) gmax[h] = group_max_update(gmax[h], x[h]);
+          } else {
+            for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          acc_t* x = x_b + j * H;
+          for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], true);
+        }
       }
     });
   });
@@ -192,80 +214,90 @@ void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
   });
 }
 
-// One (sample, group) row of the backward: dpre[b, perm[j]] = d pre of the
-// entry (acc_t [B, nnz, H]), and, when `row_sum` is given, row_sum[h] += the
-// row's d pre in CSR order (the reaction sum of node mode, where the softmax
-// grouping is the reaction grouping).
+// The logit gradients of the groups [g0, g1) of sample b:
+// dpre[b, perm[j]] = alpha (g - dot) leaky_relu'(pre) (acc_t [B, nnz, H]).
+// incidence_pre_grad in its two steps: leaky_relu_grad of the contiguous span
+// of pre = score_v + score_e first (`factor`, one vectorised loop, no branch
+// per entry), then per row the dot sum and softmax_grad * factor.
 template <int kH, typename scalar_t, typename acc_t>
-inline void pre_grad_row(const Scores& s, const CsrIndices& c, int64_t b, int64_t j0, int64_t j1,
-                         const scalar_t* grad, const scalar_t* alpha, const scalar_t* sv,
-                         const scalar_t* se, acc_t slope, acc_t* dot, acc_t* dpre,
-                         acc_t* row_sum) {
+inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, int64_t g0,
+                             int64_t g1, const scalar_t* grad, const scalar_t* alpha,
+                             const scalar_t* sv, const scalar_t* se, acc_t slope, acc_t* dot,
+                             std::vector<acc_t>& factor, acc_t* dpre) {
   const int64_t H = kH > 0 ? kH : s.H;
   const int64_t off = b * s.nnz * H;
-  const int64_t* perm = s.perm;
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
   const scalar_t* sv_b = sv + b * s.N * H;
   const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
   const scalar_t *a_b = alpha + off, *g_b = grad + off;
   acc_t* d_b = dpre + off;
-  for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t i = perm[j] * H;
-    for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
+  const int64_t s0 = ptr[g0], s1 = ptr[g1], n = (s1 - s0) * H;
+  if (static_cast<int64_t>(factor.size()) < n) factor.resize(n);
+  acc_t* f = factor.data() - s0 * H;  // f[j * H + h] for j in [s0, s1)
+  for (int64_t j = s0; j < s1; ++j) {
+    const scalar_t* v = sv_b + mi[j] * H;
+    const scalar_t* e = se_b + ri[j] * H;
+    for (int64_t h = 0; h < H; ++h) f[j * H + h] = acc_t(v[h]) + acc_t(e[h]);
   }
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t i = perm[j] * H;
-    const scalar_t* v = sv_b + c.mi[j] * H;
-    const scalar_t* e = se_b + c.ri[j] * H;
-    for (int64_t h = 0; h < H; ++h) {
-      const acc_t d = incidence_pre_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h],
-                                         acc_t(v[h]), acc_t(e[h]), slope);
-      d_b[i + h] = d;
-      if (row_sum) row_sum[h] += d;
+  for (int64_t i = 0; i < n; ++i) factor[i] = leaky_relu_grad(factor[i], slope);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+    for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = perm[j] * H;
+      for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = perm[j] * H;
+      for (int64_t h = 0; h < H; ++h)
+        d_b[i + h] = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
     }
   }
 }
 
-// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores.  With `grad_e`
-// (node mode: the softmax grouping is the reaction grouping) also the reaction
-// sums, in the order of row_sums (the batch outer and ascending, the row in
-// CSR order): one task per (sample, reaction) row when score_e is per sample,
-// per reaction (all samples, ascending) when it is shared.  Otherwise one task
-// per (sample, group) row.
+// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per
+// (sample, group) rows.  With `grad_e` (node mode: the softmax grouping is the
+// reaction grouping) the tasks are groups (reactions) with every sample, and
+// the reaction sums follow from the task's dpre while it is in cache, in the
+// order of row_sums (the batch outer and ascending, the row in CSR order).
 template <int kH, typename scalar_t>
 void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
                      const scalar_t* alpha, const scalar_t* sv, const scalar_t* se,
                      acc_type<scalar_t> slope, acc_type<scalar_t>* dpre, scalar_t* grad_e) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t H = kH > 0 ? kH : s.H;
-  if (grad_e != nullptr && s.Be == 1) {
-    at::parallel_for(0, s.G, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(s.B, 1)),
-                     [&](int64_t begin, int64_t end) {
-      HeadBuf<acc_t, kH> dot_buf(H), sum_buf(H);
-      acc_t *dot = dot_buf.data(), *sum = sum_buf.data();
-      for (int64_t g = begin; g < end; ++g) {
-        for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
-        for (int64_t b = 0; b < s.B; ++b)
-          pre_grad_row<kH>(s, c, b, s.ptr[g], s.ptr[g + 1], grad, alpha, sv, se, slope, dot,
-                           dpre, sum);
-        for (int64_t h = 0; h < H; ++h) grad_e[g * H + h] = static_cast<scalar_t>(sum[h]);
-      }
+  const int64_t H = kH > 0 ? kH : s.H, B = s.B, nnz = s.nnz;
+  const int64_t *ptr = s.ptr, *perm = s.perm;
+  if (grad_e == nullptr) {
+    at::parallel_for(0, B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+      HeadBuf<acc_t, kH> dot_buf(H);
+      std::vector<acc_t> factor;
+      for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(),
+                             factor, dpre);
+      });
     });
     return;
   }
-  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.G, kRowGrain, [&](int64_t g0, int64_t g1) {
     HeadBuf<acc_t, kH> dot_buf(H), sum_buf(H);
-    acc_t *dot = dot_buf.data(), *sum = sum_buf.data();
-    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t g, int64_t j0, int64_t j1) {
-      if (grad_e == nullptr) {
-        pre_grad_row<kH>(s, c, b, j0, j1, grad, alpha, sv, se, slope, dot, dpre, static_cast<acc_t*>(nullptr));
-        return;
+    acc_t* sum = sum_buf.data();
+    std::vector<acc_t> factor;
+    for (int64_t b = 0; b < B; ++b)
+      pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(), factor,
+                           dpre);
+    // per sample (score_e [B, M, H]) or over the batch (score_e [1, M, H])
+    const int64_t per = s.Be == 1 ? B : 1;
+    for (int64_t o = 0; o < s.Be; ++o)
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
+        for (int64_t b = o * per; b < o * per + per; ++b) {
+          const acc_t* d_b = dpre + b * nnz * H;
+          for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
+            for (int64_t h = 0; h < H; ++h) sum[h] += d_b[perm[j] * H + h];
+        }
+        scalar_t* y = grad_e + (o * s.G + g) * H;
+        for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(sum[h]);
       }
-      for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
-      pre_grad_row<kH>(s, c, b, j0, j1, grad, alpha, sv, se, slope, dot, dpre, sum);
-      scalar_t* y = grad_e + (b * s.G + g) * H;
-      for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(sum[h]);
-    });
   });
 }
 
