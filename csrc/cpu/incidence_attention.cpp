@@ -218,12 +218,13 @@ void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
 // dpre[b, perm[j]] = alpha (g - dot) leaky_relu'(pre) (acc_t [B, nnz, H]).
 // incidence_pre_grad in its two steps: leaky_relu_grad of the contiguous span
 // of pre = score_v + score_e first (`factor`, one vectorised loop, no branch
-// per entry), then per row the dot sum and softmax_grad * factor.
+// per entry), then per row the dot sum and softmax_grad * factor.  With `sums`,
+// the row's entries are also added to sums[(g - g0) * H + h] in CSR order.
 template <int kH, typename scalar_t, typename acc_t>
 inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, int64_t g0,
                              int64_t g1, const scalar_t* grad, const scalar_t* alpha,
                              const scalar_t* sv, const scalar_t* se, acc_t slope, acc_t* dot,
-                             std::vector<acc_t>& factor, acc_t* dpre) {
+                             std::vector<acc_t>& factor, acc_t* dpre, acc_t* sums) {
   const int64_t H = kH > 0 ? kH : s.H;
   const int64_t off = b * s.nnz * H;
   const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
@@ -247,57 +248,53 @@ inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, in
       const int64_t i = perm[j] * H;
       for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
     }
+    acc_t* sum = sums ? sums + (g - g0) * H : nullptr;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t i = perm[j] * H;
-      for (int64_t h = 0; h < H; ++h)
-        d_b[i + h] = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t d = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
+        d_b[i + h] = d;
+        if (sum) sum[h] += d;
+      }
     }
   }
 }
 
 // dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per
 // (sample, group) rows.  With `grad_e` (node mode: the softmax grouping is the
-// reaction grouping) the tasks are groups (reactions) with every sample, and
-// the reaction sums follow from the task's dpre while it is in cache, in the
+// reaction grouping) the tasks are groups (reactions) with every sample, the
+// samples in ascending order, and the reaction sums come with dpre, in the
 // order of row_sums (the batch outer and ascending, the row in CSR order).
 template <int kH, typename scalar_t>
 void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
                      const scalar_t* alpha, const scalar_t* sv, const scalar_t* se,
                      acc_type<scalar_t> slope, acc_type<scalar_t>* dpre, scalar_t* grad_e) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t H = kH > 0 ? kH : s.H, B = s.B, nnz = s.nnz;
-  const int64_t *ptr = s.ptr, *perm = s.perm;
+  const int64_t H = kH > 0 ? kH : s.H, B = s.B;
   if (grad_e == nullptr) {
     at::parallel_for(0, B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
       HeadBuf<acc_t, kH> dot_buf(H);
       std::vector<acc_t> factor;
       for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
         pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(),
-                             factor, dpre);
+                             factor, dpre, static_cast<acc_t*>(nullptr));
       });
     });
     return;
   }
   at::parallel_for(0, s.G, kRowGrain, [&](int64_t g0, int64_t g1) {
-    HeadBuf<acc_t, kH> dot_buf(H), sum_buf(H);
-    acc_t* sum = sum_buf.data();
-    std::vector<acc_t> factor;
-    for (int64_t b = 0; b < B; ++b)
-      pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(), factor,
-                           dpre);
+    HeadBuf<acc_t, kH> dot_buf(H);
+    std::vector<acc_t> factor, sums((g1 - g0) * H);
     // per sample (score_e [B, M, H]) or over the batch (score_e [1, M, H])
     const int64_t per = s.Be == 1 ? B : 1;
-    for (int64_t o = 0; o < s.Be; ++o)
-      for (int64_t g = g0; g < g1; ++g) {
-        for (int64_t h = 0; h < H; ++h) sum[h] = acc_t(0);
-        for (int64_t b = o * per; b < o * per + per; ++b) {
-          const acc_t* d_b = dpre + b * nnz * H;
-          for (int64_t j = ptr[g]; j < ptr[g + 1]; ++j)
-            for (int64_t h = 0; h < H; ++h) sum[h] += d_b[perm[j] * H + h];
-        }
-        scalar_t* y = grad_e + (o * s.G + g) * H;
-        for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(sum[h]);
-      }
+    for (int64_t o = 0; o < s.Be; ++o) {
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t b = o * per; b < o * per + per; ++b)
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(), factor,
+                             dpre, sums.data());
+      scalar_t* y = grad_e + (o * s.G + g0) * H;
+      for (int64_t i = 0; i < (g1 - g0) * H; ++i) y[i] = static_cast<scalar_t>(sums[i]);
+    }
   });
 }
 
