@@ -223,9 +223,11 @@ void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
 template <int kH, typename scalar_t, typename acc_t>
 inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, int64_t g0,
                              int64_t g1, const scalar_t* grad, const scalar_t* alpha,
-                             const scalar_t* sv, const scalar_t* se, acc_t slope, acc_t* dot,
+                             const scalar_t* sv, const scalar_t* se, acc_t slope,
                              std::vector<acc_t>& factor, acc_t* dpre, acc_t* sums) {
   const int64_t H = kH > 0 ? kH : s.H;
+  HeadBuf<acc_t, kH> dot_buf(H), run_buf(H);
+  acc_t *dot = dot_buf.data(), *run = run_buf.data();
   const int64_t off = b * s.nnz * H;
   const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
   const scalar_t* sv_b = sv + b * s.N * H;
@@ -248,15 +250,27 @@ inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, in
       const int64_t i = perm[j] * H;
       for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
     }
-    acc_t* sum = sums ? sums + (g - g0) * H : nullptr;
+    if (sums == nullptr) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = perm[j] * H;
+        for (int64_t h = 0; h < H; ++h)
+          d_b[i + h] = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
+      }
+      continue;
+    }
+    // the running sums in a local (registers for a compile-time H), not
+    // through memory that the stores to dpre might alias
+    acc_t* sum = sums + (g - g0) * H;
+    for (int64_t h = 0; h < H; ++h) run[h] = sum[h];
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t i = perm[j] * H;
       for (int64_t h = 0; h < H; ++h) {
         const acc_t d = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
         d_b[i + h] = d;
-        if (sum) sum[h] += d;
+        run[h] += d;
       }
     }
+    for (int64_t h = 0; h < H; ++h) sum[h] = run[h];
   }
 }
 
@@ -273,25 +287,23 @@ void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
   const int64_t H = kH > 0 ? kH : s.H, B = s.B;
   if (grad_e == nullptr) {
     at::parallel_for(0, B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-      HeadBuf<acc_t, kH> dot_buf(H);
       std::vector<acc_t> factor;
       for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
-        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(),
-                             factor, dpre, static_cast<acc_t*>(nullptr));
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, factor, dpre,
+                             static_cast<acc_t*>(nullptr));
       });
     });
     return;
   }
   at::parallel_for(0, s.G, kRowGrain, [&](int64_t g0, int64_t g1) {
-    HeadBuf<acc_t, kH> dot_buf(H);
     std::vector<acc_t> factor, sums((g1 - g0) * H);
     // per sample (score_e [B, M, H]) or over the batch (score_e [1, M, H])
     const int64_t per = s.Be == 1 ? B : 1;
     for (int64_t o = 0; o < s.Be; ++o) {
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t b = o * per; b < o * per + per; ++b)
-        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, dot_buf.data(), factor,
-                             dpre, sums.data());
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, factor, dpre,
+                             sums.data());
       scalar_t* y = grad_e + (o * s.G + g0) * H;
       for (int64_t i = 0; i < (g1 - g0) * H; ++i) y[i] = static_cast<scalar_t>(sums[i]);
     }
