@@ -2,15 +2,23 @@
 // stoichconv.ops.incidence_attention docstring): the score gathers, the leaky
 // ReLU and the grouped softmax of the stoich conv layer's attention in one op.
 //
-// Forward: one task per (sample, group) row of the CSR ordering (`group_ptr`,
-// `group_perm`): the logits of the row are built from the two scores and
-// shifted by the row's kept maximum, one vectorised exp over the whole tensor,
-// then the row sums and the scaling in the CSR order.
+// Forward: one task per (sample, group) rows of the CSR ordering (`group_ptr`,
+// `group_perm`), the metabolite / reaction indices gathered into that order
+// once per call: the logits of a task's rows of one sample are built from the
+// two scores into a contiguous span (CSR order), the leaky ReLU runs over the
+// span in one vectorised loop, each row is shifted by its kept maximum; then
+// one vectorised exp over the whole tensor (ATen's), then the row sums and the
+// scaling in the CSR order, stored to alpha through `group_perm`.
 // Backward: the same rows give d pre = alpha (g - dot) leaky_relu'(pre) into
-// an acc_t [B, nnz, H] buffer; then one task per (sample, metabolite) row of
-// the metabolite grouping and one per (sample or the whole batch, reaction)
-// row of the reaction grouping sums it in their CSR order (the batch outer,
-// ascending).  Results are bit-identical for any thread count; no atomics.
+// an acc_t [B, nnz, H] buffer (leaky_relu' over contiguous spans as well); in
+// node mode (the softmax grouping is the reaction grouping) the reaction sums
+// are accumulated with it, one task per block of reactions with every sample
+// in ascending order; otherwise one task per (sample or the whole batch,
+// reaction) row sums it in CSR order (the batch outer, ascending), as one task
+// per metabolite does for the metabolite grouping (4 samples' chains at once).
+// H = 1, 2, 4 are compiled as constants.  Every sum runs in the same order as
+// a plain loop over the CSR rows: results are bit-identical for any thread
+// count, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -313,10 +321,43 @@ void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
 // out[o, r, h] = sum_{b in [o * per, o * per + per)} sum_{j in row r} src[b, perm[j], h]
 // (per = 1: one output sample per sample; per = B: summed over the batch), the
 // batch outer and ascending, the row in CSR order.
+// For one output per sample and a compile-time H, the rows r of kSamples
+// samples at once: kSamples independent chains of adds (each in the order
+// above) that share the index loads, instead of one chain at a time.
 template <int kH, typename scalar_t, typename acc_t>
 void row_sums(const acc_t* src, const int64_t* ptr, const int64_t* perm, int64_t outs, int64_t per,
               int64_t R, int64_t nnz, int64_t H_in, scalar_t* out) {
   const int64_t H = kH > 0 ? kH : H_in;
+  constexpr int64_t kSamples = 4;
+  if (kH > 0 && per == 1 && outs >= kSamples) {
+    const int64_t stride = nnz * H;
+    at::parallel_for(0, R, std::max<int64_t>(1, kRowGrain / outs), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t j0 = ptr[r], j1 = ptr[r + 1];
+        int64_t b = 0;
+        for (; b + kSamples <= outs; b += kSamples) {
+          acc_t acc[kSamples][kH > 0 ? kH : 1] = {};
+          const acc_t* src_b = src + b * stride;
+          for (int64_t j = j0; j < j1; ++j) {
+            const acc_t* x = src_b + perm[j] * H;
+            for (int64_t q = 0; q < kSamples; ++q)
+              for (int64_t h = 0; h < kH; ++h) acc[q][h] += x[q * stride + h];
+          }
+          for (int64_t q = 0; q < kSamples; ++q)
+            for (int64_t h = 0; h < kH; ++h)
+              out[((b + q) * R + r) * H + h] = static_cast<scalar_t>(acc[q][h]);
+        }
+        for (; b < outs; ++b) {
+          acc_t acc[kH > 0 ? kH : 1] = {};
+          const acc_t* src_b = src + b * stride;
+          for (int64_t j = j0; j < j1; ++j)
+            for (int64_t h = 0; h < kH; ++h) acc[h] += src_b[perm[j] * H + h];
+          for (int64_t h = 0; h < kH; ++h) out[(b * R + r) * H + h] = static_cast<scalar_t>(acc[h]);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, outs * R, kRowGrain, [&](int64_t begin, int64_t end) {
     HeadBuf<acc_t, kH> acc_buf(H);
     acc_t* acc = acc_buf.data();
