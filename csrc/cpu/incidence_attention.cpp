@@ -2,15 +2,23 @@
 // stoichconv.ops.incidence_attention docstring): the score gathers, the leaky
 // ReLU and the grouped softmax of the stoich conv layer's attention in one op.
 //
-// Forward: one task per (sample, group) row of the CSR ordering (`group_ptr`,
-// `group_perm`): the logits of the row are built from the two scores and
-// shifted by the row's kept maximum, one vectorised exp over the whole tensor,
-// then the row sums and the scaling in the CSR order.
+// Forward: one task per (sample, group) rows of the CSR ordering (`group_ptr`,
+// `group_perm`), the metabolite / reaction indices gathered into that order
+// once per call: the logits of a task's rows of one sample are built from the
+// two scores into a contiguous span (CSR order), the leaky ReLU runs over the
+// span in one vectorised loop, each row is shifted by its kept maximum; then
+// one vectorised exp over the whole tensor (ATen's), then the row sums and the
+// scaling in the CSR order, stored to alpha through `group_perm`.
 // Backward: the same rows give d pre = alpha (g - dot) leaky_relu'(pre) into
-// an acc_t [B, nnz, H] buffer; then one task per (sample, metabolite) row of
-// the metabolite grouping and one per (sample or the whole batch, reaction)
-// row of the reaction grouping sums it in their CSR order (the batch outer,
-// ascending).  Results are bit-identical for any thread count; no atomics.
+// an acc_t [B, nnz, H] buffer (leaky_relu' over contiguous spans as well); in
+// node mode (the softmax grouping is the reaction grouping) the reaction sums
+// are accumulated with it, one task per block of reactions with every sample
+// in ascending order; otherwise one task per (sample or the whole batch,
+// reaction) row sums it in CSR order (the batch outer, ascending), as one task
+// per metabolite does for the metabolite grouping (4 samples' chains at once).
+// H = 1, 2, 4 are compiled as constants.  Every sum runs in the same order as
+// a plain loop over the CSR rows: results are bit-identical for any thread
+// count, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -63,104 +71,249 @@ struct Scores {
   const int64_t *mi, *ri, *ptr, *perm;
 };
 
+// H as a compile-time constant for the common head counts (kH = 1, 2, 4: the
+// per-head loops unroll and the per-row statistics live in registers), at run
+// time otherwise (kH = 0).  with_heads(H, fn) calls fn(std::integral_constant<int, kH>).
+template <typename F>
+void with_heads(int64_t H, F&& fn) {
+  switch (H) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
+}
+
+// The per-head statistics of one row (a max, a sum): a fixed array for a
+// compile-time H, one vector per task otherwise.
+template <typename T, int kH>
+struct HeadBuf {
+  explicit HeadBuf(int64_t) {}
+  T v[kH];
+  T* data() { return v; }
+};
+template <typename T>
+struct HeadBuf<T, 0> {
+  explicit HeadBuf(int64_t H) : v(H) {}
+  std::vector<T> v;
+  T* data() { return v.data(); }
+};
+
+// Calls fn(b, g, j0, j1) for the rows [begin, end) of the (sample, group)
+// rows b * G + g in order, without a division per row.
+template <typename F>
+inline void for_rows(int64_t begin, int64_t end, int64_t G, const int64_t* ptr, F&& fn) {
+  if (G <= 0) return;
+  int64_t b = begin / G, g = begin % G;
+  for (int64_t row = begin; row < end; ++row) {
+    fn(b, g, ptr[g], ptr[g + 1]);
+    if (++g == G) g = 0, ++b;
+  }
+}
+
+// Calls fn(b, g0, g1) for the rows [begin, end) of the (sample, group) rows
+// b * G + g, one call per sample: the groups [g0, g1) of sample b, whose
+// entries are the contiguous CSR positions [ptr[g0], ptr[g1]).
+template <typename F>
+inline void for_segments(int64_t begin, int64_t end, int64_t G, F&& fn) {
+  if (G <= 0) return;
+  for (int64_t row = begin; row < end;) {
+    const int64_t b = row / G, g0 = row % G, g1 = std::min(G, g0 + (end - row));
+    fn(b, g0, g1);
+    row += g1 - g0;
+  }
+}
+
+// The index arrays of the incidences in the CSR order of the grouping,
+// gathered once per call (not once per sample): mi_csr[j] = mi[perm[j]] (and ri).
+struct CsrIndices {
+  std::vector<int64_t> mi, ri;
+  bool identity;  // perm[j] == j
+};
+
+CsrIndices csr_indices(const Scores& s) {
+  CsrIndices c{std::vector<int64_t>(s.nnz), std::vector<int64_t>(s.nnz), true};
+  for (int64_t j = 0; j < s.nnz; ++j) {
+    const int64_t k = s.perm[j];
+    c.mi[j] = s.mi[k];
+    c.ri[j] = s.ri[k];
+    c.identity = c.identity && k == j;
+  }
+  return c;
+}
+
 // Pass 1 of the forward: the logits of each (sample, group) row gathered from
-// the two scores, their kept maximum, and the shifted logits (-inf where not
-// kept or the group is empty) into `shifted` (acc_t: alpha itself for float32 /
-// float64).  Then one vectorised exp over the whole tensor (ATen's) and
-// normalize_rows, as in csrc/cpu/group_softmax.cpp.
-template <typename scalar_t, typename acc_t>
-void shifted_logits(const Scores& s, const scalar_t* sv, const scalar_t* se, const bool* kept,
-                    acc_t slope, acc_t* shifted) {
+// the two scores, the row's kept maximum and the shifted logits (-inf where
+// not kept or the group is empty), stored in the CSR order of the row,
+// `shifted` [B, nnz, H] (acc_t; alpha itself for float32 / float64 when
+// group_perm is the identity).  Then one vectorised exp over the whole tensor
+// (ATen's) and normalize_rows, as in csrc/cpu/group_softmax.cpp.
+// The logits of a task's rows of one sample are contiguous: gathered as
+// score_v + score_e first, then leaky_relu over the whole span in one loop
+// (vectorised, no branch per entry: incidence_logit split in its two steps),
+// then per row the kept maximum, a masked entry set to -inf on the way, so
+// that group_shifted_logit(-inf, m, true) = -inf = group_shifted_logit(l, m, false).
+template <int kH, typename scalar_t, typename acc_t>
+void shifted_logits(const Scores& s, const CsrIndices& c, const scalar_t* sv, const scalar_t* se,
+                    const bool* kept, acc_t slope, acc_t* shifted) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t H = s.H, G = s.G, N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
-  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = s.mi, *ri = s.ri;
-  at::parallel_for(0, s.B * G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gmax_buf(H);
+  const int64_t H = kH > 0 ? kH : s.H;
+  const int64_t N = s.N, M = s.M, nnz = s.nnz, Be = s.Be;
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
+  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+    HeadBuf<acc_t, kH> gmax_buf(H);
     acc_t* gmax = gmax_buf.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / G, g = row % G;
+    for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
       const scalar_t* sv_b = sv + b * N * H;
       const scalar_t* se_b = se + (Be == 1 ? 0 : b) * M * H;
       const bool* kept_b = kept ? kept + b * nnz : nullptr;
       acc_t* x_b = shifted + b * nnz * H;
-      std::fill(gmax, gmax + H, kNegInf);
-      const int64_t j0 = ptr[g], j1 = ptr[g + 1];
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t k = perm[j];
-        const scalar_t* v = sv_b + mi[k] * H;
-        const scalar_t* e = se_b + ri[k] * H;
-        acc_t* x = x_b + k * H;
-        if (!kept_b || kept_b[k]) {
-          for (int64_t h = 0; h < H; ++h) {
-            const acc_t l = incidence_logit(acc_t(v[h]), acc_t(e[h]), slope);
-            x[h] = l;
-            gmax[h] = group_max_update(gmax[h], l);
+      const int64_t s0 = ptr[g0], s1 = ptr[g1];
+      for (int64_t j = s0; j < s1; ++j) {
+        const scalar_t* v = sv_b + mi[j] * H;
+        const scalar_t* e = se_b + ri[j] * H;
+        acc_t* x = x_b + j * H;
+        for (int64_t h = 0; h < H; ++h) x[h] = acc_t(v[h]) + acc_t(e[h]);
+      }
+      acc_t* span = x_b + s0 * H;
+      for (int64_t i = 0, n = (s1 - s0) * H; i < n; ++i) span[i] = leaky_relu(span[i], slope);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+        for (int64_t h = 0; h < H; ++h) gmax[h] = kNegInf;
+        for (int64_t j = j0; j < j1; ++j) {
+          acc_t* x = x_b + j * H;
+          if (!kept_b || kept_b[perm[j]]) {
+            for (int64_t h = 0; h < H; ++h) gmax[h] = group_max_update(gmax[h], x[h]);
+          } else {
+            for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
           }
-        } else {
-          for (int64_t h = 0; h < H; ++h) x[h] = kNegInf;  // not kept: exp gives 0
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          acc_t* x = x_b + j * H;
+          for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], true);
         }
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t k = perm[j];
-        const bool on = !kept_b || kept_b[k];
-        acc_t* x = x_b + k * H;
-        for (int64_t h = 0; h < H; ++h) x[h] = group_shifted_logit(x[h], gmax[h], on);
-      }
-    }
+    });
   });
 }
 
-// alpha = exps * (1 / group sum of exps); `exps` may be alpha itself.
-template <typename scalar_t, typename acc_t>
+// alpha[b, perm[j]] = exps[b, j] * (1 / group sum of exps), the sum in CSR
+// order; `exps` (CSR order) may be alpha itself when perm is the identity.
+template <int kH, typename scalar_t, typename acc_t>
 void normalize_rows(const Scores& s, const acc_t* exps, scalar_t* alpha) {
-  const int64_t H = s.H;
+  const int64_t H = kH > 0 ? kH : s.H, nnz = s.nnz;
+  const int64_t* perm = s.perm;
   at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> denom(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.G, g = row % s.G;
-      const acc_t* x_b = exps + b * s.nnz * H;
-      scalar_t* a_b = alpha + b * s.nnz * H;
-      std::fill(denom.begin(), denom.end(), acc_t(0));
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
-        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[s.perm[j] * H + h];
+    HeadBuf<acc_t, kH> denom_buf(H);
+    acc_t* denom = denom_buf.data();
+    for_rows(begin, end, s.G, s.ptr, [&](int64_t b, int64_t, int64_t j0, int64_t j1) {
+      const acc_t* x_b = exps + b * nnz * H;
+      scalar_t* a_b = alpha + b * nnz * H;
+      for (int64_t h = 0; h < H; ++h) denom[h] = acc_t(0);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t h = 0; h < H; ++h) denom[h] += x_b[j * H + h];
       for (int64_t h = 0; h < H; ++h) denom[h] = group_inverse_denominator(denom[h]);
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j)
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t i = s.perm[j] * H + h;
-          a_b[i] = static_cast<scalar_t>(x_b[i] * denom[h]);
-        }
-    }
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t* x = x_b + j * H;
+        scalar_t* a = a_b + perm[j] * H;
+        for (int64_t h = 0; h < H; ++h) a[h] = static_cast<scalar_t>(x[h] * denom[h]);
+      }
+    });
   });
 }
 
-// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per (sample, group).
-template <typename scalar_t>
-void pre_grad_kernel(const Scores& s, const scalar_t* grad, const scalar_t* alpha,
-                     const scalar_t* sv, const scalar_t* se, acc_type<scalar_t> slope,
-                     acc_type<scalar_t>* dpre) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t H = s.H;
-  at::parallel_for(0, s.B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dot(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / s.G, g = row % s.G;
-      const int64_t off = b * s.nnz * H;
-      const scalar_t* sv_b = sv + b * s.N * H;
-      const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
-      std::fill(dot.begin(), dot.end(), acc_t(0));
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t i = off + s.perm[j] * H;
-        for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(alpha[i + h]) * acc_t(grad[i + h]);
-      }
-      for (int64_t j = s.ptr[g]; j < s.ptr[g + 1]; ++j) {
-        const int64_t k = s.perm[j];
-        const int64_t i = off + k * H;
-        const scalar_t* v = sv_b + s.mi[k] * H;
-        const scalar_t* e = se_b + s.ri[k] * H;
+// The logit gradients of the groups [g0, g1) of sample b:
+// dpre[b, perm[j]] = alpha (g - dot) leaky_relu'(pre) (acc_t [B, nnz, H]).
+// incidence_pre_grad in its two steps: leaky_relu_grad of the contiguous span
+// of pre = score_v + score_e first (`factor`, one vectorised loop, no branch
+// per entry), then per row the dot sum and softmax_grad * factor.  With `sums`,
+// the row's entries are also added to sums[(g - g0) * H + h] in CSR order.
+template <int kH, typename scalar_t, typename acc_t>
+inline void pre_grad_segment(const Scores& s, const CsrIndices& c, int64_t b, int64_t g0,
+                             int64_t g1, const scalar_t* grad, const scalar_t* alpha,
+                             const scalar_t* sv, const scalar_t* se, acc_t slope,
+                             std::vector<acc_t>& factor, acc_t* dpre, acc_t* sums) {
+  const int64_t H = kH > 0 ? kH : s.H;
+  HeadBuf<acc_t, kH> dot_buf(H), run_buf(H);
+  acc_t *dot = dot_buf.data(), *run = run_buf.data();
+  const int64_t off = b * s.nnz * H;
+  const int64_t *ptr = s.ptr, *perm = s.perm, *mi = c.mi.data(), *ri = c.ri.data();
+  const scalar_t* sv_b = sv + b * s.N * H;
+  const scalar_t* se_b = se + (s.Be == 1 ? 0 : b) * s.M * H;
+  const scalar_t *a_b = alpha + off, *g_b = grad + off;
+  acc_t* d_b = dpre + off;
+  const int64_t s0 = ptr[g0], s1 = ptr[g1], n = (s1 - s0) * H;
+  if (static_cast<int64_t>(factor.size()) < n) factor.resize(n);
+  acc_t* f = factor.data() - s0 * H;  // f[j * H + h] for j in [s0, s1)
+  for (int64_t j = s0; j < s1; ++j) {
+    const scalar_t* v = sv_b + mi[j] * H;
+    const scalar_t* e = se_b + ri[j] * H;
+    for (int64_t h = 0; h < H; ++h) f[j * H + h] = acc_t(v[h]) + acc_t(e[h]);
+  }
+  for (int64_t i = 0; i < n; ++i) factor[i] = leaky_relu_grad(factor[i], slope);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t j0 = ptr[g], j1 = ptr[g + 1];
+    for (int64_t h = 0; h < H; ++h) dot[h] = acc_t(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = perm[j] * H;
+      for (int64_t h = 0; h < H; ++h) dot[h] += acc_t(a_b[i + h]) * acc_t(g_b[i + h]);
+    }
+    if (sums == nullptr) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = perm[j] * H;
         for (int64_t h = 0; h < H; ++h)
-          dpre[i + h] = incidence_pre_grad(acc_t(alpha[i + h]), acc_t(grad[i + h]), dot[h],
-                                           acc_t(v[h]), acc_t(e[h]), slope);
+          d_b[i + h] = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
       }
+      continue;
+    }
+    // the running sums in a local (registers for a compile-time H), not
+    // through memory that the stores to dpre might alias
+    acc_t* sum = sums + (g - g0) * H;
+    for (int64_t h = 0; h < H; ++h) run[h] = sum[h];
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = perm[j] * H;
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t d = softmax_grad(acc_t(a_b[i + h]), acc_t(g_b[i + h]), dot[h]) * f[j * H + h];
+        d_b[i + h] = d;
+        run[h] += d;
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) sum[h] = run[h];
+  }
+}
+
+// dpre [B, nnz, H] (acc_t) from grad, alpha and the scores, one task per
+// (sample, group) rows.  With `grad_e` (node mode: the softmax grouping is the
+// reaction grouping) the tasks are groups (reactions) with every sample, the
+// samples in ascending order, and the reaction sums come with dpre, in the
+// order of row_sums (the batch outer and ascending, the row in CSR order).
+template <int kH, typename scalar_t>
+void pre_grad_kernel(const Scores& s, const CsrIndices& c, const scalar_t* grad,
+                     const scalar_t* alpha, const scalar_t* sv, const scalar_t* se,
+                     acc_type<scalar_t> slope, acc_type<scalar_t>* dpre, scalar_t* grad_e) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t H = kH > 0 ? kH : s.H, B = s.B;
+  if (grad_e == nullptr) {
+    at::parallel_for(0, B * s.G, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> factor;
+      for_segments(begin, end, s.G, [&](int64_t b, int64_t g0, int64_t g1) {
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, factor, dpre,
+                             static_cast<acc_t*>(nullptr));
+      });
+    });
+    return;
+  }
+  at::parallel_for(0, s.G, kRowGrain, [&](int64_t g0, int64_t g1) {
+    std::vector<acc_t> factor, sums((g1 - g0) * H);
+    // per sample (score_e [B, M, H]) or over the batch (score_e [1, M, H])
+    const int64_t per = s.Be == 1 ? B : 1;
+    for (int64_t o = 0; o < s.Be; ++o) {
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t b = o * per; b < o * per + per; ++b)
+        pre_grad_segment<kH>(s, c, b, g0, g1, grad, alpha, sv, se, slope, factor, dpre,
+                             sums.data());
+      scalar_t* y = grad_e + (o * s.G + g0) * H;
+      for (int64_t i = 0; i < (g1 - g0) * H; ++i) y[i] = static_cast<scalar_t>(sums[i]);
     }
   });
 }
@@ -168,24 +321,58 @@ void pre_grad_kernel(const Scores& s, const scalar_t* grad, const scalar_t* alph
 // out[o, r, h] = sum_{b in [o * per, o * per + per)} sum_{j in row r} src[b, perm[j], h]
 // (per = 1: one output sample per sample; per = B: summed over the batch), the
 // batch outer and ascending, the row in CSR order.
-template <typename scalar_t, typename acc_t>
+// For one output per sample and a compile-time H, the rows r of kSamples
+// samples at once: kSamples independent chains of adds (each in the order
+// above) that share the index loads, instead of one chain at a time.
+template <int kH, typename scalar_t, typename acc_t>
 void row_sums(const acc_t* src, const int64_t* ptr, const int64_t* perm, int64_t outs, int64_t per,
-              int64_t R, int64_t nnz, int64_t H, scalar_t* out) {
+              int64_t R, int64_t nnz, int64_t H_in, scalar_t* out) {
+  const int64_t H = kH > 0 ? kH : H_in;
+  constexpr int64_t kSamples = 4;
+  if (kH > 0 && per == 1 && outs >= kSamples) {
+    const int64_t stride = nnz * H;
+    at::parallel_for(0, R, std::max<int64_t>(1, kRowGrain / outs), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t j0 = ptr[r], j1 = ptr[r + 1];
+        int64_t b = 0;
+        for (; b + kSamples <= outs; b += kSamples) {
+          acc_t acc[kSamples][kH > 0 ? kH : 1] = {};
+          const acc_t* src_b = src + b * stride;
+          for (int64_t j = j0; j < j1; ++j) {
+            const acc_t* x = src_b + perm[j] * H;
+            for (int64_t q = 0; q < kSamples; ++q)
+              for (int64_t h = 0; h < kH; ++h) acc[q][h] += x[q * stride + h];
+          }
+          for (int64_t q = 0; q < kSamples; ++q)
+            for (int64_t h = 0; h < kH; ++h)
+              out[((b + q) * R + r) * H + h] = static_cast<scalar_t>(acc[q][h]);
+        }
+        for (; b < outs; ++b) {
+          acc_t acc[kH > 0 ? kH : 1] = {};
+          const acc_t* src_b = src + b * stride;
+          for (int64_t j = j0; j < j1; ++j)
+            for (int64_t h = 0; h < kH; ++h) acc[h] += src_b[perm[j] * H + h];
+          for (int64_t h = 0; h < kH; ++h) out[(b * R + r) * H + h] = static_cast<scalar_t>(acc[h]);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, outs * R, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(H);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = row / R, r = row % R;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+    HeadBuf<acc_t, kH> acc_buf(H);
+    acc_t* acc = acc_buf.data();
+    for_rows(begin, end, R, ptr, [&](int64_t o, int64_t r, int64_t j0, int64_t j1) {
+      for (int64_t h = 0; h < H; ++h) acc[h] = acc_t(0);
       for (int64_t b = o * per; b < o * per + per; ++b) {
         const acc_t* src_b = src + b * nnz * H;
-        for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           const acc_t* x = src_b + perm[j] * H;
           for (int64_t h = 0; h < H; ++h) acc[h] += x[h];
         }
       }
-      scalar_t* y = out + row * H;
+      scalar_t* y = out + (o * R + r) * H;
       for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(acc[h]);
-    }
+    });
   });
 }
 
@@ -222,19 +409,25 @@ at::Tensor incidence_attention_cpu(const at::Tensor& score_v_in, const at::Tenso
   // every entry written: group_perm is a permutation
   auto alpha = allocate(op, "alpha", {B, nnz, H}, sv.options());
   const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  const CsrIndices c = csr_indices(s);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
                                   "incidence_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
+    // the shifted logits in CSR order: alpha itself when that is alpha's order and dtype
     const at::Tensor exps =
-        std::is_same<acc_t, scalar_t>::value
+        std::is_same<acc_t, scalar_t>::value && c.identity
             ? alpha
             : allocate(op, "the shifted logits", {B, nnz, H},
                        sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    shifted_logits<scalar_t, acc_t>(s, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
-                                    kept.defined() ? kept.data_ptr<bool>() : nullptr,
-                                    static_cast<acc_t>(negative_slope), exps.data_ptr<acc_t>());
-    exps.exp_();
-    normalize_rows<scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
+    with_heads(H, [&](auto heads) {
+      constexpr int kH = decltype(heads)::value;
+      shifted_logits<kH, scalar_t, acc_t>(s, c, sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                          kept.defined() ? kept.data_ptr<bool>() : nullptr,
+                                          static_cast<acc_t>(negative_slope),
+                                          exps.data_ptr<acc_t>());
+      exps.exp_();
+      normalize_rows<kH, scalar_t, acc_t>(s, exps.data_ptr<acc_t>(), alpha.data_ptr<scalar_t>());
+    });
   });
   return alpha;
 }
@@ -284,20 +477,36 @@ std::tuple<at::Tensor, at::Tensor> incidence_attention_backward_cpu(
   auto grad_v = allocate(op, "grad_score_v", {B, N, H}, sv.options());
   auto grad_e = allocate(op, "grad_score_e", {Be, M, H}, sv.options());
   const Scores s = make_scores(sv, se, mi, ri, ptr, perm);
+  const CsrIndices c = csr_indices(s);
+  // Node mode: the softmax grouping is the reaction grouping, whose sums then
+  // come with the logit gradients (same rows, same order).
+  const bool by_reaction =
+      ptr.size(0) == rptr.size(0) &&
+      (ptr.data_ptr() == rptr.data_ptr() ||
+       std::equal(ptr.data_ptr<int64_t>(), ptr.data_ptr<int64_t>() + ptr.size(0),
+                  rptr.data_ptr<int64_t>())) &&
+      (perm.data_ptr() == rperm.data_ptr() ||
+       std::equal(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + nnz,
+                  rperm.data_ptr<int64_t>()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sv.scalar_type(),
                                   "incidence_attention_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     auto dpre = allocate(op, "the logit gradients", {B, nnz, H},
                          sv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    pre_grad_kernel<scalar_t>(s, grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                              sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
-                              static_cast<acc_t>(negative_slope), dpre.data_ptr<acc_t>());
-    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), mptr.data_ptr<int64_t>(),
-                              mperm.data_ptr<int64_t>(), B, 1, N, nnz, H,
-                              grad_v.data_ptr<scalar_t>());
-    row_sums<scalar_t, acc_t>(dpre.data_ptr<acc_t>(), rptr.data_ptr<int64_t>(),
-                              rperm.data_ptr<int64_t>(), Be, Be == 1 ? B : 1, M, nnz, H,
-                              grad_e.data_ptr<scalar_t>());
+    with_heads(H, [&](auto heads) {
+      constexpr int kH = decltype(heads)::value;
+      pre_grad_kernel<kH, scalar_t>(s, c, grad.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                                    sv.data_ptr<scalar_t>(), se.data_ptr<scalar_t>(),
+                                    static_cast<acc_t>(negative_slope), dpre.data_ptr<acc_t>(),
+                                    by_reaction ? grad_e.data_ptr<scalar_t>() : nullptr);
+      row_sums<kH, scalar_t, acc_t>(dpre.data_ptr<acc_t>(), mptr.data_ptr<int64_t>(),
+                                    mperm.data_ptr<int64_t>(), B, 1, N, nnz, H,
+                                    grad_v.data_ptr<scalar_t>());
+      if (!by_reaction)
+        row_sums<kH, scalar_t, acc_t>(dpre.data_ptr<acc_t>(), rptr.data_ptr<int64_t>(),
+                                      rperm.data_ptr<int64_t>(), Be, Be == 1 ? B : 1, M, nnz, H,
+                                      grad_e.data_ptr<scalar_t>());
+    });
   });
   return {grad_v, grad_e};
 }

@@ -88,6 +88,29 @@ def test_matches_float64_reference_forward_and_backward(backend, device, H, dtyp
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mode", ["node", "edge"])
+@pytest.mark.parametrize("B", [4, 6])
+@pytest.mark.parametrize("H", [2, 4, 5])
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_head_counts_and_batch_sizes_match_float64_reference(backend, device, H, B, mode, shared):
+    # The CPU kernels compile H = 1, 2, 4 as constants (5: the run-time loop) and sum the
+    # metabolite rows of 4 samples at once (B = 6: one block of 4 and the 2 left over);
+    # node mode sums the reactions with the logit gradients.
+    score_v, score_e, kept, plan, grouping = setup(B=B, H=H, dtype=torch.float64, mode=mode, shared=shared,
+                                                   device=device, seed=3)
+    group, G = grouping[:2]
+    got = run(score_v, score_e, kept, plan, grouping, backend)
+    want = incidence_attention_reference(score_v, score_e, plan.metabolite_index, plan.reaction_index, group, G,
+                                         kept, SLOPE)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    for a, b in zip(torch.autograd.grad(got, (score_v, score_e), grad),
+                    torch.autograd.grad(want, (score_v, score_e), grad)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_reduced_precision_close_to_float64(backend, device, dtype):
