@@ -10,6 +10,7 @@ device measured in the same run (before and after the rows; the higher of the tw
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import importlib
 import os
@@ -129,16 +130,20 @@ def main(argv=None) -> int:
                          f"(LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = []
     # the training-step cases first: their B = 32 references are timed while they are built, in
     # a process of their own that needs nearly all of a 24 GB machine (hetero_cell_cases)
     modules = sorted(dict.fromkeys(CASE_MODULES[op] for op in args.ops),
                      key=lambda name: name != CASE_MODULES["train_step"])
-    for module_name in modules:
-        module = importlib.import_module(module_name)
-        cases += [c for c in module.cases(args) if c.op in args.ops]
     copy_before = copy_bandwidth_gbs(args.device)
-    results = run_cases(cases, budget_s=args.budget, progress=not args.no_progress, copy_gbs=copy_before)
+    results = []
+    for module_name in modules:
+        # one module's cases at a time, built right before they are timed and freed after: the
+        # rows of one op do not run beside the models, batches and buffers of the others
+        module = importlib.import_module(module_name)
+        cases = [c for c in module.cases(args) if c.op in args.ops]
+        results += run_cases(cases, budget_s=args.budget, progress=not args.no_progress, copy_gbs=copy_before)
+        del cases
+        gc.collect()
     copy_after = copy_bandwidth_gbs(args.device)
     copy_gbs = max(copy_before, copy_after)
     if copy_after > copy_before:  # the limit is the better of the two measurements
