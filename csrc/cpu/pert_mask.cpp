@@ -50,40 +50,15 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-// The run writers of the instruction set chosen once per call.
-struct RunWriters {
-  bool avx2 = false;
-
-  RunWriters() {
+// Calls f with the run writers of the instruction set chosen for this call:
+// isa_avx2::RunWriters{} where the CPU has AVX2, else isa_default::RunWriters{}.
+template <typename F>
+void with_run_writers(F&& f) {
 #ifdef STOICHCONV_CPU_AVX2
-    avx2 = cpu_isa_avx2();
+  if (cpu_isa_avx2()) return f(isa_avx2::RunWriters{});
 #endif
-  }
-
-  template <typename... Args>
-  void full(Args... args) const {
-#ifdef STOICHCONV_CPU_AVX2
-    if (avx2) return isa_avx2::write_run_full(args...);
-#endif
-    isa_default::write_run_full(args...);
-  }
-
-  template <typename... Args>
-  void padded(Args... args) const {
-#ifdef STOICHCONV_CPU_AVX2
-    if (avx2) return isa_avx2::write_run_padded(args...);
-#endif
-    isa_default::write_run_padded(args...);
-  }
-
-  template <typename... Args>
-  void ranked(Args... args) const {
-#ifdef STOICHCONV_CPU_AVX2
-    if (avx2) return isa_avx2::write_run_ranked(args...);
-#endif
-    isa_default::write_run_ranked(args...);
-  }
-};
+  f(isa_default::RunWriters{});
+}
 
 // Edges per task of the two-pass filters.
 constexpr int64_t kEdgeChunk = int64_t(1) << 14;
@@ -278,7 +253,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
   auto out = output_edges(given.edge_index, op, total, long_opts);
   int64_t* out_src = out.data_ptr<int64_t>();
   int64_t* out_dst = out_src + total;
-  const RunWriters writers;
   if (relabel) {
     // Id = node_ptr[b] + the rank among the kept nodes of the sample.  A
     // sample of at most kPaddedDeletions deletions (the usual case) computes
@@ -309,13 +283,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
           }
         });
       }
-      filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-        if (sets.count[b] <= kPaddedDeletions) {
-          writers.padded(src + lo, dst + lo, hi - lo, np[b], padded[b].data(), out_src + pos, out_dst + pos);
-        } else {
-          writers.ranked(src + lo, dst + lo, hi - lo, np[b], static_cast<const Rank*>(ranks.data() + b * N),
-                         out_src + pos, out_dst + pos);
-        }
+      with_run_writers([&](auto writers) {
+        filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+          if (sets.count[b] <= kPaddedDeletions) {
+            writers.padded(src + lo, dst + lo, hi - lo, np[b], padded[b].data(), out_src + pos, out_dst + pos);
+          } else {
+            writers.ranked(src + lo, dst + lo, hi - lo, np[b], static_cast<const Rank*>(ranks.data() + b * N),
+                           out_src + pos, out_dst + pos);
+          }
+        });
       });
     };
     if (N <= std::numeric_limits<int32_t>::max()) {
@@ -324,8 +300,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_ed
       relabel_with(int64_t{});
     }
   } else {
-    filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
-      writers.full(src + lo, dst + lo, hi - lo, full_layout_id(b, N, 0), out_src + pos, out_dst + pos);
+    with_run_writers([&](auto writers) {
+      filter.write([&](int64_t b, int64_t lo, int64_t hi, int64_t pos) {
+        writers.full(src + lo, dst + lo, hi - lo, full_layout_id(b, N, 0), out_src + pos, out_dst + pos);
+      });
     });
   }
   return {out, edge_ptr, edge_keep, node_keep, node_ptr};
