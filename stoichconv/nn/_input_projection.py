@@ -5,7 +5,9 @@
 ``<att_h[:C], lin(x)_h> = x · (W_hᵀ att_h[:C])``, and its gate logit ``gate_lin.weight · x``), with
 a hand-written backward: ``dL/dx = dL/dy W + dL/dside S`` in one output (one product, then a
 rank-k update in place) instead of one [R, F] product per projection and their sums, and the
-weight gradients as ``dL/dyᵀ x`` and ``dL/dsideᵀ x`` (the orientation that reads ``x`` once).
+weight gradients as ``dL/dyᵀ x`` and ``dL/dsideᵀ x`` (the orientation that reads ``x`` once; the
+latter, a product with only k output rows, as a batch of row-block products summed in block
+order: :func:`tall_product`).
 Large CPU outputs are advised into huge pages (:mod:`stoichconv._host_pages`): ``y`` is the
 largest tensor the layer allocates. Same values as ``F.linear`` up to summation order.
 """
@@ -19,6 +21,29 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from stoichconv import _host_pages
+
+
+# Rows per block of tall_product: a block of x (F = 64 float32 features: 512 KiB) stays in L2.
+TALL_PRODUCT_BLOCK_ROWS = 2048
+
+
+def tall_product(a: Tensor, b: Tensor) -> Tensor:
+    """``a.T @ b`` [k, F] for tall ``a`` [R, k] with few columns and ``b`` [R, F]: the rows in
+    blocks of :data:`TALL_PRODUCT_BLOCK_ROWS`, one batched product over the whole blocks and one
+    product for the rest, summed in block order (a fixed order: deterministic). One plain
+    product of this shape (k output rows) runs at a fraction of the speed of the batched one on
+    CPU (3.1-3.4 against 1.2-1.4 ms at R = 81,088, k = 3, F = 64, 2 threads)."""
+    rows = a.size(0)
+    block = TALL_PRODUCT_BLOCK_ROWS
+    whole = rows // block
+    if whole < 2:
+        return torch.mm(a.t(), b)
+    cut = whole * block
+    parts = torch.bmm(a[:cut].reshape(whole, block, -1).transpose(1, 2), b[:cut].reshape(whole, block, -1))
+    out = parts.sum(0)
+    if cut < rows:
+        out.addmm_(a[cut:].t(), b[cut:])
+    return out
 
 
 class _InputProjection(torch.autograd.Function):
@@ -47,7 +72,7 @@ class _InputProjection(torch.autograd.Function):
         if need_w:
             grad_w = torch.zeros_like(weight) if grad_y is None else torch.mm(grad_y.t(), x)
         if need_s:
-            grad_s = torch.zeros_like(side_weight) if grad_side is None else torch.mm(grad_side.t(), x)
+            grad_s = torch.zeros_like(side_weight) if grad_side is None else tall_product(grad_side, x)
         return grad_x, grad_w, grad_s
 
 

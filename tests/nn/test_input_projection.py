@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from stoichconv import _host_pages
 from stoichconv.nn import StoichHypergraphConv
-from stoichconv.nn._input_projection import input_projection
+from stoichconv.nn._input_projection import TALL_PRODUCT_BLOCK_ROWS, input_projection, tall_product
 from stoichconv.testing import assert_advised_into_huge_pages, tolerance
 
 
@@ -45,6 +45,28 @@ def test_values_and_gradients_match_linear_in_float64(dtype, side):
     torch.testing.assert_close(y.double(), y64.detach(), rtol=rtol, atol=atol)
     for a, b in zip(got, torch.autograd.grad(loss64, leaves64)):
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol)
+
+
+def _tall_product_cases():
+    block = TALL_PRODUCT_BLOCK_ROWS
+    # one block (a plain product), whole blocks only, whole blocks and a remainder
+    return [block + 5, 3 * block, 3 * block + 17]
+
+
+@pytest.mark.parametrize("rows", _tall_product_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tall_product_matches_the_float64_product(rows, dtype):
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 3, generator=g, dtype=dtype)
+    b = torch.randn(rows, 16, generator=g, dtype=dtype)
+    got = tall_product(a, b)
+    assert got.shape == (3, 16) and got.dtype == dtype
+    rtol, atol = tolerance(dtype, rows)
+    torch.testing.assert_close(got.double(), a.double().t() @ b.double(), rtol=rtol, atol=atol * rows ** 0.5)
+    assert torch.equal(tall_product(a, b), got)  # a fixed summation order: the same bits again
+    # a non-contiguous `a` (a column slice, as the layer's side gradient may be)
+    wide = torch.randn(rows, 5, generator=g, dtype=dtype)
+    torch.testing.assert_close(tall_product(wide[:, 1:4], b), wide[:, 1:4].t() @ b, rtol=rtol, atol=atol * rows ** 0.5)
 
 
 @pytest.mark.parametrize("side", [0, 2])
