@@ -6,7 +6,10 @@
 // formulas and fake (meta) kernels are registered from Python (the
 // stoichconv.ops packages) with torch.library.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include "stoichconv/host_block_cache.h"
 
 #include "stoichconv/stoich_conv_schedule.h"
 
@@ -99,11 +102,16 @@ TORCH_LIBRARY(stoichconv, m) {
 }
 
 // The module holds no operator: importing it runs the registrations above
-// and those of csrc/cpu/*.cpp and csrc/cuda/*.cpp.  Its one function,
-// _stoich_row_splits(row_length) -> int, returns the CUDA kernels' reduction
-// schedule of a CSR row (stoichconv/stoich_conv_schedule.h) so that the CPU
-// tests check the very function the GPU runs.  How it was built is reported by
-// the separate module stoichconv._build_info (csrc/build_info.cpp).
+// and those of csrc/cpu/*.cpp and csrc/cuda/*.cpp.  Its functions:
+// _stoich_row_splits(row_length) -> int, the CUDA kernels' reduction schedule
+// of a CSR row (stoichconv/stoich_conv_schedule.h), so that the CPU tests check
+// the very function the GPU runs; and the Python side of the host block cache
+// (stoichconv/host_block_cache.h; used by stoichconv._host_pages):
+// _host_block(nbytes) -> uint8 tensor [nbytes] on a cached block, or None when
+// the cache does not serve that size; _host_cache_info() /
+// _host_cache_set_limit(bytes) / _host_cache_clear() -> (limit, cached bytes,
+// cached blocks, hits, misses).  How it was built is reported by the separate
+// module stoichconv._build_info (csrc/build_info.cpp).
 namespace {
 PyObject* stoich_row_splits_py(PyObject*, PyObject* arg) {
   const long long length = PyLong_AsLongLong(arg);
@@ -115,7 +123,60 @@ PyObject* stoich_row_splits_py(PyObject*, PyObject* arg) {
   return PyLong_FromLong(stoichconv::stoich_row_splits(static_cast<int64_t>(length)));
 }
 
+PyObject* info_tuple(const std::vector<int64_t>& info) {
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(info.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < info.size(); ++i)
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), PyLong_FromLongLong(info[i]));
+  return out;
+}
+
+PyObject* host_block_py(PyObject*, PyObject* arg) {
+  const long long nbytes = PyLong_AsLongLong(arg);
+  if (nbytes == -1 && PyErr_Occurred()) return nullptr;
+  if (nbytes < 0) {
+    PyErr_SetString(PyExc_ValueError, "`nbytes` must be >= 0");
+    return nullptr;
+  }
+  try {
+    at::Tensor block = stoichconv::HostBlockCache::instance().empty(
+        {static_cast<int64_t>(nbytes)}, at::TensorOptions().dtype(at::kByte), static_cast<int64_t>(nbytes));
+    if (!block.defined()) Py_RETURN_NONE;
+    return THPVariable_Wrap(block);
+  } catch (const c10::OutOfMemoryError& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* host_cache_info_py(PyObject*, PyObject*) {
+  return info_tuple(stoichconv::HostBlockCache::instance().info());
+}
+
+PyObject* host_cache_set_limit_py(PyObject*, PyObject* arg) {
+  const long long limit = PyLong_AsLongLong(arg);
+  if (limit == -1 && PyErr_Occurred()) return nullptr;
+  if (limit < 0) {
+    PyErr_SetString(PyExc_ValueError, "`limit_bytes` must be >= 0");
+    return nullptr;
+  }
+  return info_tuple(stoichconv::HostBlockCache::instance().set_limit(static_cast<int64_t>(limit)));
+}
+
+PyObject* host_cache_clear_py(PyObject*, PyObject*) {
+  return info_tuple(stoichconv::HostBlockCache::instance().clear());
+}
+
 PyMethodDef module_methods[] = {
+    {"_host_block", host_block_py, METH_O,
+     "A uint8 CPU tensor of `nbytes` on a block of the host block cache, or None when the "
+     "cache is off or the size is below its minimum (stoichconv/host_block_cache.h)."},
+    {"_host_cache_info", host_cache_info_py, METH_NOARGS,
+     "(limit, cached bytes, cached blocks, hits, misses) of the host block cache."},
+    {"_host_cache_set_limit", host_cache_set_limit_py, METH_O,
+     "Keep at most `limit_bytes` of freed host blocks (0: the cache is off); returns the info."},
+    {"_host_cache_clear", host_cache_clear_py, METH_NOARGS,
+     "Return every cached host block to the system; returns the info."},
     {"_stoich_row_splits", stoich_row_splits_py, METH_O,
      "The number of partial sums of a CSR row of `row_length` incidences in the CUDA stoich "
      "conv kernels (stoichconv/stoich_conv_schedule.h)."},

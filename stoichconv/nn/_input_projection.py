@@ -8,8 +8,9 @@ rank-k update in place) instead of one [R, F] product per projection and their s
 weight gradients as ``dL/dyᵀ x`` and ``dL/dsideᵀ x`` (the orientation that reads ``x`` once; the
 latter, a product with only k output rows, as a batch of row-block products summed in block
 order: :func:`tall_product`).
-Large CPU outputs are advised into huge pages (:mod:`stoichconv._host_pages`): ``y`` is the
-largest tensor the layer allocates. Same values as ``F.linear`` up to summation order.
+Large CPU outputs (``y`` is the largest tensor the layer allocates, ``dL/dx`` the next) come from
+the host block cache, or are advised into huge pages with the cache off
+(:mod:`stoichconv._host_pages`). Same values as ``F.linear`` up to summation order.
 """
 
 from __future__ import annotations

@@ -159,16 +159,15 @@ class StoichHypergraphConv(torch.nn.Module):
         """``(lin(x) [B, N, H*C], score_v [B, N, H] or None, gate [B, N] or None)``: the node
         attention score of every head, <att_h[:C], lin(x)_h> = x . (W_hᵀ att_h[:C]) (att folded
         into the projection instead of materialising the [B, N, H, C] products), and the gate
-        sigmoid(gate_lin(x)) from the untransformed input. With a gate or attention, in float32 /
-        float64 outside autocast, all three come from one read of ``x`` and their input gradients
-        from one output (:func:`stoichconv.nn._input_projection.input_projection`); otherwise
-        (neither: ``lin`` alone; autocast, a lazy ``in_channels = -1`` layer before its first
-        call, mixed dtypes) from the modules."""
+        sigmoid(gate_lin(x)) from the untransformed input. In float32 / float64 outside autocast
+        all three come from one read of ``x`` and their input gradients from one output, its
+        large tensors from the host block cache on CPU
+        (:func:`stoichconv.nn._input_projection.input_projection`); otherwise (autocast, a lazy
+        ``in_channels = -1`` layer before its first call, mixed dtypes) from the modules."""
         B, N, F_in = x.shape
         H, C = self.heads, self.out_channels
         weight = self.lin.weight
-        fused = ((self.use_attention or self.is_stoich_gated)
-                 and not isinstance(weight, torch.nn.parameter.UninitializedParameter) and x.dtype == weight.dtype
+        fused = (not isinstance(weight, torch.nn.parameter.UninitializedParameter) and x.dtype == weight.dtype
                  and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
                  and (not self.is_stoich_gated or self.gate_lin.weight.dtype == x.dtype))
         if not fused:

@@ -138,7 +138,21 @@ def test_layer_fused_projection_equals_the_module_path(config, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_large_cpu_outputs_are_advised_into_huge_pages():
+@pytest.mark.parametrize("host_cache", ["off", "on"])
+def test_large_cpu_outputs_are_advised_into_huge_pages(host_cache):
+    # with the host block cache off: torch.empty advised; on: a fresh cache block is advised too
+    import stoichconv
+
+    limit = stoichconv.host_cache_info().limit_bytes
+    stoichconv.set_host_cache_limit(0 if host_cache == "off" else 256 << 20)
+    stoichconv.empty_host_cache()
+    try:
+        _check_large_cpu_outputs_are_advised()
+    finally:
+        stoichconv.set_host_cache_limit(limit)
+
+
+def _check_large_cpu_outputs_are_advised():
     assert _host_pages.HUGE_PAGE_ADVICE_BYTES == 32 << 20
     t = _host_pages.empty(9 << 20, dtype=torch.float32, device=torch.device("cpu"))  # 36 MiB
     assert t.shape == (9 << 20,) and t.dtype == torch.float32

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "stoichconv/host_block_cache.h"
 #include "stoichconv/host_pages.h"
 
 namespace stoichconv {
@@ -58,7 +59,9 @@ namespace detail {
 // at::empty(sizes, options), but a size overflow or a failed allocation is
 // reported as "<op>: cannot allocate `name` [sizes] (bytes on device)" (an
 // out-of-memory error stays a c10::OutOfMemoryError, torch.OutOfMemoryError
-// in Python). Large CPU outputs are advised into huge pages (host_pages.h).
+// in Python). Large CPU outputs come from the host block cache (host_block_cache.h: reused
+// blocks, fresh ones advised into huge pages), or, with the cache off, from at::empty advised
+// into huge pages (host_pages.h).
 inline at::Tensor allocate(const char* op, const char* name, at::IntArrayRef sizes,
                            const at::TensorOptions& options) {
   int64_t numel = 1;
@@ -70,6 +73,10 @@ inline at::Tensor allocate(const char* op, const char* name, at::IntArrayRef siz
   TORCH_CHECK(!overflow, op, ": cannot allocate `", name, "` ", sizes, ": its size in bytes ",
               "overflows int64");
   try {
+    if (options.device().is_cpu()) {
+      at::Tensor cached = HostBlockCache::instance().empty(sizes, options, bytes);
+      if (cached.defined()) return cached;
+    }
     at::Tensor out = at::empty(sizes, options);
     if (out.device().is_cpu()) advise_huge_pages(out.data_ptr(), bytes);
     return out;
