@@ -113,14 +113,23 @@ TORCH_LIBRARY(stoichconv, m) {
 // cached blocks, hits, misses).  How it was built is reported by the separate
 // module stoichconv._build_info (csrc/build_info.cpp).
 namespace {
-PyObject* stoich_row_splits_py(PyObject*, PyObject* arg) {
-  const long long length = PyLong_AsLongLong(arg);
-  if (length == -1 && PyErr_Occurred()) return nullptr;
-  if (length < 0) {
-    PyErr_SetString(PyExc_ValueError, "`row_length` must be >= 0");
-    return nullptr;
+// The int argument `arg` of a module function as *value; false (a Python
+// error set, ValueError naming `name` when it is negative) unless it is >= 0.
+bool non_negative_int(PyObject* arg, const char* name, int64_t* value) {
+  const long long v = PyLong_AsLongLong(arg);
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < 0) {
+    PyErr_Format(PyExc_ValueError, "`%s` must be >= 0", name);
+    return false;
   }
-  return PyLong_FromLong(stoichconv::stoich_row_splits(static_cast<int64_t>(length)));
+  *value = static_cast<int64_t>(v);
+  return true;
+}
+
+PyObject* stoich_row_splits_py(PyObject*, PyObject* arg) {
+  int64_t length = 0;
+  if (!non_negative_int(arg, "row_length", &length)) return nullptr;
+  return PyLong_FromLong(stoichconv::stoich_row_splits(length));
 }
 
 PyObject* info_tuple(const std::vector<int64_t>& info) {
@@ -132,15 +141,11 @@ PyObject* info_tuple(const std::vector<int64_t>& info) {
 }
 
 PyObject* host_block_py(PyObject*, PyObject* arg) {
-  const long long nbytes = PyLong_AsLongLong(arg);
-  if (nbytes == -1 && PyErr_Occurred()) return nullptr;
-  if (nbytes < 0) {
-    PyErr_SetString(PyExc_ValueError, "`nbytes` must be >= 0");
-    return nullptr;
-  }
+  int64_t nbytes = 0;
+  if (!non_negative_int(arg, "nbytes", &nbytes)) return nullptr;
   try {
     at::Tensor block = stoichconv::HostBlockCache::instance().empty(
-        {static_cast<int64_t>(nbytes)}, at::TensorOptions().dtype(at::kByte), static_cast<int64_t>(nbytes));
+        {nbytes}, at::TensorOptions().dtype(at::kByte), nbytes);
     if (!block.defined()) Py_RETURN_NONE;
     return THPVariable_Wrap(block);
   } catch (const c10::OutOfMemoryError& e) {
@@ -154,13 +159,9 @@ PyObject* host_cache_info_py(PyObject*, PyObject*) {
 }
 
 PyObject* host_cache_set_limit_py(PyObject*, PyObject* arg) {
-  const long long limit = PyLong_AsLongLong(arg);
-  if (limit == -1 && PyErr_Occurred()) return nullptr;
-  if (limit < 0) {
-    PyErr_SetString(PyExc_ValueError, "`limit_bytes` must be >= 0");
-    return nullptr;
-  }
-  return info_tuple(stoichconv::HostBlockCache::instance().set_limit(static_cast<int64_t>(limit)));
+  int64_t limit = 0;
+  if (!non_negative_int(arg, "limit_bytes", &limit)) return nullptr;
+  return info_tuple(stoichconv::HostBlockCache::instance().set_limit(limit));
 }
 
 PyObject* host_cache_clear_py(PyObject*, PyObject*) {

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import sys
 import math
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -132,7 +132,7 @@ def empty(*size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     (fake tensors, counting modes) always ``torch.empty``."""
     device = torch.device(device)
     if device.type == "cpu":
-        nbytes = math.prod(size) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(size) * dtype.itemsize
         C = _compiled()
         if (C is not None and nbytes >= HOST_CACHE_MIN_BYTES and not torch.compiler.is_compiling()
                 and torch._C._len_torch_dispatch_stack() == 0):

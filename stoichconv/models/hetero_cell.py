@@ -67,6 +67,7 @@ from stoichconv._tensor_key import TensorsKey, cacheable
 from stoichconv.backends import check_backend_name, resolve
 from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE_TYPES, REV_GPR
 from stoichconv.nn.stoich_hypergraph_conv import StoichHypergraphConv as FastStoichHypergraphConv
+from stoichconv.nn.stoich_hypergraph_conv import incidence_keep
 from stoichconv.ops._dtypes import accumulate_dtype
 from stoichconv.ops.gatv2 import gatv2_attention
 from stoichconv.ops.pert_mask import filter_edges, reaction_keep
@@ -459,7 +460,7 @@ class _MetabolismConv(FastStoichHypergraphConv):
         finally:
             self.dropout = p
         flat = alpha.reshape(-1, alpha.size(-1))
-        rows = reaction_keep.index_select(1, plan.reaction_index).reshape(-1).nonzero().view(-1)
+        rows = incidence_keep(reaction_keep, plan.reaction_index).reshape(-1).nonzero().view(-1)
         return _scatter_rows(F.dropout(flat.index_select(0, rows), p, True), rows, flat.size(0)).view_as(alpha)
 
 

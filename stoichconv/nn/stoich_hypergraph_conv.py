@@ -35,6 +35,14 @@ from stoichconv.ops.stoich_conv import PlanCache, check_reaction_keep, stoich_co
 ATTENTION_MODES = ("node", "edge")
 
 
+def incidence_keep(reaction_keep: Tensor, reaction_index: Tensor) -> Tensor:
+    """[B, nnz] bool: whether each incidence's reaction is kept in each sample, from the
+    reaction keep-mask [B, M] and the incidences' reactions [nnz]. Gathered as rows of the
+    transposed mask (one row of B bools per incidence), about 4x faster on CPU than
+    ``index_select`` along dim 1 (2.8 -> 0.7 ms at B = 32)."""
+    return reaction_keep.t().contiguous().index_select(0, reaction_index).t().contiguous()
+
+
 class StoichHypergraphConv(torch.nn.Module):
     """Signed stoichiometric hypergraph convolution on the fused kernels.
 
@@ -214,10 +222,7 @@ class StoichHypergraphConv(torch.nn.Module):
         score_e = score_e.unsqueeze(0) if score_e.dim() == 2 else score_e
         # The gathers, the leaky ReLU and the softmax in one op: the [B, nnz, H] logits are
         # never materialised, and the backward sums per metabolite / reaction without atomics.
-        # [B, nnz]: gathered as rows of the transposed mask (one row of B bools per incidence),
-        # about 4x faster on CPU than index_select along dim 1 (2.8 -> 0.7 ms at B = 32).
-        kept = None if reaction_keep is None else (
-            reaction_keep.t().contiguous().index_select(0, plan.reaction_index).t().contiguous())
+        kept = None if reaction_keep is None else incidence_keep(reaction_keep, plan.reaction_index)
         if self.attention_mode == "node":
             ptr, perm = plan.reaction_ptr, plan.reaction_perm
         else:

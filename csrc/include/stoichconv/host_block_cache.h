@@ -79,7 +79,7 @@ class HostBlockCache {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = limit < 0 ? 0 : limit;
       limit_set_ = true;
-      trim_locked();
+      trim_to(limit_);
     }
     return info();
   }
@@ -88,11 +88,7 @@ class HostBlockCache {
   std::vector<int64_t> clear() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      init_limit();
-      const int64_t limit = limit_;
-      limit_ = 0;
-      trim_locked();
-      limit_ = limit;
+      trim_to(0);
     }
     return info();
   }
@@ -152,11 +148,13 @@ class HostBlockCache {
     std::lock_guard<std::mutex> lock(mutex_);
     free_.emplace_front(capacity, block);
     cached_ += capacity;
-    trim_locked();
+    trim_to(limit_);
   }
 
-  void trim_locked() {
-    while (cached_ > limit_ && !free_.empty()) {
+  // Returns the oldest freed blocks to the system until at most `bytes` are
+  // kept (mutex_ held).
+  void trim_to(int64_t bytes) {
+    while (cached_ > bytes && !free_.empty()) {
       std::free(free_.back().second);
       cached_ -= free_.back().first;
       free_.pop_back();
