@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -389,21 +390,46 @@ void reaction_keep_out_cpu(const at::Tensor& gpr_index, int64_t num_reactions,
   reaction_keep_impl(gpr_index, num_reactions, pert, pert_ptr, "reaction_keep", out);
 }
 
+// Calls removed(v) for every v in [0, n) with keep[v] false, in ascending
+// order.  A keep-mask of a deletion batch is nearly all true: memchr (a
+// vectorised byte search) skips each run of kept nodes instead of testing
+// them one by one.
+template <typename Removed>
+inline void for_each_removed(const bool* keep, int64_t n, Removed removed) {
+  static_assert(sizeof(bool) == 1, "a bool keep-mask is one byte per node");
+  const unsigned char* row = reinterpret_cast<const unsigned char*>(keep);
+  for (int64_t v = 0; v < n;) {
+    const void* hit = std::memchr(row + v, 0, static_cast<size_t>(n - v));
+    if (hit == nullptr) return;
+    const int64_t r = static_cast<const unsigned char*>(hit) - row;
+    removed(r);
+    v = r + 1;
+  }
+}
+
 // The compacted numbering of one side of a bipartite relation: node v of
 // sample b is base[b] + rank[b * N + v], base[b] the kept nodes of the earlier
-// samples and rank its rank among the kept ones of its sample (ranks of
-// removed nodes are never read).  Ranks are < N: Rank = int32_t whenever N
-// fits, half the cache footprint of int64 ids in the write pass's lookups.
+// samples and rank its rank among the kept ones of its sample: v minus the
+// nodes of sample b removed before it (ranks of removed nodes are never read).
+// Filled run by run between the removed nodes (for_each_removed).  Ranks are
+// < N: Rank = int32_t whenever N fits, half the cache footprint of int64 ids
+// in the write pass's lookups.
 template <typename Rank>
 void kept_ranks(const bool* k, int64_t B, int64_t N, Rank* rank, int64_t* base) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      int64_t next = 0;
-      for (int64_t v = 0; v < N; ++v) {
-        rank[b * N + v] = static_cast<Rank>(next);
-        next += k[b * N + v];
-      }
-      base[b] = next;  // the count, turned into the offset below
+      Rank* row = rank + b * N;
+      int64_t removed = 0, start = 0;
+      const auto fill = [&](int64_t stop) {
+        for (int64_t v = start; v < stop; ++v) row[v] = static_cast<Rank>(v - removed);
+      };
+      for_each_removed(k + b * N, N, [&](int64_t r) {
+        fill(r + 1);
+        ++removed;
+        start = r + 1;
+      });
+      fill(N);
+      base[b] = N - removed;  // the count, turned into the offset below
     }
   });
   int64_t offset = 0;
@@ -439,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filter_bipartite_impl
   const auto removed_anywhere = [B, op](const bool* keep, int64_t N) {
     std::vector<char> any = allocate_buffer<char>(op, "removed_anywhere", keep ? N : 0, 0);
     for (int64_t b = 0; keep != nullptr && b < B; ++b)
-      for (int64_t v = 0; v < N; ++v) any[v] |= !keep[b * N + v];
+      for_each_removed(keep + b * N, N, [&](int64_t v) { any[v] = 1; });
     return any;
   };
   const std::vector<char> src_removed = removed_anywhere(sk, num_src);

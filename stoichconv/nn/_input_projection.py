@@ -5,9 +5,9 @@
 ``<att_h[:C], lin(x)_h> = x · (W_hᵀ att_h[:C])``, and its gate logit ``gate_lin.weight · x``), with
 a hand-written backward: ``dL/dx = dL/dy W + dL/dside S`` in one output (one product, then a
 rank-k update in place) instead of one [R, F] product per projection and their sums, and the
-weight gradients as ``dL/dyᵀ x`` and ``dL/dsideᵀ x`` (the orientation that reads ``x`` once; the
-latter, a product with only k output rows, as a batch of row-block products summed in block
-order: :func:`tall_product`).
+weight gradients as ``dL/dyᵀ x`` and ``dL/dsideᵀ x`` (the orientation that reads ``x`` once),
+each a product over the R rows with few output rows, as a batch of row-block products summed in
+block order (:func:`tall_product`).
 Large CPU outputs (``y`` is the largest tensor the layer allocates, ``dL/dx`` the next) come from
 the host block cache, or are advised into huge pages with the cache off
 (:mod:`stoichconv._host_pages`). Same values as ``F.linear`` up to summation order.
@@ -32,8 +32,10 @@ def tall_product(a: Tensor, b: Tensor) -> Tensor:
     """``a.T @ b`` [k, F] for tall ``a`` [R, k] with few columns and ``b`` [R, F]: the rows in
     blocks of :data:`TALL_PRODUCT_BLOCK_ROWS`, one batched product over the whole blocks and one
     product for the rest, summed in block order (a fixed order: deterministic). One plain
-    product of this shape (k output rows) runs at a fraction of the speed of the batched one on
-    CPU (3.1-3.4 against 1.2-1.4 ms at R = 81,088, k = 3, F = 64, 2 threads)."""
+    product of this shape (a reduction over all R rows into k output rows) runs at a fraction
+    of the speed of the batched one on CPU, 2 threads, R = 81,088, F = 64: k = 3 (the side
+    rows) 3.1-3.4 against 1.2-1.4 ms, k = 64 (the plain layer's weight) 10.4 against 7.3 ms
+    (6.7 against 5.5 in a quieter hour), k = 128 (two heads) 12.4 against 11.7 ms."""
     rows = a.size(0)
     block = TALL_PRODUCT_BLOCK_ROWS
     whole = rows // block
@@ -71,7 +73,7 @@ class _InputProjection(torch.autograd.Function):
             if grad_side is not None:
                 grad_x.addmm_(grad_side, side_weight)
         if need_w:
-            grad_w = torch.zeros_like(weight) if grad_y is None else torch.mm(grad_y.t(), x)
+            grad_w = torch.zeros_like(weight) if grad_y is None else tall_product(grad_y, x)
         if need_s:
             grad_s = torch.zeros_like(side_weight) if grad_side is None else tall_product(grad_side, x)
         return grad_x, grad_w, grad_s

@@ -54,19 +54,20 @@ def _tall_product_cases():
 
 
 @pytest.mark.parametrize("rows", _tall_product_cases())
+@pytest.mark.parametrize("columns", [3, 24])  # the side rows; a weight gradient's output rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tall_product_matches_the_float64_product(rows, dtype):
+def test_tall_product_matches_the_float64_product(rows, columns, dtype):
     g = torch.Generator().manual_seed(rows)
-    a = torch.randn(rows, 3, generator=g, dtype=dtype)
+    a = torch.randn(rows, columns, generator=g, dtype=dtype)
     b = torch.randn(rows, 16, generator=g, dtype=dtype)
     got = tall_product(a, b)
-    assert got.shape == (3, 16) and got.dtype == dtype
+    assert got.shape == (columns, 16) and got.dtype == dtype
     rtol, atol = tolerance(dtype, rows)
     torch.testing.assert_close(got.double(), a.double().t() @ b.double(), rtol=rtol, atol=atol * rows ** 0.5)
     assert torch.equal(tall_product(a, b), got)  # a fixed summation order: the same bits again
     # a non-contiguous `a` (a column slice, as the layer's side gradient may be)
-    wide = torch.randn(rows, 5, generator=g, dtype=dtype)
-    torch.testing.assert_close(tall_product(wide[:, 1:4], b), wide[:, 1:4].t() @ b, rtol=rtol, atol=atol * rows ** 0.5)
+    wide = torch.randn(rows, columns + 2, generator=g, dtype=dtype)
+    torch.testing.assert_close(tall_product(wide[:, 1:-1], b), wide[:, 1:-1].t() @ b, rtol=rtol, atol=atol * rows ** 0.5)
 
 
 @pytest.mark.parametrize("side", [0, 2])
