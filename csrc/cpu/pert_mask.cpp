@@ -357,6 +357,16 @@ at::Tensor reaction_keep_impl(const at::Tensor& gpr_index_in, int64_t num_reacti
   const int64_t* reaction = gene + E;
   auto keep = output(given, op, "keep", B * R, gpr_index.options().dtype(at::kBool)).fill_(true).view({B, R});
   bool* k = keep.data_ptr<bool>();
+  // The GPR pairs whose gene some sample deletes (one scan over E against the
+  // sorted union of the sets): the only ones each sample tests.
+  std::vector<int64_t> any_deleted;
+  for (int64_t b = 0; b < B; ++b) any_deleted.insert(any_deleted.end(), sets.ids(b), sets.ids(b) + sets.count[b]);
+  std::sort(any_deleted.begin(), any_deleted.end());
+  any_deleted.erase(std::unique(any_deleted.begin(), any_deleted.end()), any_deleted.end());
+  std::vector<int64_t> touched;
+  if (!any_deleted.empty())
+    for (int64_t e = 0; e < E; ++e)
+      if (std::binary_search(any_deleted.begin(), any_deleted.end(), gene[e])) touched.push_back(e);
   // One sample per task: each task owns its row, so there are no races.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -364,7 +374,7 @@ at::Tensor reaction_keep_impl(const at::Tensor& gpr_index_in, int64_t num_reacti
       if (n == 0) continue;
       const int64_t* del = sets.ids(b);
       bool* row = k + b * R;
-      for (int64_t e = 0; e < E; ++e)
+      for (const int64_t e : touched)
         if (is_deleted(del, n, gene[e])) row[reaction[e]] = false;
     }
   });
