@@ -99,6 +99,10 @@ TORCH_LIBRARY(stoichconv, m) {
       "filter_bipartite_out(Tensor edge_index, int num_src, int num_dst, int num_samples, "
       "Tensor? src_keep, Tensor? dst_keep, bool relabel, Tensor(a!) edge_index_out, "
       "Tensor(b!) edge_ptr_out, Tensor(c!) edge_keep_out, Tensor(d!) edge_id_out) -> ()");
+  m.def("kept_nodes(Tensor keep) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "kept_nodes_out(Tensor keep, Tensor(a!) batch_out, Tensor(b!) n_id_out, Tensor(c!) ptr_out) "
+      "-> ()");
 }
 
 // The module holds no operator: importing it runs the registrations above

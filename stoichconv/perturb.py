@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
+from stoichconv.backends import resolve
 from stoichconv.data.relations import GENE_GENE_RELATIONS, GPR, METABOLISM, NODE_TYPES
 from stoichconv.ops._checks import check_count
 from stoichconv.ops.pert_mask import (
@@ -46,10 +47,11 @@ from stoichconv.ops.pert_mask import (
     allocate_filter_edges_out,
     filter_bipartite,
     filter_edges,
+    kept_nodes,
     reaction_keep,
 )
 from stoichconv.ops.pert_mask.validation import check_edge_index, check_perturbations
-from stoichconv.types import FilteredBipartite, FilteredEdges
+from stoichconv.types import FilteredBipartite, FilteredEdges, KeptNodes
 
 __all__ = [
     "FilteredBipartite",
@@ -124,13 +126,11 @@ def _prepare_graph(cell_graph: HeteroData, device: torch.device, validate_graph:
 
 @dataclass
 class _NodeSlot:
-    """Buffers of one node type's compacted fields (n_id, batch [max_batch * N], ptr [max_batch + 1],
-    and ``kept`` [2 * max_batch * N], the (sample, node) pairs of the kept nodes)."""
+    """Buffers of one node type's compacted fields (n_id, batch [max_batch * N], ptr [max_batch + 1])."""
 
     n_id: Tensor
     batch: Tensor
     ptr: Tensor
-    kept: Tensor
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _into(buffer: Tensor) -> Tensor:
     return buffer.view(-1)[:0]
 
 
-def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: Optional[Tensor] = None,
+def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, backend: str = "auto",
                all_kept: bool = False, full: Optional[_FullNodes] = None, slot: Optional[_NodeSlot] = None) -> None:
     """Fill num_nodes / n_id / batch / ptr / node_keep of one node type from
     its full-layout keep-mask [B * N] (``all_kept``: the mask is all True, so
@@ -180,24 +180,11 @@ def _set_nodes(store, keep: Tensor, B: int, N: int, compacted: bool, node_ptr: O
     buffers."""
     device = keep.device
     if compacted and not all_kept:
-        if slot is None:
-            kept = keep.view(B, N).nonzero()
-            store.batch = kept[:, 0].contiguous()
-            store.n_id = kept[:, 1].contiguous()
-        else:  # the same nonzero, into the slot (then its columns, contiguous)
-            kept = torch.nonzero(keep.view(B, N), out=_into(slot.kept).view(0, 2))
-            K = kept.size(0)
-            store.batch = slot.batch[:K].copy_(kept[:, 0])
-            store.n_id = slot.n_id[:K].copy_(kept[:, 1])
-        if node_ptr is None:
-            # The kept nodes are listed sample by sample: sample b's start at the number of kept
-            # nodes of the samples before it (a search in `batch`, not a sum over the mask).
-            samples = torch.arange(B + 1, device=device)
-            if slot is None:
-                node_ptr = torch.searchsorted(store.batch, samples)
-            else:
-                node_ptr = torch.searchsorted(store.batch, samples, out=slot.ptr[:B + 1])
-        store.ptr = node_ptr
+        # The kept nodes sample by sample (kept_nodes: nonzero's two columns and the offsets; an
+        # op with CPU and reference backends only, so a `backend` it lacks runs its reference).
+        buffers = None if slot is None else KeptNodes(slot.batch, slot.n_id, slot.ptr)
+        store.batch, store.n_id, store.ptr = kept_nodes(
+            keep.view(B, N), backend=resolve("kept_nodes", backend, device, strict=False), out=buffers)
     elif full is not None:
         store.n_id, store.batch, store.ptr = full.n_id[:B * N], full.batch[:B * N], full.ptr[:B + 1]
     else:
@@ -219,7 +206,7 @@ def _assemble(graph: _Graph, pert: Tensor, pert_ptr: Tensor, layout: str, backen
     device = pert.device
     full = full or {}
     out = HeteroData()
-    gene_keep = node_ptr = None
+    gene_keep = None
     # Everything is validated by the caller; the ops below skip their host-syncing value checks.
     for relation in GENE_GENE_RELATIONS:
         filtered = filter_edges(indices[relation], num_genes, pert, pert_ptr, relabel=compacted, backend=backend,
@@ -228,15 +215,15 @@ def _assemble(graph: _Graph, pert: Tensor, pert_ptr: Tensor, layout: str, backen
         store.edge_index = filtered.edge_index
         store.edge_ptr = filtered.edge_ptr
         store.edge_keep = filtered.edge_keep
-        gene_keep, node_ptr = filtered.node_keep, filtered.node_ptr
+        gene_keep = filtered.node_keep
     gpr_index = indices[GPR]
     rkeep = reaction_keep(gpr_index, num_reactions, pert, pert_ptr, backend=backend, validate=False,
                           out=None if slot is None else slot.reaction_keep)
 
     nodes = {} if slot is None else slot.nodes
-    _set_nodes(out["gene"], gene_keep, B, num_genes, compacted, node_ptr, full=full.get("gene"),
+    _set_nodes(out["gene"], gene_keep, B, num_genes, compacted, backend, full=full.get("gene"),
                slot=nodes.get("gene"))
-    _set_nodes(out["reaction"], rkeep.view(-1), B, num_reactions, compacted, full=full.get("reaction"),
+    _set_nodes(out["reaction"], rkeep.view(-1), B, num_reactions, compacted, backend, full=full.get("reaction"),
                slot=nodes.get("reaction"))
     metabolites = full.get("metabolite")
     metabolite_keep = (torch.ones(B * num_metabolites, dtype=torch.bool, device=device) if metabolites is None
@@ -344,8 +331,8 @@ class PerturbBatcher:
             kernels check the bounds either way).
 
     Memory (:attr:`nbytes`): about ``ring * max_batch * (17 E_gene_gene + 25 (E_gpr + nnz) +
-    s * nnz + 34 N_gene + 33 N_reaction)`` bytes (``s`` the stoichiometry's element size;
-    compacted layout, the full one has no node buffers): 248 MB at max_batch = 32, ring = 2 on
+    s * nnz + 18 N_gene + 17 N_reaction)`` bytes (``s`` the stoichiometry's element size;
+    compacted layout, the full one has no node buffers): 236 MB at max_batch = 32, ring = 2 on
     the bundled graph. The buffers are allocated and touched on the first call.
     """
 
@@ -403,7 +390,7 @@ class PerturbBatcher:
                 for t, N in (("gene", g.num_genes), ("reaction", g.num_reactions)):
                     long = dict(dtype=torch.int64, device=device)
                     nodes[t] = _NodeSlot(torch.empty(M * N, **long), torch.empty(M * N, **long),
-                                         torch.empty(M + 1, **long), torch.empty(2 * M * N, **long))
+                                         torch.empty(M + 1, **long))
             slot = _Slot(
                 edges={r: allocate_filter_edges_out(M, g.indices[r].size(1), g.num_genes, device)
                        for r in GENE_GENE_RELATIONS},
@@ -460,7 +447,7 @@ class PerturbBatcher:
 def _slot_tensors(slot: _Slot) -> list:
     tensors = [t for edges in slot.edges.values() for t in edges]
     tensors += [slot.reaction_keep, *slot.gpr, *slot.metabolism, slot.stoichiometry]
-    tensors += [t for node in slot.nodes.values() for t in (node.n_id, node.batch, node.ptr, node.kept)]
+    tensors += [t for node in slot.nodes.values() for t in (node.n_id, node.batch, node.ptr)]
     return tensors
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["EdgeSet", "FilteredBipartite", "FilteredEdges", "StoichPlan"]
+__all__ = ["EdgeSet", "FilteredBipartite", "FilteredEdges", "KeptNodes", "StoichPlan"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,14 @@ class FilteredBipartite(NamedTuple):
     edge_ptr: Tensor  # [B + 1] int64
     edge_keep: Tensor  # [B * E] bool
     edge_id: Tensor  # [E_out] int64, wildtype edge position
+
+
+class KeptNodes(NamedTuple):
+    """Result of :func:`stoichconv.ops.pert_mask.kept_nodes` (semantics: :mod:`stoichconv.ops.pert_mask`)."""
+
+    batch: Tensor  # [K] int64, the sample of each kept node
+    n_id: Tensor  # [K] int64, its wildtype id
+    ptr: Tensor  # [B + 1] int64, per-sample offsets
 
 
 @dataclass

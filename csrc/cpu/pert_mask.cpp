@@ -572,6 +572,76 @@ void filter_bipartite_out_cpu(const at::Tensor& edge_index, int64_t num_src, int
                         {edge_index_out, edge_ptr_out, edge_keep_out, edge_id_out});
 }
 
+// The kept nodes of a keep-mask [B, N] in sample order, ascending within a
+// sample: batch[i] / n_id[i] the sample and the node of the i-th, ptr [B + 1]
+// the per-sample offsets (torch.nonzero(keep) split into its two columns,
+// plus the offsets).  Two passes over the rows, each skipping the kept runs
+// with memchr (for_each_removed): the removed counts give ptr, then each
+// sample writes its runs of kept ids at ptr[b]; one sample per task.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_nodes_impl(const at::Tensor& keep_in,
+                                                                const char* op,
+                                                                const KeptNodesBuffers& given) {
+  TORCH_CHECK(keep_in.device().is_cpu(), op, ": `keep` must be a CPU tensor, got ", keep_in.device());
+  TORCH_CHECK(keep_in.scalar_type() == at::kBool, op, ": `keep` must be bool, got ", keep_in.scalar_type());
+  TORCH_CHECK(keep_in.dim() == 2, op, ": `keep` must be [B, N], got ", keep_in.sizes());
+  const auto keep = keep_in.contiguous();
+  const int64_t B = keep.size(0), N = keep.size(1);
+  const bool* k = keep.data_ptr<bool>();
+  const auto long_opts = keep.options().dtype(at::kLong);
+  auto ptr = output(given.ptr, op, "ptr", B + 1, long_opts);
+  int64_t* p = ptr.data_ptr<int64_t>();
+  p[0] = 0;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t removed = 0;
+      for_each_removed(k + b * N, N, [&](int64_t) { ++removed; });
+      p[b + 1] = N - removed;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) p[b + 1] += p[b];
+  const int64_t total = p[B];
+  auto batch = output(given.batch, op, "batch", total, long_opts);
+  auto n_id = output(given.n_id, op, "n_id", total, long_opts);
+  int64_t* out_batch = batch.data_ptr<int64_t>();
+  int64_t* out_id = n_id.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t pos = p[b], start = 0;
+      const auto run = [&](int64_t stop) {
+        for (int64_t v = start; v < stop; ++v, ++pos) {
+          out_batch[pos] = b;
+          out_id[pos] = v;
+        }
+      };
+      for_each_removed(k + b * N, N, [&](int64_t r) {
+        run(r);
+        start = r + 1;
+      });
+      run(N);
+    }
+  });
+  return {batch, n_id, ptr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_nodes_cpu(const at::Tensor& keep) {
+  return kept_nodes_impl(keep, "kept_nodes", {});
+}
+
+// kept_nodes into the caller's buffers: batch_out / n_id_out >= B * N,
+// ptr_out >= B + 1.
+void kept_nodes_out_cpu(const at::Tensor& keep, at::Tensor& batch_out, at::Tensor& n_id_out,
+                        at::Tensor& ptr_out) {
+  const char* op = "kept_nodes_out";
+  TORCH_CHECK(keep.dim() == 2, op, ": `keep` must be [B, N], got ", keep.sizes());
+  const int64_t B = keep.size(0);
+  const int64_t BN = checked_product(op, "B * N", {B, keep.size(1)});
+  const at::Device cpu(at::kCPU);
+  check_out_buffer(batch_out, op, "batch_out", at::kLong, cpu, BN, "B * N");
+  check_out_buffer(n_id_out, op, "n_id_out", at::kLong, cpu, BN, "B * N");
+  check_out_buffer(ptr_out, op, "ptr_out", at::kLong, cpu, B + 1, "B + 1");
+  kept_nodes_impl(keep, "kept_nodes", {batch_out, n_id_out, ptr_out});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
@@ -581,6 +651,8 @@ TORCH_LIBRARY_IMPL(stoichconv, CPU, m) {
   m.impl("filter_edges_out", &filter_edges_out_cpu);
   m.impl("reaction_keep_out", &reaction_keep_out_cpu);
   m.impl("filter_bipartite_out", &filter_bipartite_out_cpu);
+  m.impl("kept_nodes", &kept_nodes_cpu);
+  m.impl("kept_nodes_out", &kept_nodes_out_cpu);
 }
 
 }  // namespace stoichconv

@@ -13,9 +13,9 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 from torch_geometric.utils import bipartite_subgraph, subgraph
 
-from stoichconv.types import FilteredBipartite, FilteredEdges
+from stoichconv.types import FilteredBipartite, FilteredEdges, KeptNodes
 
-__all__ = ["filter_bipartite_reference", "filter_edges_reference", "reaction_keep_reference"]
+__all__ = ["filter_bipartite_reference", "filter_edges_reference", "kept_nodes_reference", "reaction_keep_reference"]
 
 
 def gene_keep(num_nodes: int, deleted: Tensor) -> Tensor:
@@ -99,3 +99,12 @@ def filter_bipartite_reference(edge_index: Tensor, num_src: int, num_dst: int, n
         keep,
         keep.view(num_samples, -1).nonzero()[:, 1] if edge_index.size(1) > 0 else edge_index.new_empty(0),
     )
+
+
+def kept_nodes_reference(keep: Tensor) -> KeptNodes:
+    """The kept nodes of ``keep`` [B, N]: the columns of ``torch.nonzero`` and the per-sample
+    offsets of their counts."""
+    kept = keep.nonzero()
+    counts = keep.sum(1)
+    ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return KeptNodes(kept[:, 0].contiguous(), kept[:, 1].contiguous(), ptr)

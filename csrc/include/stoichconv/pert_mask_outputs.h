@@ -36,4 +36,9 @@ struct FilterBipartiteBuffers {
   at::Tensor edge_index, edge_ptr, edge_keep, edge_id;
 };
 
+// Caller buffers of kept_nodes_out.
+struct KeptNodesBuffers {
+  at::Tensor batch, n_id, ptr;
+};
+
 }  // namespace stoichconv

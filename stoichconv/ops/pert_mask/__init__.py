@@ -49,7 +49,8 @@ are data dependent; the fake kernels declare them with
 trace around the ops.
 
 Backends (one :class:`~stoichconv.backends.OpSpec` per op: :data:`FILTER_EDGES`,
-:data:`REACTION_KEEP`, :data:`FILTER_BIPARTITE`): ``cpu`` / ``cuda`` run the
+:data:`REACTION_KEEP`, :data:`FILTER_BIPARTITE`, :data:`KEPT_NODES`; the last as above):
+``cpu`` / ``cuda`` run the
 compiled ops (``csrc/cpu/pert_mask.cpp``, ``csrc/cuda/pert_mask.cpp``),
 ``triton`` runs ``stoichconv::triton_filter_edges`` / ``triton_reaction_keep`` /
 ``triton_filter_bipartite`` (:mod:`.triton_kernels`; they take the compiled op's arguments
@@ -104,19 +105,22 @@ from stoichconv.ops.pert_mask.validation import (
     check_out_buffer,
     check_perturbations,
 )
-from stoichconv.types import FilteredBipartite, FilteredEdges
+from stoichconv.types import FilteredBipartite, FilteredEdges, KeptNodes
 
 __all__ = [
     "FILTER_BIPARTITE",
     "FILTER_EDGES",
+    "KEPT_NODES",
     "REACTION_KEEP",
     "FilteredBipartite",
     "FilteredEdges",
+    "KeptNodes",
     "allocate_bipartite_out",
     "allocate_filter_edges_out",
     "check_perturbations",
     "filter_bipartite",
     "filter_edges",
+    "kept_nodes",
     "reaction_keep",
 ]
 
@@ -143,6 +147,13 @@ FILTER_BIPARTITE = register_op(OpSpec(
     compiled_out="filter_bipartite_out",
     triton="stoichconv.ops.pert_mask.triton_kernels:triton_filter_bipartite",
     reference="stoichconv.reference.pert_mask:filter_bipartite_reference",
+))
+KEPT_NODES = register_op(OpSpec(
+    name="kept_nodes",
+    backends=("cpu", "reference"),
+    compiled="kept_nodes",
+    compiled_out="kept_nodes_out",
+    reference="stoichconv.reference.pert_mask:kept_nodes_reference",
 ))
 
 
@@ -341,3 +352,27 @@ def _filter_bipartite_out(selected, edge_index, num_src, num_dst, B, src_keep, d
     total = int(edge_ptr[B])
     return FilteredBipartite(_edge_view(out.edge_index, total), edge_ptr, out.edge_keep.view(-1)[:B * E],
                              out.edge_id.view(-1)[:total])
+
+
+def kept_nodes(keep: Tensor, *, backend: str = "auto", out: Optional[KeptNodes] = None) -> KeptNodes:
+    """The kept nodes of the keep-mask ``keep`` [B, N] bool as a :class:`KeptNodes` ``(batch,
+    n_id, ptr)`` (see the module docstring). ``out``: a :class:`KeptNodes` of caller buffers
+    (contiguous int64 on ``keep``'s device, ``batch`` / ``n_id`` of at least B * N elements,
+    ``ptr`` of at least B + 1), filled and returned as views."""
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"`keep` must be a bool tensor, got {getattr(keep, 'dtype', type(keep).__name__)}")
+    if keep.dim() != 2:
+        raise ValueError(f"`keep` must be [B, N], got shape {tuple(keep.shape)}")
+    B, N = keep.shape
+    selected = select("kept_nodes", backend, keep.device)
+    if out is None:
+        return KeptNodes(*selected.fn(keep))
+    long = torch.int64
+    _check_out_tuple(out, KeptNodes, {"batch": (long, B * N, "B * N"), "n_id": (long, B * N, "B * N"),
+                                      "ptr": (long, B + 1, "B + 1")}, keep.device)
+    if selected.backend == "reference":
+        return KeptNodes(*(_copy_into(buffer, value) for buffer, value in zip(out, selected.fn(keep))))
+    torch.ops.stoichconv.kept_nodes_out(keep, *out)
+    ptr = out.ptr.view(-1)[:B + 1]
+    total = int(ptr[B])
+    return KeptNodes(out.batch.view(-1)[:total], out.n_id.view(-1)[:total], ptr)

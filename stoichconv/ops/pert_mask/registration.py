@@ -37,10 +37,17 @@ def filter_bipartite_fake(edge_index, num_src, num_dst, num_samples, src_keep, d
     )
 
 
+def kept_nodes_fake(keep):
+    n_out = torch.library.get_ctx().new_dynamic_size()
+    return (keep.new_empty(n_out, dtype=torch.long), keep.new_empty(n_out, dtype=torch.long),
+            keep.new_empty(keep.shape[0] + 1, dtype=torch.long))
+
+
 if has_compiled_kernels():
     torch.library.register_fake("stoichconv::filter_edges")(filter_edges_fake)
     torch.library.register_fake("stoichconv::reaction_keep")(reaction_keep_fake)
     torch.library.register_fake("stoichconv::filter_bipartite")(filter_bipartite_fake)
+    torch.library.register_fake("stoichconv::kept_nodes")(kept_nodes_fake)
     # The out= variants write into their buffers and return nothing.
-    for _name in ("filter_edges_out", "reaction_keep_out", "filter_bipartite_out"):
+    for _name in ("filter_edges_out", "reaction_keep_out", "filter_bipartite_out", "kept_nodes_out"):
         torch.library.register_fake(f"stoichconv::{_name}")(lambda *args, **kwargs: None)
