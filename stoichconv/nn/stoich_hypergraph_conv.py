@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn import Parameter
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.nn.inits import glorot, zeros
@@ -41,6 +42,39 @@ def incidence_keep(reaction_keep: Tensor, reaction_index: Tensor) -> Tensor:
     transposed mask (one row of B bools per incidence), about 4x faster on CPU than
     ``index_select`` along dim 1 (2.8 -> 0.7 ms at B = 32)."""
     return reaction_keep.t().contiguous().index_select(0, reaction_index).t().contiguous()
+
+
+class _GatedAttentionWeight(torch.autograd.Function):
+    """``w[b, k, h] = s_k * gate[b, v_k] * alpha[b, k, h]`` (the per-incidence weight of a gated
+    layer with attention) with a hand-written backward: ``dL/dalpha = dL/dw * (s * gate[v])``
+    and ``dL/dgate[b, v] = sum_{k: v_k = v} s_k sum_h dL/dw[b, k, h] alpha[b, k, h]`` (the head
+    sum as H strided multiply-adds, the metabolite sum one ``index_add_``, in incidence order:
+    deterministic), instead of the autograd of three broadcasting products, whose [B, nnz, H]
+    by [B, nnz, 1] steps run H = 2 elements per inner loop on CPU (fwd + bwd 7.7 -> 3.9 ms at
+    B = 32, H = 2, 2 threads)."""
+
+    @staticmethod
+    def forward(ctx, stoich: Tensor, gate: Tensor, metabolite_index: Tensor, alpha: Tensor) -> Tensor:
+        scale = gate.index_select(1, metabolite_index).mul_(stoich)  # [B, nnz]
+        ctx.save_for_backward(stoich, metabolite_index, alpha, scale)
+        ctx.num_nodes = gate.size(1)
+        return alpha * scale.unsqueeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_w: Tensor):
+        stoich, metabolite_index, alpha, scale = ctx.saved_tensors
+        _, need_gate, _, need_alpha = ctx.needs_input_grad
+        grad_gate = grad_alpha = None
+        if need_alpha:
+            grad_alpha = grad_w * scale.unsqueeze(-1)
+        if need_gate:
+            dot = grad_w[..., 0] * alpha[..., 0]
+            for h in range(1, alpha.size(-1)):
+                dot.addcmul_(grad_w[..., h], alpha[..., h])
+            dot.mul_(stoich)
+            grad_gate = dot.new_zeros(dot.size(0), ctx.num_nodes).index_add_(1, metabolite_index, dot)
+        return None, grad_gate, None, grad_alpha
 
 
 class StoichHypergraphConv(torch.nn.Module):
@@ -144,11 +178,16 @@ class StoichHypergraphConv(torch.nn.Module):
             self._check_hyperedge_attr(hyperedge_attr, xb, plan)
         y, score_v, gate = self._project(xb)
         y = y.view(B, N, H, C)
-        weight = plan.stoich.to(y.dtype).view(1, -1, 1)
-        if self.is_stoich_gated:
-            weight = weight * gate.index_select(1, plan.metabolite_index).unsqueeze(-1)
-        if self.use_attention:
-            weight = weight * self._attention(score_v, hyperedge_attr, plan, reaction_keep)
+        stoich = plan.stoich.to(y.dtype)
+        alpha = self._attention(score_v, hyperedge_attr, plan, reaction_keep) if self.use_attention else None
+        if self.is_stoich_gated and alpha is not None and gate.dtype == alpha.dtype == stoich.dtype:
+            weight = _GatedAttentionWeight.apply(stoich, gate, plan.metabolite_index, alpha)
+        else:
+            weight = stoich.view(1, -1, 1)
+            if self.is_stoich_gated:
+                weight = weight * gate.index_select(1, plan.metabolite_index).unsqueeze(-1)
+            if alpha is not None:
+                weight = weight * alpha
         # [1, nnz, H] when no factor depends on the sample (no gate, no attention): the op takes
         # the shared weight as is and sums its gradient over the batch in the kernel.
         weight = weight.expand(weight.shape[0], plan.nnz, H)

@@ -200,3 +200,21 @@ def test_layer_passes_a_shared_weight_unexpanded(gate, attention, monkeypatch):
     )
     H = options["heads"]
     assert shapes == [(1 if not (gate or attention) else B, NNZ, H)]
+
+
+def test_gated_attention_weight_gradcheck_and_matches_autograd():
+    from stoichconv.nn.stoich_hypergraph_conv import _GatedAttentionWeight
+
+    g = torch.Generator().manual_seed(3)
+    B, nnz, H, N = 3, 11, 2, 5
+    stoich = torch.randn(nnz, generator=g, dtype=torch.float64)
+    index = torch.randint(0, N, (nnz,), generator=g)
+    gate = torch.rand(B, N, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(B, nnz, H, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _GatedAttentionWeight.apply(stoich, a, index, b), (gate, alpha))
+    grad = torch.randn(B, nnz, H, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(_GatedAttentionWeight.apply(stoich, gate, index, alpha), (gate, alpha), grad)
+    plain = stoich.view(1, -1, 1) * gate.index_select(1, index).unsqueeze(-1) * alpha
+    want = torch.autograd.grad(plain, (gate, alpha), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -304,6 +304,21 @@ def test_gradcheck(backend, device, masked, save_hidden):
     assert torch.autograd.gradcheck(fn, (y, weight), fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_cpu_saves_hidden_by_default_only_when_the_weight_gradient_needs_it(weight_grad):
+    B, H, C = 3, 2, 5
+    y, weight, plan, keep = make_inputs(B=B, H=H, C=C, masked=True)
+    y.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = stoich_conv(y, weight, plan, keep, backend="cpu")
+    assert ((B, plan.num_reactions, H, C) in saved) == weight_grad
+    out.sum().backward()  # either way the same gradient as the reference
+    want = torch.autograd.grad(stoich_conv(y, weight, plan, keep, backend="reference").sum(), y)[0]
+    torch.testing.assert_close(y.grad, want)
+
+
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_gradcheck_raw_op_including_hidden_output(backend, device):
     # Differentiating through both `out` and `hidden` exercises grad_hidden in the backward op.

@@ -212,9 +212,12 @@ def stoich_conv(
             (see :mod:`stoichconv.backends`).
         save_hidden: keep the stage-1 rows ``hidden`` [B, M, H, C] for the
             backward (True) or recompute them there (False). ``None`` (default):
-            recompute on CPU, where writing a fresh [B, M, H, C] buffer (page
-            faults included) costs more than redoing stage 1 sample by sample in
-            cache; save on GPUs. Ignored by the reference backend.
+            save on GPUs; on CPU save them when the backward will need them (the
+            weight requires its gradient, as with a gate or attention) and
+            recompute nowhere else: the buffer comes from the host block cache
+            (no page faults), and reading it back beats redoing stage 1 (gated +
+            attention layer at B = 32, 2 threads, 20 alternating rounds: 131 against
+            136 ms median per forward + backward). Ignored by the reference backend.
     """
     if isinstance(y, Tensor):
         y, weight = cast_for_autocast(y.device, y, weight)
@@ -229,7 +232,7 @@ def stoich_conv(
     acc = accumulate_dtype(y.dtype)
     abs_stoich = plan.abs_stoich if plan.abs_stoich.dtype == acc else plan.abs_stoich.to(acc)
     if save_hidden is None:
-        save_hidden = y.device.type != "cpu"
+        save_hidden = y.device.type != "cpu" or (weight.requires_grad and torch.is_grad_enabled())
     mi, ri, rptr, rperm, mptr, mperm = plan.structure()
     out, _hidden, _node_norm, _edge_norm = selected.fn(
         y, weight, reaction_keep, mi, ri, abs_stoich, rptr, rperm, mptr, mperm, bool(save_hidden)
