@@ -45,9 +45,12 @@ def incidence_keep(reaction_keep: Tensor, reaction_index: Tensor) -> Tensor:
 
 
 def _scale_heads(values: Tensor, scale: Tensor) -> Tensor:
-    """``values * scale.unsqueeze(-1)`` for ``values`` [B, nnz, H] and ``scale`` [B, nnz], one
-    product per head into the strided view of the output (contiguous, like ``values``)."""
-    out = torch.empty(values.shape, dtype=torch.result_type(values, scale), device=values.device)
+    """``values * scale.unsqueeze(-1)`` for ``values`` [B, nnz, H] and ``scale`` [B, nnz] of one
+    dtype, one product per head into the strided view of a contiguous output (under
+    ``torch.compile``, which takes no strided ``out=``, the broadcast: the compiler fuses it)."""
+    if torch.compiler.is_compiling():
+        return values * scale.unsqueeze(-1)
+    out = torch.empty(values.shape, dtype=values.dtype, device=values.device)
     for h in range(values.size(-1)):
         torch.mul(values[..., h], scale, out=out[..., h])
     return out
