@@ -135,6 +135,24 @@ DeletionSets deletion_sets(const at::Tensor& pert, const at::Tensor& pert_ptr, i
   return sets;
 }
 
+// The edges e in [0, E) for which touched(e) holds (an endpoint removed in
+// some sample), in ascending order: one parallel scan over chunks of edges.
+template <typename Touched>
+std::vector<int64_t> touched_edges(int64_t E, Touched touched) {
+  const int64_t chunks = (E + kEdgeChunk - 1) / kEdgeChunk;
+  std::vector<std::vector<int64_t>> parts(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t lo = c * kEdgeChunk, hi = std::min(E, lo + kEdgeChunk);
+      for (int64_t e = lo; e < hi; ++e)
+        if (touched(e)) parts[c].push_back(e);
+    }
+  });
+  std::vector<int64_t> all;
+  for (const auto& part : parts) all.insert(all.end(), part.begin(), part.end());
+  return all;
+}
+
 // Count / scan / write filter over B samples x E edges for sparse removals.
 class EdgeFilter {
  public:
@@ -142,19 +160,11 @@ class EdgeFilter {
     chunks_ = (E + kEdgeChunk - 1) / kEdgeChunk;
   }
 
-  // Lists, in ascending order, the edges for which touched(e) holds: the
-  // only ones kept(b, e) is asked about.
+  // Lists the touched edges (touched_edges): the only ones kept(b, e) is
+  // asked about.
   template <typename Touched>
   void find_touched(Touched touched) {
-    std::vector<std::vector<int64_t>> parts(chunks_);
-    at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t lo = c * kEdgeChunk, hi = std::min(E_, lo + kEdgeChunk);
-        for (int64_t e = lo; e < hi; ++e)
-          if (touched(e)) parts[c].push_back(e);
-      }
-    });
-    for (const auto& part : parts) touched_.insert(touched_.end(), part.begin(), part.end());
+    touched_ = touched_edges(E_, touched);
   }
 
   // Count pass: fills keep [B * E] (True = kept), records the removed edges
@@ -357,16 +367,17 @@ at::Tensor reaction_keep_impl(const at::Tensor& gpr_index_in, int64_t num_reacti
   const int64_t* reaction = gene + E;
   auto keep = output(given, op, "keep", B * R, gpr_index.options().dtype(at::kBool)).fill_(true).view({B, R});
   bool* k = keep.data_ptr<bool>();
-  // The GPR pairs whose gene some sample deletes (one scan over E against the
-  // sorted union of the sets): the only ones each sample tests.
+  // The GPR pairs whose gene some sample deletes (touched_edges, against the
+  // sorted union of the sets; gene ids have no upper bound, so no flag
+  // table): the only ones each sample tests.
   std::vector<int64_t> any_deleted;
   for (int64_t b = 0; b < B; ++b) any_deleted.insert(any_deleted.end(), sets.ids(b), sets.ids(b) + sets.count[b]);
   std::sort(any_deleted.begin(), any_deleted.end());
   any_deleted.erase(std::unique(any_deleted.begin(), any_deleted.end()), any_deleted.end());
-  std::vector<int64_t> touched;
-  if (!any_deleted.empty())
-    for (int64_t e = 0; e < E; ++e)
-      if (std::binary_search(any_deleted.begin(), any_deleted.end(), gene[e])) touched.push_back(e);
+  const std::vector<int64_t> touched =
+      any_deleted.empty() ? std::vector<int64_t>{} : touched_edges(E, [&](int64_t e) {
+        return std::binary_search(any_deleted.begin(), any_deleted.end(), gene[e]);
+      });
   // One sample per task: each task owns its row, so there are no races.
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
