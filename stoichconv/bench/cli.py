@@ -20,7 +20,7 @@ import sys
 import torch
 
 from stoichconv.bench.core import format_table, run_cases, write_json, write_plot
-from stoichconv.bench.limits import copy_bandwidth_gbs
+from stoichconv.bench.limits import copy_bandwidth_gbs, cpu_name, gemm_gflops
 
 # op name -> module with a ``cases(args)`` function
 CASE_MODULES = {
@@ -146,10 +146,12 @@ def main(argv=None) -> int:
         gc.collect()
     copy_after = copy_bandwidth_gbs(args.device)
     copy_gbs = max(copy_before, copy_after)
+    gemm = gemm_gflops(args.device, width=args.channels)
     if copy_after > copy_before:  # the limit is the better of the two measurements
         results = rescale_limit(results, copy_gbs)
     metadata = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -158,10 +160,12 @@ def main(argv=None) -> int:
         "copy_gbs": round(copy_gbs, 3),
         "copy_gbs_before": round(copy_before, 3),
         "copy_gbs_after": round(copy_after, 3),
+        "gemm_gflops": round(gemm, 2),
     }
     print(f"\nstoichconv benchmark on {metadata['device']} ({metadata['threads']} threads), "
           f"allocator {metadata['allocator']}, forward + backward unless stated, ratios vs the reference in this run; "
-          f"copy bandwidth {copy_gbs:.1f} GB/s (before {copy_before:.1f}, after {copy_after:.1f})")
+          f"copy bandwidth {copy_gbs:.1f} GB/s (before {copy_before:.1f}, after {copy_after:.1f}); "
+          f"float32 product [32·N, C] @ [C, C]: {gemm:.0f} GFLOP/s; CPU {metadata['cpu']}")
     print(format_table(results))
     if args.json_path:
         write_json(results, args.json_path, metadata)

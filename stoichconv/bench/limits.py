@@ -62,6 +62,37 @@ def copy_bandwidth_gbs(device="cpu", nbytes: int = 256 * 2**20, repeats: int = 1
     return 2 * n * 4 / seconds / 1e9
 
 
+def gemm_gflops(device="cpu", rows: int = 32 * 2534, width: int = 64, repeats: int = 9, warmup: int = 2) -> float:
+    """Throughput of the float32 product the layers are made of, in GFLOP/s (10⁹ multiply-adds
+    × 2 per second): ``[rows, width] @ [width, width]ᵀ`` into an output allocated once (by
+    default the stoich conv's input projection at B = 32, C = 64), median of ``repeats`` after
+    ``warmup``. It is the machine's second limit: a row whose products alone take most of its
+    time (the plain stoich conv on CPU) is bound by it, not by the copy bandwidth. It differs
+    between CPUs far more than the copy bandwidth does (BLAS code paths per vendor and vector
+    width), so runs on different machines are compared through it."""
+    device = torch.device(device)
+    x = torch.ones(rows, width, dtype=torch.float32, device=device)
+    w = torch.ones(width, width, dtype=torch.float32, device=device)
+    out = torch.empty(rows, width, dtype=torch.float32, device=device)
+    seconds = _median_seconds(lambda: torch.mm(x, w.t(), out=out), device, warmup, repeats)
+    return 2 * rows * width * width / seconds / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), for the
+    benchmark's metadata: the same code runs at very different speeds on different CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def achieved(bytes_moved: Optional[int], median_ms: float, copy_gbs: Optional[float]) -> dict:
     """``{"gbs": ..., "pct_copy_bw": ...}`` of a row (empty without a byte count)."""
     if not bytes_moved or not median_ms:

@@ -191,6 +191,12 @@ def test_copy_bandwidth_is_measured_on_a_reused_buffer():
     assert limits.achieved(None, 1.0, 2.0) == {}
 
 
+def test_gemm_limit_and_cpu_name():
+    gflops = limits.gemm_gflops("cpu", rows=4096, width=32, repeats=3, warmup=1)
+    assert math.isfinite(gflops) and gflops > 0
+    assert isinstance(limits.cpu_name(), str) and limits.cpu_name()
+
+
 def synthetic_results():
     x = torch.randn(1000)
     cases = [
@@ -237,7 +243,8 @@ def test_cli_writes_the_limit_columns(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "% copy BW" in table and "GB/s" in table and "MB moved" in table
     data = json.loads(json_path.read_text())
-    assert data["metadata"]["copy_gbs"] > 0
+    assert data["metadata"]["copy_gbs"] > 0 and data["metadata"]["gemm_gflops"] > 0 and data["metadata"]["cpu"]
+    assert "GFLOP/s" in table
     assert {"reference", "cpu"} <= {r["backend"] for r in data["records"]}
     assert all(r["bytes_moved"] > 0 and r["pct_copy_bw"] > 0 for r in data["records"])
     assert plot_path.stat().st_size > 0
