@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from stoichconv.bench.core import format_table, run_cases, write_json, write_plot
+from stoichconv.bench.core import apply_roofline, format_table, run_cases, write_json, write_plot
 from stoichconv.bench.limits import copy_bandwidth_gbs, cpu_name, gemm_gflops
 
 # op name -> module with a ``cases(args)`` function
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     gemm = gemm_gflops(args.device, width=args.channels)
     if copy_after > copy_before:  # the limit is the better of the two measurements
         results = rescale_limit(results, copy_gbs)
+    apply_roofline(results, copy_gbs, gemm)
     metadata = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": cpu_name(),

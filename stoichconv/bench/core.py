@@ -45,6 +45,9 @@ class BenchCase:
     # Bytes the op must move at least (stoichconv.bench.limits), or a function computing them
     # (called once, after timing, e.g. when counting needs one more run); None: not stated.
     bytes_moved: Union[int, Callable[[], int], None] = None
+    # Floating-point operations of the op's dense products (stoichconv.bench.limits); None: not
+    # stated. With the measured product throughput they give the row's compute floor.
+    flops: Optional[int] = None
     # Timed repeats at least (after the warm-up), whatever the time budget.
     min_repeats: int = 3
     # Or: a function that returns (median ms, output of the warm-up call) measured elsewhere
@@ -70,6 +73,8 @@ class BenchResult:
     bytes_moved: Optional[int] = None
     gbs: Optional[float] = None  # bytes_moved / median time
     pct_copy_bw: Optional[float] = None  # gbs as % of the run's copy bandwidth
+    flops: Optional[int] = None
+    pct_roofline: Optional[float] = None  # the row's floor time (bytes or products) as % of its time
 
     def record(self) -> dict:
         return {
@@ -83,6 +88,8 @@ class BenchResult:
             "bytes_moved": self.bytes_moved,
             "gbs": None if self.gbs is None else round(self.gbs, 3),
             "pct_copy_bw": None if self.pct_copy_bw is None else round(self.pct_copy_bw, 3),
+            "flops": self.flops,
+            "pct_roofline": None if self.pct_roofline is None else round(self.pct_roofline, 3),
             **self.extra,
         }
 
@@ -172,15 +179,30 @@ def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool 
         nbytes = _resolve_bytes(case)
         limit = achieved(nbytes, median_ms, copy_gbs)
         results.append(BenchResult(case.op, case.backend, case.config, case.batch, median_ms, ratio, err, extra,
-                                   nbytes, limit.get("gbs"), limit.get("pct_copy_bw")))
+                                   nbytes, limit.get("gbs"), limit.get("pct_copy_bw"), case.flops))
         del output
+    return results
+
+
+def apply_roofline(results: list[BenchResult], copy_gbs: float, gemm_gflops: float) -> list[BenchResult]:
+    """Each row's ``pct_roofline``: its floor time as % of its median time, the floor being the
+    longer of its bytes at the copy bandwidth and its dense products at the measured product
+    throughput (:func:`stoichconv.bench.limits.gemm_gflops`); 100 % is a row at the machine's
+    binding limit. Rows with neither count get None."""
+    for r in results:
+        floors = []
+        if r.bytes_moved and copy_gbs:
+            floors.append(r.bytes_moved / (copy_gbs * 1e9))
+        if r.flops and gemm_gflops:
+            floors.append(r.flops / (gemm_gflops * 1e9))
+        r.pct_roofline = 100 * max(floors) / (r.median_ms * 1e-3) if floors and r.median_ms else None
     return results
 
 
 def format_table(results: list[BenchResult]) -> str:
     extra_keys = sorted({k for r in results for k in r.extra})
     header = ["op", "config", "B", "backend", "median ms", "vs reference", "max rel err", "MB moved", "GB/s",
-              "% copy BW"] + extra_keys
+              "% copy BW", "GFLOP", "% roofline"] + extra_keys
     rows = [
         [
             r.op,
@@ -193,6 +215,8 @@ def format_table(results: list[BenchResult]) -> str:
             "-" if r.bytes_moved is None else f"{r.bytes_moved / 1e6:.1f}",
             "-" if r.gbs is None else f"{r.gbs:.2f}",
             "-" if r.pct_copy_bw is None else f"{r.pct_copy_bw:.1f}%",
+            "-" if r.flops is None else f"{r.flops / 1e9:.2f}",
+            "-" if r.pct_roofline is None else f"{r.pct_roofline:.1f}%",
         ]
         + [str(r.extra.get(k, "")) for k in extra_keys]
         for r in results

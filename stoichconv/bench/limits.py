@@ -142,6 +142,14 @@ def linear_bytes(rows, in_features, out_features, elem=4, backward=True, bias=Tr
     return (forward + grads) * elem
 
 
+def stoich_layer_flops(B, N, in_channels, H, C) -> int:
+    """Floating-point operations of the stoich conv layer's dense products, forward + backward:
+    the input projection ``[B·N, in] @ [in, H·C]`` and its two gradients (w.r.t. the input and the
+    weight), 2 per multiply-add. The propagation itself (a few operations per incidence and
+    channel) and the small gate / attention side products are left out: this is a floor."""
+    return 3 * 2 * B * N * in_channels * H * C
+
+
 def stoich_layer_bytes(B, N, M, nnz, in_channels, H, C, elem=4, attention=False) -> int:
     """One forward + backward of :class:`stoichconv.nn.StoichHypergraphConv` on B samples with a
     reaction keep-mask: its ``lin`` (B·N rows, ``in_channels`` → H·C, no bias), the stoich conv

@@ -17,7 +17,10 @@ of a StoichHypergraphConv on a perturbation batch of B samples:
 
 Every row of a group states the same ``bytes_moved``: the floor of one forward + backward of the
 layer on the shared-topology batch (:func:`stoichconv.bench.limits.stoich_layer_bytes`; bf16-mixed
-rows with 2-byte features and weights, the dtype their kernels run in).
+rows with 2-byte features and weights, the dtype their kernels run in), and the float32 rows the
+same ``flops``, those of its dense products (:func:`stoichconv.bench.limits.stoich_layer_flops`),
+from which ``% roofline`` takes the products' floor (not on bf16-mixed rows: the measured product
+throughput is float32's).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from functools import partial
 import torch
 
 from stoichconv.bench.core import KERNEL_BACKENDS, REFERENCE, BenchCase
-from stoichconv.bench.limits import stoich_layer_bytes
+from stoichconv.bench.limits import stoich_layer_bytes, stoich_layer_flops
 from stoichconv.testing import compact_metabolic_batch, random_perturbations
 
 LOW_PRECISION_BACKENDS = ("cpu", "cuda")  # which backends also get a bf16-mixed row
@@ -160,6 +163,7 @@ def cases(args) -> list[BenchCase]:
             attr_kw = options["use_attention"]
             floor = partial(stoich_layer_bytes, batch_size, N, M, data.edge_index.size(1), channels,
                             options["heads"], channels, attention=attr_kw)
+            flops = stoich_layer_flops(batch_size, N, channels, options["heads"], channels)
             result.append(
                 BenchCase(
                     "stoich_conv",
@@ -178,7 +182,7 @@ def cases(args) -> list[BenchCase]:
                         x_compact,
                         grad_out,
                     ),
-                    bytes_moved=floor(elem=4),
+                    bytes_moved=floor(elem=4), flops=flops,
                 )
             )
             if config == "plain" and "torch.sparse" in args.backends:
@@ -189,7 +193,7 @@ def cases(args) -> list[BenchCase]:
                     BenchCase(
                         "stoich_conv", "torch.sparse", config, batch_size,
                         partial(_fwd_bwd, SparseSpMMLayer(reference, a1, a2), {}, x_compact, grad_out),
-                        bytes_moved=floor(elem=4),
+                        bytes_moved=floor(elem=4), flops=flops,
                     )
                 )
             for backend in fast_backends:
@@ -204,7 +208,7 @@ def cases(args) -> list[BenchCase]:
                 )
                 result.append(
                     BenchCase("stoich_conv", backend, config, batch_size, partial(_fwd_bwd, fast, inputs, data.x, grad_out),
-                              bytes_moved=floor(elem=4))
+                              bytes_moved=floor(elem=4), flops=flops)
                 )
                 if backend in LOW_PRECISION_BACKENDS:
                     run = partial(_fwd_bwd_autocast, fast, inputs, data.x, grad_out, torch.bfloat16)

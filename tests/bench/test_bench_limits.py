@@ -191,6 +191,22 @@ def test_copy_bandwidth_is_measured_on_a_reused_buffer():
     assert limits.achieved(None, 1.0, 2.0) == {}
 
 
+def test_roofline_is_the_binding_limit():
+    from stoichconv.bench.core import BenchResult, apply_roofline
+
+    def row(nbytes, flops, ms):
+        return BenchResult("op", "cpu", "cfg", 1, ms, None, None, {}, bytes_moved=nbytes, flops=flops)
+
+    # 10 GB/s and 100 GFLOP/s: 1 GB is a 100 ms floor, 20 GFLOP a 200 ms one
+    bytes_bound, flops_bound, neither = row(10**9, 10**9, 400.0), row(10**9, 20 * 10**9, 400.0), row(None, None, 1.0)
+    apply_roofline([bytes_bound, flops_bound, neither], copy_gbs=10.0, gemm_gflops=100.0)
+    assert bytes_bound.pct_roofline == pytest.approx(25.0)
+    assert flops_bound.pct_roofline == pytest.approx(50.0)
+    assert neither.pct_roofline is None
+    assert flops_bound.record()["flops"] == 20 * 10**9 and flops_bound.record()["pct_roofline"] == 50.0
+    assert limits.stoich_layer_flops(2, 3, 4, 2, 5) == 3 * 2 * 2 * 3 * 4 * 2 * 5
+
+
 def test_gemm_limit_and_cpu_name():
     gflops = limits.gemm_gflops("cpu", rows=4096, width=32, repeats=3, warmup=1)
     assert math.isfinite(gflops) and gflops > 0
@@ -244,7 +260,8 @@ def test_cli_writes_the_limit_columns(tmp_path, capsys):
     assert "% copy BW" in table and "GB/s" in table and "MB moved" in table
     data = json.loads(json_path.read_text())
     assert data["metadata"]["copy_gbs"] > 0 and data["metadata"]["gemm_gflops"] > 0 and data["metadata"]["cpu"]
-    assert "GFLOP/s" in table
+    assert "GFLOP/s" in table and "% roofline" in table
+    assert all(r["pct_roofline"] == pytest.approx(r["pct_copy_bw"], rel=1e-3) for r in data["records"])  # no flops
     assert {"reference", "cpu"} <= {r["backend"] for r in data["records"]}
     assert all(r["bytes_moved"] > 0 and r["pct_copy_bw"] > 0 for r in data["records"])
     assert plot_path.stat().st_size > 0
