@@ -45,9 +45,10 @@ class BenchCase:
     # Bytes the op must move at least (stoichconv.bench.limits), or a function computing them
     # (called once, after timing, e.g. when counting needs one more run); None: not stated.
     bytes_moved: Union[int, Callable[[], int], None] = None
-    # Floating-point operations of the op's dense products (stoichconv.bench.limits); None: not
-    # stated. With the measured product throughput they give the row's compute floor.
-    flops: Optional[int] = None
+    # Floating-point operations of the op's dense products (stoichconv.bench.limits), or a function
+    # computing them (called once, after timing); None: not stated. With the measured product
+    # throughput they give the row's compute floor.
+    flops: Union[int, Callable[[], int], None] = None
     # Timed repeats at least (after the warm-up), whatever the time budget.
     min_repeats: int = 3
     # Or: a function that returns (median ms, output of the warm-up call) measured elsewhere
@@ -140,8 +141,9 @@ def max_relative_error(output: Any, reference: Any) -> Optional[float]:
     return worst
 
 
-def _resolve_bytes(case: BenchCase) -> Optional[int]:
-    value = case.bytes_moved() if callable(case.bytes_moved) else case.bytes_moved
+def _resolve_count(value: Union[int, Callable[[], int], None]) -> Optional[int]:
+    """A case's ``bytes_moved`` or ``flops``: the number, or what its function returns."""
+    value = value() if callable(value) else value
     return None if value is None else int(value)
 
 
@@ -176,10 +178,11 @@ def run_cases(cases: Iterable[BenchCase], budget_s: float = 2.0, progress: bool 
             ratio, err = ref_ms / median_ms, max_relative_error(output, ref_out)
         else:
             ratio, err = None, None
-        nbytes = _resolve_bytes(case)
+        nbytes = _resolve_count(case.bytes_moved)
         limit = achieved(nbytes, median_ms, copy_gbs)
         results.append(BenchResult(case.op, case.backend, case.config, case.batch, median_ms, ratio, err, extra,
-                                   nbytes, limit.get("gbs"), limit.get("pct_copy_bw"), case.flops))
+                                   nbytes, limit.get("gbs"), limit.get("pct_copy_bw"),
+                                   _resolve_count(case.flops)))
         del output
     return results
 

@@ -32,7 +32,8 @@ more) is not tried.
 from the group's parameters after the timing (the graph kernels by their formulas from their
 arguments' shapes, plus 10 parameter-sized passes for the gradients, clipping and AdamW; the
 dense layers not counted, so the floor is a lower bound). The bf16-mixed row counts its own step
-under autocast (2-byte kernel operands).
+under autocast (2-byte kernel operands). ``flops`` of a float32 group: every matrix product of
+one step (``torch.utils.flop_counter``), from which ``% roofline`` takes the products' floor.
 """
 
 from __future__ import annotations
@@ -235,27 +236,33 @@ def _watched(argv: list, limit_mb: float, timeout_s: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure, floor=None) -> BenchCase:
+def _case(backend: str, kind: str, config: str, B: int, setup, threads: int, measure, floors=(None, None)) -> BenchCase:
     return BenchCase(op=OP, backend=backend, config=config, batch=B, run=_step_fn(kind, *setup),
-                     extra={"threads": threads}, measure_extra=measure, bytes_moved=floor,
-                     min_repeats=STEP_REPEATS)
+                     extra={"threads": threads}, measure_extra=measure, bytes_moved=floors[0],
+                     flops=floors[1], min_repeats=STEP_REPEATS)
 
 
-def step_floor(B: int, hidden: int, device, state: dict, heads: int, autocast_dtype=None):
-    """A function returning the byte floor of one training step of this group (computed on its
-    first call, on a fresh fast model loaded with ``state``, then remembered)."""
+def step_floors(B: int, hidden: int, device, state: dict, heads: int, autocast_dtype=None):
+    """Two functions returning the byte floor and the dense-product FLOPs of one training step of
+    this group (both counted on the first call of either, in one step of a fresh fast model
+    loaded with ``state``, then remembered): the bytes by
+    :func:`stoichconv.bench.limits.train_step_bytes`, the FLOPs by ``torch.utils.flop_counter``
+    (every matrix product of the forward and the backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from stoichconv.bench.limits import train_step_bytes
 
     memo: list = []
 
-    def get() -> int:
+    def count() -> tuple[int, int]:
         if not memo:
             setup = _setup("fast", B, hidden, device, state=state, heads=heads)
-            total, _per_op = train_step_bytes(setup[1], _step_fn("fast", *setup, autocast_dtype=autocast_dtype))
-            memo.append(total)
+            with FlopCounterMode(display=False) as flop_count:
+                total, _per_op = train_step_bytes(setup[1], _step_fn("fast", *setup, autocast_dtype=autocast_dtype))
+            memo.append((total, int(flop_count.get_total_flops())))
         return memo[0]
 
-    return get
+    return (lambda: count()[0]), (lambda: count()[1])
 
 
 def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: dict, heads: int,
@@ -284,7 +291,7 @@ def _bf16_case(backend: str, config: str, B: int, hidden: int, device, state: di
     return BenchCase(op=OP, backend=f"{backend} bf16-mixed", config=config, batch=B,
                      run=_step_fn("fast", *setup, autocast_dtype=torch.bfloat16, first=first),
                      extra={"threads": threads}, measure_extra=error_vs_float64,
-                     bytes_moved=step_floor(B, hidden, device, state, heads, torch.bfloat16),
+                     bytes_moved=step_floors(B, hidden, device, state, heads, torch.bfloat16)[0],
                      min_repeats=STEP_REPEATS)
 
 
@@ -328,20 +335,20 @@ def cases(args) -> list:
                     reference_extra = {k: v for k, v in timed.items() if k not in ("median_ms", "output")}
         ref_setup = _setup("reference", B, hidden, device, heads=heads)
         state = {k: v.clone() for k, v in ref_setup[1].state_dict().items()}
-        floor = step_floor(B, hidden, device, state, heads)
+        floors = step_floors(B, hidden, device, state, heads)
         note = {}
         if reference_extra is not None and reference_extra.get("fits") is False:
             note = {"reference_peak_rss_mb": reference_extra["peak_rss_mb"]}
         else:
             ref_measure = ((lambda e=reference_extra: e) if reference_extra is not None
                            else (lambda m=measure: m(REFERENCE)))
-            reference_case = _case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure, floor)
+            reference_case = _case(REFERENCE, "reference", config, B, ref_setup, threads, ref_measure, floors)
             reference_case.timed = reference_timed
             out.append(reference_case)
         if fast_backend in wanted:
             fast_setup = _setup("fast", B, hidden, device, state=state, heads=heads)
             out.append(_case(fast_backend, "fast", config, B, fast_setup, threads,
-                             lambda n=note, m=measure: {**m(fast_backend), **n}, floor))
+                             lambda n=note, m=measure: {**m(fast_backend), **n}, floors))
             if B != LARGE_BATCH:  # the bf16-mixed step, its first predictions against float64
                 out.append(_bf16_case(fast_backend, config, B, hidden, device, state, heads, threads))
         del ref_setup

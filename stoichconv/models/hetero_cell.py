@@ -37,7 +37,7 @@ builds everything else on the device:
   parameters' and buffers' version counters, the cell graph's tensors, dtype and device
   (``train()``, ``load_state_dict`` or any in-place parameter update invalidates it). The plan of
   the cell graph is cached likewise, on the graph tensors' identity and version (never their
-  addresses); both caches are dropped when the model is pickled, deep-copied or ``torch.save``\ d.
+  addresses); both caches are dropped when the model is pickled, deep-copied or saved with ``torch.save``.
 * **torch.compile**: the forward and backward trace as one graph (``fullgraph=True``): the
   perturbation checks are in-graph assertions, the plan is built inside the graph, and the
   per-batch edge sets have data-dependent (unbacked) sizes, which Dynamo captures with

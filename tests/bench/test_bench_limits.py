@@ -191,6 +191,23 @@ def test_copy_bandwidth_is_measured_on_a_reused_buffer():
     assert limits.achieved(None, 1.0, 2.0) == {}
 
 
+def test_train_step_floors_count_bytes_and_products_in_one_step(monkeypatch):
+    """hetero_cell_cases.step_floors: the bytes are train_step_bytes' and the FLOPs every matrix
+    product of the step (at least the layers' input projections, forward + backward); one
+    counting step for both, however often they are asked for."""
+    from stoichconv.bench import hetero_cell_cases
+
+    counted = []
+    real = limits.train_step_bytes
+    monkeypatch.setattr(limits, "train_step_bytes", lambda *a: counted.append(1) or real(*a))
+    bytes_of, flops_of = hetero_cell_cases.step_floors(1, 8, "cpu", None, 2)
+    nbytes, flops = bytes_of(), flops_of()
+    assert bytes_of() == nbytes and flops_of() == flops and counted == [1]
+    assert nbytes > 0
+    graph = hetero_cell_cases._setup("fast", 1, 8, "cpu")[0]
+    assert flops >= limits.stoich_layer_flops(1, graph["metabolite"].num_nodes, 8, 1, 8)
+
+
 def test_roofline_is_the_binding_limit():
     from stoichconv.bench.core import BenchResult, apply_roofline
 
